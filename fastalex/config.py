@@ -1,0 +1,141 @@
+"""Run configuration: frozen dataclasses for pack and train, their validation, and the recipes.
+
+Owns every default of the project; nothing else holds a default value. Imports only the standard
+library. cli.py builds one option per field (``--batch-size`` <-> ``batch_size``); below cli.py the
+code receives a config, never argv, environment variables or globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+# Tiny ImageNet training-set statistics (RGB, 0..1); ImageNet's (0.485, 0.456, 0.406) /
+# (0.229, 0.224, 0.225), which the reference blog uses, differ by under 0.03 per channel.
+IMAGE_MEAN = (0.4802, 0.4481, 0.3975)
+IMAGE_STD = (0.2770, 0.2691, 0.2821)
+
+
+def default_workers() -> int:
+    """All the cores this process may use (the CPU affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackConfig:
+    """How `fastalex pack` turns a Tiny-ImageNet-layout tree into shards."""
+
+    shard_size: int = 5000  # samples per shard: 20 train + 2 val shards for the full set
+    workers: int = 0  # processes decoding and writing; 0 = every core
+    seed: int = 0  # pack-time global shuffle
+    strict: bool = False  # fail on the first rejected file instead of listing it
+    overwrite: bool = False  # replace a different pack already in OUT
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = every core), got {self.workers}")
+
+    @property
+    def processes(self) -> int:
+        return self.workers or default_workers()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run. The defaults are the `fast` recipe; `RECIPES` holds the others."""
+
+    shards: str = ""  # directory written by `fastalex pack`
+    out: str = ""  # run directory; empty = runs/<utc>_<sha7>
+    recipe: Literal["fast", "reference"] = "fast"  # preset that fills every option not given
+    arch: Literal["alexnet64", "alexnet"] = "alexnet64"  # alexnet = paper layout for 227 px
+    image_size: int = 64  # px, square model input (64 native, 227 upsampled as in the paper)
+    epochs: int = 16  # full passes over the train split
+    batch_size: int = 256  # images per step per process
+    lr: float = 0.08  # peak learning rate per 256 images (scaled linearly with batch_size)
+    lr_schedule: Literal["warmup-linear", "step"] = "warmup-linear"  # shape of the LR curve
+    warmup_epochs: float = 1.0  # epochs of linear warm-up from 0 (warmup-linear only)
+    step_epochs: int = 7  # epochs between LR drops (step only)
+    step_gamma: float = 0.1  # LR factor at each drop (step only)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 on conv/linear weights
+    decay_biases: bool = False  # also apply weight decay to biases
+    label_smoothing: float = 0.1  # cross-entropy target smoothing
+    crop_scale_min: float = 0.35  # random-resized-crop area fraction, lower bound
+    crop_scale_max: float = 1.0  # random-resized-crop area fraction, upper bound
+    crop_ratio_min: float = 0.75  # random-resized-crop aspect ratio (w/h), lower bound
+    crop_ratio_max: float = 4 / 3  # random-resized-crop aspect ratio (w/h), upper bound
+    flip_tta: bool = True  # average logits of the image and its mirror at eval
+    loader: Literal["auto", "dali", "cpu", "resident"] = "auto"  # data backend
+    loader_workers: int = 0  # decode processes (cpu) or threads (dali); 0 = per-device default
+    prefetch: int = 2  # batches prepared ahead of the step
+    resident_max_gb: float = 0.0  # cap on the resident loader's decoded split; 0 = free memory
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16/fp16 on CUDA, off on CPU
+    compile: bool = True  # torch.compile the train step
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on for CUDA, off for CPU
+    seed: int = 0  # model init, shuffling and augmentation
+    max_steps: int = 0  # stop after this many train steps in total; 0 = no limit
+    resume: bool = False  # continue from OUT/checkpoints/last.pt
+
+    def __post_init__(self) -> None:
+        positive = ("image_size", "epochs", "batch_size", "prefetch", "step_epochs")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("loader_workers", "max_steps", "resident_max_gb", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.crop_scale_min <= self.crop_scale_max <= 1:
+            raise ValueError(
+                "crop_scale_min/crop_scale_max must satisfy 0 < min <= max <= 1, got "
+                f"{self.crop_scale_min}/{self.crop_scale_max}"
+            )
+        if not 0 < self.crop_ratio_min <= self.crop_ratio_max:
+            raise ValueError(
+                "crop_ratio_min/crop_ratio_max must satisfy 0 < min <= max, got "
+                f"{self.crop_ratio_min}/{self.crop_ratio_max}"
+            )
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.arch == "alexnet" and self.image_size < 63:
+            raise ValueError(
+                f"arch alexnet needs image_size >= 63 (paper: 227), got {self.image_size}; "
+                "use --arch alexnet64 for small inputs"
+            )
+
+
+# The reference blog: paper AlexNet on Tiny ImageNet upsampled to 227, SGD 0.9 / wd 5e-4 / lr 0.01,
+# StepLR(7, 0.1), batch 128, torchvision RandomResizedCrop defaults (0.08-1, 3/4-4/3), 30 epochs.
+RECIPES: dict[str, TrainConfig] = {
+    "fast": TrainConfig(),
+    "reference": TrainConfig(
+        recipe="reference",
+        arch="alexnet",
+        image_size=227,
+        epochs=30,
+        batch_size=128,
+        lr=0.02,  # 0.01 at batch 128, expressed per 256 images
+        lr_schedule="step",
+        warmup_epochs=0.0,
+        decay_biases=True,
+        label_smoothing=0.0,
+        crop_scale_min=0.08,
+        flip_tta=False,
+    ),
+}
+
+
+def recipe_config(recipe: str, **overrides: object) -> TrainConfig:
+    """The recipe's preset with the given fields replaced (what the user set explicitly)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    return dataclasses.replace(RECIPES[recipe], recipe=recipe, **overrides)

@@ -1,0 +1,122 @@
+"""The loader contract, and `build_loader`: the only thing the trainer and the benchmarks import
+from the data side.
+
+Iterating a Loader yields one epoch of `Batch(images, labels)`:
+
+- ``images``: (N, 3, image_size, image_size) float32, normalised with the config's mean/std,
+  ``torch.channels_last``, on the training device. Every backend hands over the same thing, so the
+  trainer never branches on the backend. (float32 rather than uint8: under autocast the first
+  convolution casts anyway, and one dtype keeps the backends interchangeable.)
+- ``labels``: int64 (N,), on the same device.
+
+``len(loader)`` is batches per epoch, the same every epoch. Train: random-resized-crop (area and
+aspect ranges from the config) + horizontal flip; each sample at most once per epoch; the short last
+batch dropped; every rank takes the same number of steps. Val: the whole image resized to
+image_size; every sample exactly once; the short last batch kept. Each ``__iter__`` is the next epoch;
+the order is a function of (seed, epoch), so a run resumed at epoch e sees what it would have seen.
+
+Imports no backend at import time: `dali` is imported lazily, so `import fastalex` and the CPU
+tests work without DALI installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import torch
+
+from fastalex.config import TrainConfig
+from fastalex.errors import UserError
+from fastalex.shards import Manifest, check_pack, read_manifest
+
+BACKENDS = ("dali", "cpu", "resident")
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (N, 3, S, S) float32 channels_last, normalised, on the device
+    labels: torch.Tensor  # (N,) int64, on the device
+
+
+class Loader(Protocol):
+    backend: str  # "dali", "cpu" or "resident": the one actually running
+    samples: int  # samples this rank yields per epoch (train: after dropping the short batch)
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def __len__(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class Placement(NamedTuple):
+    """Where the batches go and which share of the split this process reads."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+
+def rank_share(samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank's share of `samples` in global order: disjoint, covering, sizes
+    floor((r+1)N/k) - floor(rN/k), the same split DALI's shard_id/num_shards makes."""
+    return samples * rank // world_size, samples * (rank + 1) // world_size
+
+
+def steps_per_epoch(samples: int, batch_size: int, placement: Placement, train: bool) -> int:
+    """Train: full batches of the smallest rank share, floor(N/k), so every rank steps the same
+    count. Val: batches covering this rank's own share, the last one short."""
+    if train:
+        return (samples // placement.world_size) // batch_size
+    start, stop = rank_share(samples, placement.rank, placement.world_size)
+    return -(-(stop - start) // batch_size)
+
+
+def open_pack(cfg: TrainConfig, split: str, placement: Placement) -> Manifest:
+    """The manifest of cfg.shards, after checking this split's shards against it (size + sha256)
+    and that the split can serve the requested batch; UserError otherwise."""
+    manifest = read_manifest(Path(cfg.shards))
+    if split not in manifest.splits:
+        raise UserError(f"{cfg.shards}: the pack has no {split!r} split")
+    check_pack(Path(cfg.shards), manifest, (split,))
+    share = manifest.splits[split].samples // placement.world_size
+    if split == "train" and share < cfg.batch_size:
+        raise UserError(
+            f"batch_size {cfg.batch_size} is larger than the train share of each of the "
+            f"{placement.world_size} processes ({share} images); lower --batch-size"
+        )
+    return manifest
+
+
+def build_loader(cfg: TrainConfig, split: str, placement: Placement, first_epoch: int = 0) -> Loader:
+    """The configured backend's loader for `split` ("train" or "val").
+
+    `cfg.loader == "auto"` picks `dali` when DALI imports and can build a pipeline for the device,
+    else `cpu`; `loader.backend` names the one chosen. `first_epoch` is the epoch the first `__iter__` yields
+    (a resumed run passes the epoch it resumes at).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    manifest = open_pack(cfg, split, placement)
+    backend = cfg.loader
+    if backend == "auto":
+        backend = "dali" if dali_usable(placement.device) else "cpu"
+    if backend == "dali":
+        from fastalex.loaders.dali import DaliLoader as chosen
+    elif backend == "cpu":
+        from fastalex.loaders.cpu import CpuLoader as chosen
+    elif backend == "resident":
+        from fastalex.loaders.resident import ResidentLoader as chosen
+    else:
+        raise ValueError(f"unknown loader {backend!r}; choose from {BACKENDS}")
+    return chosen(cfg, split, manifest, placement, first_epoch)
+
+
+def dali_usable(device: torch.device) -> bool:
+    """Whether `nvidia.dali` imports and supports this device (CPU-only mode on the CPU)."""
+    try:
+        from fastalex.loaders.dali import dali_available
+    except ImportError:
+        return False
+    return dali_available(device)

@@ -1,0 +1,300 @@
+"""Source tree -> shards: parallel, every JPEG fully decoded once before it is written, atomic.
+
+Imports the layout reader and the shard format, never torch or DALI. A pack is staged in
+``OUT/.staging/`` and moved into place only when every shard is written; the manifest is written
+last, so a pack killed at any point leaves no manifest and re-running starts it afresh.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from fastalex.config import PackConfig
+from fastalex.errors import UserError
+from fastalex.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    Manifest,
+    SplitInfo,
+    check_shard,
+    iter_shard,
+    read_index,
+    read_manifest,
+    sample_key,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from fastalex.tinyimagenet import Layout, Source, SourceRef, read_layout
+
+STAGING = ".staging"
+PACK_FILE = re.compile(r"^(train|val)-\d{6}\.(tar|idx)(\.part)?$|^manifest\.json(\.part)?$")
+PROGRESS_EVERY = 64  # images between updates of the shared progress counter
+JPEG_MAGIC = b"\xff\xd8\xff"
+OTHER_MAGIC = {b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "RIFF/WebP"}
+
+
+class Rejected(Exception):
+    """An input file that will not be packed, with the reason."""
+
+
+def check_jpeg(data: bytes) -> tuple[int, int]:
+    """(height, width) of a JPEG that decodes completely; raise Rejected with the reason otherwise.
+
+    simplejpeg (libjpeg-turbo, strict: warnings are errors) decides first; what it refuses gets a
+    second, full decode by Pillow, which accepts recoverable oddities but raises on truncation.
+    """
+    if not data:
+        raise Rejected("empty file")
+    if not data.startswith(JPEG_MAGIC):
+        kind = next((k for magic, k in OTHER_MAGIC.items() if data.startswith(magic)), None)
+        raise Rejected(f"not a JPEG ({kind} data)" if kind else "not a JPEG (no SOI marker)")
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="rgb").shape[:2]
+    except ValueError as first:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                if image.format != "JPEG" or image.convert("RGB").size[0] < 1:
+                    raise Rejected("not a JPEG")
+                return image.size[::-1]
+        except Rejected:
+            raise
+        except Exception as second:  # Pillow raises many types for bad data
+            raise Rejected(f"does not decode ({first}; {second})") from None
+
+
+_progress = None  # multiprocessing.Value shared with the workers
+_sources: dict[SourceRef, Source] = {}
+
+
+def _init_worker(progress) -> None:
+    global _progress
+    _progress = progress
+
+
+def _bump(count: int) -> None:
+    with _progress.get_lock():
+        _progress.value += count
+
+
+def pack_shard(ref: SourceRef, staging: str, split: str, number: int, items, strict: bool):
+    """Check and write one shard; returns (split, ShardInfo, rejected, (max_h, max_w))."""
+    source = _sources.get(ref) or _sources.setdefault(ref, Source(ref))
+    rejected = []
+    max_px = [0, 0]
+
+    def samples():
+        pending = 0
+        for position, rel, label in items:
+            try:
+                data = source.read(rel)
+                height, width = check_jpeg(data)
+            except (Rejected, OSError) as e:
+                if strict:
+                    raise UserError(f"{ref.path}: {ref.root}{rel}: {e} (--strict)") from None
+                rejected.append({"path": ref.root + rel, "reason": str(e)})
+            else:
+                max_px[0], max_px[1] = max(max_px[0], height), max(max_px[1], width)
+                yield sample_key(position), data, label
+            pending += 1
+            if pending == PROGRESS_EVERY:
+                _bump(pending)
+                pending = 0
+        _bump(pending)
+
+    info = write_shard(Path(staging) / shard_name(split, number), samples())
+    return split, info, rejected, tuple(max_px)
+
+
+def plan_shards(layout: Layout, cfg: PackConfig) -> list[tuple[str, int, list]]:
+    """(split, shard number, [(position, rel, label)]) for each shard, after a seeded global shuffle."""
+    rng = np.random.default_rng(cfg.seed)
+    plan = []
+    for split, samples in (("train", layout.train), ("val", layout.val)):
+        order = rng.permutation(len(samples))
+        count = -(-len(samples) // cfg.shard_size)
+        for number, part in enumerate(np.array_split(order, count)):
+            plan.append((split, number, [(int(i), *samples[i]) for i in part]))
+    return plan
+
+
+def prepare_out(out: Path, source: dict, cfg: PackConfig) -> bool:
+    """Check OUT can take this pack; False when it already holds this very pack (nothing to do)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if (out / MANIFEST).is_file():
+        try:
+            old = read_manifest(out)
+            same = old.source == source and old.pack == _pack_settings(cfg)
+        except UserError:
+            same = False
+        if same and not cfg.overwrite:
+            return False
+        if not cfg.overwrite:
+            raise UserError(f"{out}: holds a different pack; pass --overwrite to replace it")
+    elif out.is_dir():
+        foreign = [e.name for e in os.scandir(out) if e.name != STAGING and not PACK_FILE.match(e.name)]
+        if foreign:
+            raise UserError(f"{out}: not empty and not a pack (holds {foreign[0]!r}); choose another OUT")
+    try:
+        (out / STAGING).mkdir(parents=True, exist_ok=True)
+        probe = out / STAGING / "probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{out}: cannot write there ({e.strerror})") from None
+    return True
+
+
+def _pack_settings(cfg: PackConfig) -> dict:
+    return {"seed": cfg.seed, "shard_size": cfg.shard_size}
+
+
+def describe_source(ref: SourceRef) -> dict:
+    path = os.path.abspath(ref.path)
+    entry = {"path": path, "kind": "zip" if ref.is_zip else "dir", "root": ref.root}
+    if ref.is_zip:
+        entry["bytes"] = os.path.getsize(path)
+    return entry
+
+
+def pack(
+    ref: SourceRef, out: str | os.PathLike, cfg: PackConfig, progress: bool = True
+) -> tuple[Manifest, bool]:
+    """Pack the train and val splits of `ref` into `out`; returns the manifest and whether it was
+    written (False: `out` already held this very pack, same source and settings, left as it was).
+    """
+    out = Path(out)
+    layout = read_layout(ref)
+    if not layout.val:
+        raise UserError(f"{ref.path}: val/val_annotations.txt lists no images")
+    source = describe_source(ref)
+    created = not out.exists()
+    if not prepare_out(out, source, cfg):
+        return read_manifest(out), False
+    staging = out / STAGING
+    for stale in staging.iterdir():
+        stale.unlink()
+    try:
+        results = _write_shards(ref, layout, cfg, staging, progress)
+        manifest = _build_manifest(layout, source, cfg, results)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    _move_into_place(staging, out)
+    write_manifest(out, manifest)
+    return manifest, True
+
+
+def _write_shards(ref: SourceRef, layout: Layout, cfg: PackConfig, staging: Path, progress: bool):
+    """Run pack_shard over the plan on a process pool, with a progress bar fed by the workers."""
+    from tqdm import tqdm
+
+    plan = plan_shards(layout, cfg)
+    results = []
+    context = get_context("fork")
+    counter = context.Value("q", 0)
+    with context.Pool(min(cfg.processes, len(plan)), _init_worker, (counter,)) as pool, tqdm(
+        total=len(layout.train) + len(layout.val), unit="img", desc="pack", disable=not progress
+    ) as bar:
+        pending = [
+            pool.apply_async(pack_shard, (ref, str(staging), split, number, items, cfg.strict))
+            for split, number, items in plan
+        ]
+        for job in pending:
+            while not job.ready():
+                job.wait(0.2)
+                bar.update(counter.value - bar.n)
+            results.append(job.get())  # re-raises a worker's UserError (--strict)
+        bar.update(counter.value - bar.n)
+    return results
+
+
+def _build_manifest(layout: Layout, source: dict, cfg: PackConfig, results) -> Manifest:
+    splits = {}
+    for split in ("train", "val"):
+        mine = [r for r in results if r[0] == split]
+        infos = tuple(r[1] for r in mine)
+        samples = sum(info.samples for info in infos)
+        if samples == 0:
+            raise UserError(f"{source['path']}: every {split} image was rejected; nothing to pack")
+        image_px = (max(r[3][0] for r in mine), max(r[3][1] for r in mine))
+        splits[split] = SplitInfo(samples, image_px, infos)
+    skipped = (f"test: {layout.test_images} unlabelled images, not packed",) if layout.test_images else ()
+    return Manifest(
+        classes=layout.classes,
+        splits=splits,
+        source=source,
+        pack=_pack_settings(cfg),
+        rejected=tuple(rejection for r in results for rejection in r[2]),
+        skipped=skipped,
+        format_version=FORMAT_VERSION,
+    )
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Retire any old manifest first (the pack is unfinished from here on), then swap the shards."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    new = {p.name for p in staging.iterdir()}
+    for old in out.iterdir():
+        if old.name not in new and old.name != STAGING and PACK_FILE.match(old.name):
+            old.unlink()
+    for name in sorted(new):
+        os.replace(staging / name, out / name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def verify_pack(directory: str | os.PathLike, decode_per_shard: int = 32, seed: int = 0) -> list[str]:
+    """Every problem found in a pack (empty = sound): the manifest, each shard's size and sha256,
+    each index against its tar, and a full decode of `decode_per_shard` random images per shard."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    rng = np.random.default_rng(seed)
+    problems = []
+    for split in SPLITS:
+        for shard in manifest.splits[split].shards:
+            found = check_shard(directory, shard)
+            problems += found
+            if found:
+                continue
+            index = read_index(directory / shard.index_name)
+            picks = np.sort(rng.choice(len(index), min(decode_per_shard, len(index)), replace=False))
+            for i, (data, label) in enumerate(iter_shard(directory / shard.name, index, picks)):
+                try:
+                    check_jpeg(data)
+                except Rejected as e:
+                    problems.append(f"{shard.name}: sample {index.names[picks[i]]}: {e}")
+                if not 0 <= label < manifest.num_classes:
+                    problems.append(f"{shard.name}: sample {index.names[picks[i]]}: label {label}")
+    return problems
+
+
+def summarize(manifest: Manifest) -> str:
+    """A few lines for the terminal: counts, shards, rejections."""
+    lines = []
+    for split, info in manifest.splits.items():
+        size = sum(s.bytes for s in info.shards) / 1e6
+        lines.append(f"{split}: {info.samples} images in {len(info.shards)} shards ({size:.1f} MB)")
+    lines.append(f"classes: {manifest.num_classes}")
+    for note in manifest.skipped:
+        lines.append(f"skipped {note}")
+    if manifest.rejected:
+        lines.append(f"rejected {len(manifest.rejected)} files (listed in {MANIFEST}):")
+        lines += [f"  {r['path']}: {r['reason']}" for r in manifest.rejected[:10]]
+        if len(manifest.rejected) > 10:
+            lines.append(f"  ... and {len(manifest.rejected) - 10} more")
+    return "\n".join(lines)
+

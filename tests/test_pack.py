@@ -1,0 +1,250 @@
+"""pack and verify: every image once with its label, readable by tarfile / webdataset / DALI,
+deterministic, bad files rejected with reasons, atomic under SIGKILL, tampering caught."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fastalex.config import PackConfig
+from fastalex.errors import UserError
+from fastalex.pack import pack, verify_pack
+from fastalex.shards import MANIFEST, decode_label, read_index, read_manifest
+from fastalex.tinyimagenet import open_source, read_layout, synth
+
+
+def source_images(tree: Path) -> dict[str, int]:
+    """sha256 of every labelled source image -> label, from the layout reader."""
+    layout = read_layout(open_source(tree))
+    return {
+        hashlib.sha256((tree / rel).read_bytes()).hexdigest(): label
+        for rel, label in layout.train + layout.val
+    }
+
+
+def packed_samples(pack_dir: Path, split: str) -> list[tuple[str, bytes, int]]:
+    """(key, jpeg bytes, label) of every sample, read with the standard library's tarfile."""
+    manifest = read_manifest(pack_dir)
+    samples = []
+    for shard in manifest.splits[split].shards:
+        with tarfile.open(pack_dir / shard.name) as tar:
+            members = tar.getmembers()
+            for jpg, cls in zip(members[::2], members[1::2]):
+                key = jpg.name.rsplit(".", 1)[0]
+                assert jpg.name == key + ".jpg" and cls.name == key + ".cls"
+                samples.append(
+                    (key, tar.extractfile(jpg).read(), decode_label(tar.extractfile(cls).read()))
+                )
+    return samples
+
+
+def test_pack_keeps_every_image_once_with_its_label(synth_tree, synth_pack):
+    expected = source_images(synth_tree)
+    manifest = read_manifest(synth_pack)
+    seen = {}
+    for split, count in (("train", 240), ("val", 60)):
+        samples = packed_samples(synth_pack, split)
+        assert len(samples) == count == manifest.splits[split].samples
+        assert len({key for key, _, _ in samples}) == count
+        for _, data, label in samples:
+            digest = hashlib.sha256(data).hexdigest()
+            assert digest not in seen, "an image was packed twice"
+            seen[digest] = label
+    assert seen == expected  # every image, bytes unchanged, right label, in both splits
+    assert manifest.num_classes == 6 and manifest.rejected == ()
+    assert manifest.skipped == ("test: 5 unlabelled images, not packed",)
+    assert manifest.splits["train"].image_px == (64, 64)
+    assert len(manifest.splits["train"].shards) == 4  # 240 / 64 per shard
+    for split in ("train", "val"):
+        for shard in manifest.splits[split].shards:
+            data = (synth_pack / shard.name).read_bytes()
+            assert len(data) == shard.bytes and hashlib.sha256(data).hexdigest() == shard.sha256
+            assert len(read_index(synth_pack / shard.index_name)) == shard.samples
+
+
+def test_train_is_shuffled_across_classes(synth_pack):
+    labels = [label for _, _, label in packed_samples(synth_pack, "train")]
+    assert labels != sorted(labels)
+    assert len(set(labels[:64])) == 6  # the first shard already holds every class
+
+
+def test_webdataset_library_reads_the_shards(synth_pack):
+    webdataset = pytest.importorskip("webdataset")
+    manifest = read_manifest(synth_pack)
+    urls = [str(synth_pack / s.name) for s in manifest.splits["val"].shards]
+    dataset = webdataset.WebDataset(urls, shardshuffle=False).to_tuple("__key__", "jpg", "cls")
+    read = [(key, data, int(cls)) for key, data, cls in dataset]
+    assert read == packed_samples(synth_pack, "val")
+
+
+def test_dali_reads_the_shards_with_the_packers_index(synth_pack, capfd):
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+
+    manifest = read_manifest(synth_pack)
+    shards = manifest.splits["train"].shards
+
+    @pipeline_def(batch_size=16, num_threads=1, device_id=None)
+    def read_pipe():
+        jpg, cls = fn.readers.webdataset(
+            paths=[str(synth_pack / s.name) for s in shards],
+            index_paths=[str(synth_pack / s.index_name) for s in shards],
+            ext=["jpg", "cls"],
+            missing_component_behavior="error",
+            dtypes=[types.UINT8, types.UINT8],
+        )
+        return jpg, cls, fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+
+    pipe = read_pipe()
+    pipe.build()
+    got = []
+    for _ in range(240 // 16):
+        jpgs, clss, images = pipe.run()
+        for i in range(len(jpgs)):
+            got.append((bytes(jpgs.at(i)), decode_label(bytes(clss.at(i)))))
+            assert images.at(i).shape == (64, 64, 3)
+    expected = [(data, label) for _, data, label in packed_samples(synth_pack, "train")]
+    assert got == expected
+    assert "Index file not provided" not in capfd.readouterr().err
+
+
+def test_dir_and_zip_give_byte_identical_shards(synth_tree, synth_pack, tmp_path):
+    zip_path = tmp_path / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(zip_path, "w") as z:
+        for path in sorted(synth_tree.rglob("*")):
+            z.write(path, "tiny-imagenet-200/" + path.relative_to(synth_tree).as_posix())
+    manifest, wrote = pack(open_source(zip_path), tmp_path / "z", PackConfig(shard_size=64), False)
+    assert wrote and manifest.source["kind"] == "zip"
+    for split in ("train", "val"):
+        for shard in manifest.splits[split].shards:
+            assert (tmp_path / "z" / shard.name).read_bytes() == (synth_pack / shard.name).read_bytes()
+            assert (tmp_path / "z" / shard.index_name).read_bytes() == (
+                synth_pack / shard.index_name
+            ).read_bytes()
+
+
+@pytest.fixture
+def corrupt_tree(synth_tree, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(synth_tree, tree)
+    wnid = sorted((tree / "train").iterdir())[0].name
+    images = tree / "train" / wnid / "images"
+    good = (images / f"{wnid}_0.JPEG").read_bytes()
+    (images / f"{wnid}_1.JPEG").write_bytes(good[: len(good) // 2])  # truncated
+    (images / f"{wnid}_2.JPEG").write_bytes(b"")  # zero bytes
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, "PNG")
+    (images / f"{wnid}_3.JPEG").write_bytes(png.getvalue())  # a PNG named .JPEG
+    (images / "notes.txt").write_text("not an image\n")  # a text file
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (64, 64), (10, 200, 30, 0)).save(cmyk, "JPEG")
+    (images / f"{wnid}_4.JPEG").write_bytes(cmyk.getvalue())  # CMYK: kept
+    return tree, wnid
+
+
+def test_corrupt_files_are_rejected_with_reasons_and_the_rest_packed(corrupt_tree, tmp_path):
+    tree, wnid = corrupt_tree
+    manifest, _ = pack(open_source(tree), tmp_path / "out", PackConfig(shard_size=64), False)
+    reasons = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in manifest.rejected}
+    assert set(reasons) == {f"{wnid}_1.JPEG", f"{wnid}_2.JPEG", f"{wnid}_3.JPEG", "notes.txt"}
+    assert "does not decode" in reasons[f"{wnid}_1.JPEG"]
+    assert reasons[f"{wnid}_2.JPEG"] == "empty file"
+    assert reasons[f"{wnid}_3.JPEG"] == "not a JPEG (PNG data)"
+    assert reasons["notes.txt"].startswith("not a JPEG")
+    assert manifest.splits["train"].samples == 240 - 3  # 3 replaced files rejected, CMYK kept
+    assert verify_pack(tmp_path / "out") == []
+
+
+def test_strict_fails_naming_the_file_and_writes_nothing(corrupt_tree, tmp_path):
+    tree, wnid = corrupt_tree
+    with pytest.raises(UserError, match=rf"{wnid}_\d.JPEG|notes.txt"):
+        pack(open_source(tree), tmp_path / "out", PackConfig(shard_size=64, strict=True), False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_holding_another_pack_is_refused_unless_overwrite(synth_tree, synth_pack, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(synth_pack, out)
+    _, wrote = pack(open_source(synth_tree), out, PackConfig(shard_size=64), False)
+    assert not wrote  # the same pack: nothing to do
+    with pytest.raises(UserError, match="--overwrite"):
+        pack(open_source(synth_tree), out, PackConfig(shard_size=100), False)
+    manifest, wrote = pack(open_source(synth_tree), out, PackConfig(shard_size=100, overwrite=True), False)
+    assert wrote and len(manifest.splits["train"].shards) == 3
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".tar") == [
+        "train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar"
+    ]
+    assert verify_pack(out) == []
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="not a pack"):
+        pack(open_source(synth_tree), foreign, PackConfig(), False)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_out_is_a_clear_error(synth_tree, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(UserError, match="cannot write"):
+        pack(open_source(synth_tree), locked / "out", PackConfig(), False)
+
+
+def test_out_on_a_file_is_a_clear_error(synth_tree, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a directory"):
+        pack(open_source(synth_tree), tmp_path / "file", PackConfig(), False)
+
+
+def test_sigkill_part_way_leaves_no_manifest_and_a_rerun_completes(tmp_path):
+    tree = tmp_path / "tree"
+    synth(tree, classes=4, train_per_class=1500, val_per_class=50, workers=2, progress=False)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fastalex", "pack", str(tree), str(out), "--shard-size", "200",
+               "--workers", "1"]
+    process = subprocess.Popen(command, start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".staging/*.tar")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert list(out.glob(".staging/*.tar")), "the pack finished before it could be killed"
+    assert not (out / MANIFEST).exists()
+    with pytest.raises(UserError, match="no manifest.json"):
+        read_manifest(out)
+    subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
+    assert verify_pack(out) == []
+    assert read_manifest(out).splits["train"].samples == 6000
+    assert not (out / ".staging").exists()
+
+
+def test_verify_catches_a_flipped_byte_a_truncated_tar_and_a_deleted_shard(synth_pack, tmp_path):
+    assert verify_pack(synth_pack) == []
+    manifest = read_manifest(synth_pack)
+    first, second, third = (s.name for s in manifest.splits["train"].shards[:3])
+    bad = tmp_path / "bad"
+    shutil.copytree(synth_pack, bad)
+    data = bytearray((bad / first).read_bytes())
+    data[3000] ^= 0x01
+    (bad / first).write_bytes(bytes(data))
+    with open(bad / second, "r+b") as f:
+        f.truncate(5000)
+    (bad / third).unlink()
+    problems = verify_pack(bad)
+    assert any(first in p and "sha256" in p for p in problems)
+    assert any(second in p and "bytes" in p for p in problems)
+    assert any(second.replace(".tar", ".idx") in p and "beyond the end" in p for p in problems)
+    assert any(third in p and "missing" in p for p in problems)

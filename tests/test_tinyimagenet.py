@@ -1,0 +1,182 @@
+"""The source layout: synth writes the exact Tiny ImageNet layout; the reader takes dirs and zips;
+the download resumes and checks its md5."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastalex.errors import UserError
+from fastalex.tinyimagenet import download_zip, open_source, read_layout, synth
+
+
+def zip_tree(tree: Path, zip_path: Path) -> Path:
+    """Zip `tree` the way the official archive is laid out: everything under tiny-imagenet-200/."""
+    with zipfile.ZipFile(zip_path, "w") as z:
+        for path in sorted(tree.rglob("*")):
+            z.write(path, "tiny-imagenet-200/" + path.relative_to(tree).as_posix())
+    return zip_path
+
+
+def test_synth_writes_the_tiny_imagenet_layout(synth_tree):
+    wnids = (synth_tree / "wnids.txt").read_text().split()
+    assert len(wnids) == 6
+    words = dict(line.split("\t") for line in (synth_tree / "words.txt").read_text().splitlines())
+    assert set(words) == set(wnids)
+    for wnid in wnids:
+        images = sorted((synth_tree / "train" / wnid / "images").iterdir())
+        assert [p.name for p in images] == sorted(f"{wnid}_{i}.JPEG" for i in range(40))
+        boxes = (synth_tree / "train" / wnid / f"{wnid}_boxes.txt").read_text().splitlines()
+        assert len(boxes) == 40 and all(len(b.split("\t")) == 5 for b in boxes)
+    annotations = (synth_tree / "val" / "val_annotations.txt").read_text().splitlines()
+    assert len(annotations) == 60
+    for line in annotations:
+        fields = line.split("\t")
+        assert len(fields) == 6 and fields[1] in wnids
+        assert (synth_tree / "val" / "images" / fields[0]).is_file()
+    assert len(list((synth_tree / "test" / "images").iterdir())) == 5
+    with Image.open(synth_tree / "val" / "images" / "val_0.JPEG") as image:
+        assert image.format == "JPEG" and image.size == (64, 64)
+
+
+def test_synth_is_deterministic_for_a_seed_whatever_the_workers(tmp_path):
+    synth(tmp_path / "a", classes=3, train_per_class=5, val_per_class=2, seed=7, workers=1, progress=False)
+    synth(tmp_path / "b", classes=3, train_per_class=5, val_per_class=2, seed=7, workers=2, progress=False)
+    synth(tmp_path / "c", classes=3, train_per_class=5, val_per_class=2, seed=8, workers=1, progress=False)
+
+    def digest(root: Path) -> str:
+        h = hashlib.sha256()
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+        return h.hexdigest()
+
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+
+
+def test_synth_images_are_structured_with_about_one_percent_grayscale(tmp_path):
+    synth(tmp_path / "t", classes=2, train_per_class=1000, val_per_class=1, workers=2, progress=False)
+    gray = 0
+    for path in (tmp_path / "t" / "train").rglob("*.JPEG"):
+        with Image.open(path) as image:
+            gray += image.mode == "L"
+    assert 5 <= gray <= 40  # 1 % of 2000 = 20; binomial 99.9 % interval is about 7..36
+    pixels = np.asarray(Image.open(tmp_path / "t/train/n90000000/images/n90000000_0.JPEG"), float)
+    assert pixels.std() > 20  # not a solid colour
+    # Not pure noise: neighbouring pixels are strongly correlated.
+    luma = pixels.mean(axis=2)
+    assert np.corrcoef(luma[:, :-1].ravel(), luma[:, 1:].ravel())[0, 1] > 0.7
+
+
+def test_synth_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        synth(tmp_path, classes=1, train_per_class=1, val_per_class=1, progress=False)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_layout_from_dir_and_zip_agree(synth_tree, tmp_path):
+    from_dir = read_layout(open_source(synth_tree))
+    from_zip = read_layout(open_source(zip_tree(synth_tree, tmp_path / "t.zip")))
+    assert from_dir.classes == from_zip.classes and from_dir.train == from_zip.train
+    assert from_dir.val == from_zip.val and from_dir.test_images == from_zip.test_images == 5
+    assert len(from_dir.train) == 240 and len(from_dir.val) == 60
+    assert [w for w, _ in from_dir.classes] == sorted(w for w, _ in from_dir.classes)
+    # train labels follow the directory, val labels the annotations file
+    wnid_of = [w for w, _ in from_dir.classes]
+    assert all(rel.split("/")[1] == wnid_of[label] for rel, label in from_dir.train)
+    annotations = dict(
+        line.split("\t")[:2]
+        for line in (synth_tree / "val/val_annotations.txt").read_text().splitlines()
+    )
+    assert all(annotations[rel.rsplit("/", 1)[1]] == wnid_of[label] for rel, label in from_dir.val)
+
+
+def test_reader_names_what_is_missing(synth_tree, tmp_path):
+    with pytest.raises(UserError, match="wnids.txt"):
+        open_source(tmp_path)
+    with pytest.raises(UserError, match="no such file"):
+        open_source(tmp_path / "nope")
+    bad_zip = tmp_path / "bad.zip"
+    bad_zip.write_bytes(b"not a zip at all")
+    with pytest.raises(UserError, match="readable zip"):
+        open_source(bad_zip)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "wnids.txt").write_text("n1\n")
+    with pytest.raises(UserError, match="no images in train/n1/images"):
+        read_layout(open_source(broken))
+    (broken / "train/n1/images").mkdir(parents=True)
+    (broken / "train/n1/images/a.JPEG").write_bytes(b"x")
+    with pytest.raises(UserError, match="missing val/val_annotations.txt"):
+        read_layout(open_source(broken))
+    (broken / "val/images").mkdir(parents=True)
+    (broken / "val/val_annotations.txt").write_text("val_0.JPEG\tn1\t0\t0\t1\t1\n")
+    with pytest.raises(UserError, match="names a missing image val/images/val_0.JPEG"):
+        read_layout(open_source(broken))
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `payload` at any path, honouring a `Range: bytes=N-` header; can drop mid-way."""
+
+    payload = b""
+    drop_after: int | None = None
+
+    def do_GET(self):
+        start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-") or 0)
+        body = self.payload[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.drop_after is not None and not start:
+            self.wfile.write(body[: self.drop_after])
+            self.wfile.flush()
+            self.connection.close()
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd
+    httpd.shutdown()
+
+
+def test_download_resumes_and_checks_md5(server, tmp_path):
+    payload = io.BytesIO()
+    with zipfile.ZipFile(payload, "w") as z:
+        z.writestr("tiny-imagenet-200/wnids.txt", "n1\n" * 5000)
+    RangeHandler.payload = payload.getvalue()
+    RangeHandler.drop_after = len(RangeHandler.payload) // 2
+    url = f"http://127.0.0.1:{server.server_port}/tiny.zip"
+    md5 = hashlib.md5(RangeHandler.payload).hexdigest()
+    with pytest.raises(UserError, match="re-run to resume|md5"):
+        download_zip(url, tmp_path, md5)
+    part = tmp_path / "tiny.zip.part"
+    assert not (tmp_path / "tiny.zip").exists()
+    if part.exists():  # the first half survived the dropped connection: resume from it
+        assert 0 < part.stat().st_size < len(RangeHandler.payload)
+    RangeHandler.drop_after = None
+    path = download_zip(url, tmp_path, md5)
+    assert path.read_bytes() == RangeHandler.payload
+    with pytest.raises(UserError, match="md5"):
+        download_zip(url, tmp_path / "other", "0" * 32)
+    assert not list((tmp_path / "other").iterdir())
+
+
+def test_download_without_network_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="download of .* failed"):
+        download_zip("http://127.0.0.1:9/tiny.zip", tmp_path)
