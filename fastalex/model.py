@@ -1,0 +1,299 @@
+"""AlexNet variants: their layers, initialisation, weight-decay split and cost accounting.
+
+Owns `ARCHS` and `build_model`, the paper's local response normalisation (`LocalResponseNorm`),
+the optimizer's parameter groups (`param_groups`) and the numbers behind `fastalex model-info`
+(`describe_model`, `format_model_info`). Imports torch and the standard library only: never data,
+loader, config or training code. The model takes images already normalised, float, (N, 3, S, S) in
+either memory format, and returns logits (N, num_classes); normalisation is not part of it.
+
+Both archs are Krizhevsky, Sutskever & Hinton 2012 ("ImageNet Classification with Deep
+Convolutional Neural Networks", NIPS; "the paper" below) as ONE tower: the paper split conv2, conv4
+and conv5 across two GPUs (two channel groups); here every conv sees all its input channels, which
+costs 1.13 GMAC at 227 px instead of the paper's 0.72. Layer order (paper section 3.5):
+
+    conv1 -> ReLU -> LRN -> pool -> conv2 -> ReLU -> LRN -> pool -> conv3 -> ReLU
+    -> conv4 -> ReLU -> conv5 -> ReLU -> pool -> flatten
+    -> dropout -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> fc8
+
+`alexnet` is the paper's layout for 227 px (Tiny ImageNet upsampled); feature maps (C x H x W):
+conv1 96x55x55, pool1 96x27x27, conv2 256x27x27, pool2 256x13x13, conv3-5 384/384/256x13x13,
+pool5 256x6x6, fc6 input 9216.
+
+`alexnet64` is the same eight layers for native 64 px input. Only conv1 changes: 96 filters of 8x8
+at stride 4 with 2 px padding (paper: 11x11, stride 4, no padding), so 64 px tiles into 16 = 64/4
+positions, each interior pixel in two windows per axis. Every later map is then the paper's scaled
+by ~64/227, hence ~10x fewer FLOPs (0.23 vs 2.26 GFLOP per image): conv1 96x16x16, pool1 96x8x8,
+conv2 256x8x8, pool2 256x4x4, conv3-5 384/384/256x4x4, pool5 256x2x2, fc6 input 1024. Higher
+resolution does not fit that budget: conv1 at stride 2 puts conv2 at 15x15 and saves only ~3.5x.
+
+Both archs accept other sizes (alexnet64 at 56 or 72, alexnet at 224): fc6's input width is traced
+from the layers at construction. Pools round their output size up (Caffe's convention), so no
+edge row is dropped when a size does not tile exactly; at the paper's 55/27/13 and at alexnet64's
+16/8/4 rounding changes nothing.
+
+LRN follows the paper's formula (section 3.3), alpha NOT divided by the window size:
+    b_c = a_c / (k + alpha * sum_{c' = c-n/2 .. c+n/2} a_c'^2) ** beta
+with n=5, k=2, alpha=1e-4, beta=0.75.
+torch.nn.LocalResponseNorm divides alpha by n, so ours equals nn.LocalResponseNorm(5, alpha=5e-4,
+beta=0.75, k=2). We keep the paper's convention so that its published constants mean what the paper
+says, and implement it as plain tensor ops (one fused kernel under torch.compile, no graph break),
+summing squares in float32 so fp16/bf16 autocast cannot overflow (300**2 > fp16's max of 65504).
+
+Initialisation: not the paper's N(0, 0.01) for every weight with biases of 0 or 1 (section 5). That
+gives each ReLU layer a gain of 0.01 * sqrt(fan_in / 2) (0.13 for conv1, 0.35-0.42 for conv2-5), so
+the signal reaching conv5 is ~1000x smaller than the input and only the biases of 1 keep the ReLUs
+alive. Instead conv and hidden fc weights are He-normal (He et al. 2015, fan-in, ReLU gain), which
+keeps each layer's variance at the fast recipe's high learning rates; fc8 keeps the paper's
+N(0, 0.01), which starts the logits at std ~0.7 for unit-variance images, so the first loss is
+within a few tenths of ln(num_classes); all biases are 0.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Paper section 3.3: "k = 2, n = 5, alpha = 10^-4, and beta = 0.75".
+LRN_SIZE = 5
+LRN_K = 2.0
+LRN_ALPHA = 1e-4
+LRN_BETA = 0.75
+# Paper section 3.4: overlapping pooling, "s = 2 and z = 3".
+POOL_KERNEL_PX = 3
+POOL_STRIDE_PX = 2
+# Paper section 4.2 (dropout probability) and 3.5 (4096 neurons in each hidden fc layer).
+DROPOUT_P = 0.5
+FC_WIDTH = 4096
+# Paper section 5: weights from N(0, 0.01); kept for fc8 only (see module docstring).
+FC8_INIT_STD = 0.01
+
+
+class ConvSpec(NamedTuple):
+    out_channels: int
+    kernel_px: int
+    stride_px: int
+    padding_px: int
+
+
+# Widths, kernels and strides: paper section 3.5. The paper gives no padding; 227 px input with
+# padding 2 on conv2 and 1 on conv3-5 is the BVLC Caffe reference (models/bvlc_alexnet), which
+# reproduces the paper's 55/27/13 maps.
+PAPER_CONVS = (
+    ConvSpec(96, 11, 4, 0),
+    ConvSpec(256, 5, 1, 2),
+    ConvSpec(384, 3, 1, 1),
+    ConvSpec(384, 3, 1, 1),
+    ConvSpec(256, 3, 1, 1),
+)
+ARCH_CONVS: dict[str, tuple[ConvSpec, ...]] = {
+    "alexnet": PAPER_CONVS,
+    "alexnet64": (ConvSpec(96, 8, 4, 2), *PAPER_CONVS[1:]),  # this project's 64 px stem (docstring)
+}
+ARCHS = tuple(ARCH_CONVS)
+# The input size each arch was laid out for (paper: 227; Tiny ImageNet's native 64).
+NATIVE_IMAGE_SIZE_PX = {"alexnet": 227, "alexnet64": 64}
+
+
+class LocalResponseNorm(nn.Module):
+    """Cross-channel LRN, paper's alpha convention (module docstring), at least float32 inside.
+
+    Equals nn.LocalResponseNorm(size, alpha=alpha * size, beta, k), window placed as there
+    (size // 2 channels before, (size - 1) // 2 after), but written as pad + shifted adds:
+    torch.compile fuses it into one kernel, and eager mode keeps the input's memory format end to
+    end instead of going through nn.LocalResponseNorm's 5-D avg_pool3d view.
+    """
+
+    def __init__(self, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA,
+                 k: float = LRN_K) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        channels = activations.shape[1]
+        # At least float32, even under autocast: squares of activations above 256 overflow fp16.
+        compute_dtype = torch.promote_types(activations.dtype, torch.float32)
+        activations_wide = activations.to(compute_dtype)  # (N, C, H, W), input's memory format
+        squares = activations_wide.square()
+        padded = F.pad(squares, (0, 0, 0, 0, self.size // 2, (self.size - 1) // 2))
+        window_sums = padded.narrow(1, 0, channels)
+        for offset in range(1, self.size):
+            window_sums = window_sums + padded.narrow(1, offset, channels)
+        scale = (self.k + self.alpha * window_sums).pow(-self.beta)
+        return (activations_wide * scale).to(activations.dtype)
+
+
+class LayerInfo(NamedTuple):
+    name: str
+    shape: tuple[int, int, int]  # output (C, H, W); fc layers as (features, 1, 1)
+    param_count: int
+    flops: int  # forward, per image; multiply-add = 2; conv and linear only, biases not counted
+
+
+def build_features(convs: tuple[ConvSpec, ...]) -> list[tuple[str, nn.Module]]:
+    """conv1..pool5 in the paper's order (module docstring), named as in Caffe's AlexNet."""
+    layers: list[tuple[str, nn.Module]] = []
+    in_channels = 3
+    for index, spec in enumerate(convs, start=1):
+        layers.append((f"conv{index}", nn.Conv2d(in_channels, spec.out_channels, spec.kernel_px,
+                                                 spec.stride_px, spec.padding_px)))
+        layers.append((f"relu{index}", nn.ReLU(inplace=True)))
+        if index in (1, 2):
+            layers.append((f"norm{index}", LocalResponseNorm()))
+        if index in (1, 2, 5):
+            pool = nn.MaxPool2d(POOL_KERNEL_PX, POOL_STRIDE_PX, ceil_mode=True)
+            layers.append((f"pool{index}", pool))
+        in_channels = spec.out_channels
+    return layers
+
+
+def compute_output_px(size_px: int, kernel_px: int, stride_px: int, padding_px: int,
+                      ceil_mode: bool) -> int:
+    """One spatial side after a conv or pool; the formula of torch's pooling_output_shape."""
+    rounding = stride_px - 1 if ceil_mode else 0
+    out_px = (size_px + 2 * padding_px - kernel_px + rounding) // stride_px + 1
+    # torch drops a last window that would start in the right padding.
+    if ceil_mode and (out_px - 1) * stride_px >= size_px + padding_px:
+        out_px -= 1
+    return out_px
+
+
+def trace_layers(layers: Iterable[tuple[str, nn.Module]], image_size: int) -> list[LayerInfo]:
+    """Shape, parameters and FLOPs of each layer for one (3, image_size, image_size) image.
+
+    Arithmetic only, so it also works for modules on the meta device. Raises ValueError when the
+    image is too small for the layers.
+    """
+    channels, height, width = 3, image_size, image_size
+    infos = [LayerInfo("input", (channels, height, width), 0, 0)]
+    for name, module in layers:
+        flops = 0
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+            ceil_mode = getattr(module, "ceil_mode", False)
+            sides = zip((height, width), *(as_pair(getattr(module, attr))
+                                          for attr in ("kernel_size", "stride", "padding")))
+            height, width = (compute_output_px(*side, ceil_mode) for side in sides)
+            if height < 1 or width < 1:
+                raise ValueError(f"image_size {image_size} is too small: {name} output would be "
+                                 f"{height}x{width}; use a larger image_size")
+            if isinstance(module, nn.Conv2d):
+                kernel_h, kernel_w = module.kernel_size
+                macs_per_output = module.in_channels // module.groups * kernel_h * kernel_w
+                channels = module.out_channels
+                flops = 2 * channels * height * width * macs_per_output
+        elif isinstance(module, nn.Flatten):
+            channels, height, width = channels * height * width, 1, 1
+        elif isinstance(module, nn.Linear):
+            channels = module.out_features
+            flops = 2 * module.in_features * module.out_features
+        elif not isinstance(module, (nn.ReLU, nn.Dropout, LocalResponseNorm)):
+            raise TypeError(f"trace_layers does not know how {type(module).__name__} changes shape")
+        param_count = sum(p.numel() for p in module.parameters())
+        infos.append(LayerInfo(name, (channels, height, width), param_count, flops))
+    return infos
+
+
+def as_pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return value if isinstance(value, tuple) else (value, value)
+
+
+class AlexNet(nn.Sequential):
+    """One-tower AlexNet as one flat sequence: conv1 ... pool5, flatten, drop6 ... fc8."""
+
+    def __init__(self, convs: tuple[ConvSpec, ...], num_classes: int, image_size: int) -> None:
+        features = build_features(convs)
+        feature_channels, feature_h, feature_w = trace_layers(features, image_size)[-1].shape
+        classifier = [
+            ("flatten", nn.Flatten()),  # copies a channels_last map into (C, H, W) order
+            ("drop6", nn.Dropout(DROPOUT_P)),
+            ("fc6", nn.Linear(feature_channels * feature_h * feature_w, FC_WIDTH)),
+            ("relu6", nn.ReLU(inplace=True)),
+            ("drop7", nn.Dropout(DROPOUT_P)),
+            ("fc7", nn.Linear(FC_WIDTH, FC_WIDTH)),
+            ("relu7", nn.ReLU(inplace=True)),
+            ("fc8", nn.Linear(FC_WIDTH, num_classes)),
+        ]
+        super().__init__(OrderedDict(features + classifier))
+        init_weights(self)
+
+
+def init_weights(model: AlexNet) -> None:
+    """He-normal conv/fc weights, N(0, 0.01) fc8, zero biases (module docstring says why)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    nn.init.normal_(model.fc8.weight, mean=0.0, std=FC8_INIT_STD)
+
+
+def build_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
+    """A freshly initialised `arch` (one of ARCHS) for (N, 3, image_size, image_size) inputs."""
+    if arch not in ARCH_CONVS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return AlexNet(ARCH_CONVS[arch], num_classes, image_size)
+
+
+def describe_model(arch: str, num_classes: int, image_size: int) -> dict:
+    """Parameter count, forward FLOPs per image and per-layer output sizes, without any compute.
+
+    FLOPs count each multiply-add of conv and linear layers as 2 and nothing else (bias adds, ReLU,
+    LRN, pooling and dropout are together under 1% of the total); torch.utils.flop_counter counts
+    the same way. Keys: arch, num_classes, image_size, param_count, forward_flops, feature_maps
+    [(layer name, (C, H, W)), ...] starting at "input" (fc layers as (features, 1, 1)),
+    layer_param_counts {name: int} and layer_flops {name: int}.
+    """
+    with torch.device("meta"):  # shapes only: no 59M-parameter allocation or initialisation
+        model = build_model(arch, num_classes, image_size)
+    infos = trace_layers(model.named_children(), image_size)
+    return {
+        "arch": arch,
+        "num_classes": num_classes,
+        "image_size": image_size,
+        "param_count": sum(p.numel() for p in model.parameters()),
+        "forward_flops": sum(info.flops for info in infos),
+        "feature_maps": [(info.name, info.shape) for info in infos],
+        "layer_param_counts": {info.name: info.param_count for info in infos},
+        "layer_flops": {info.name: info.flops for info in infos},
+    }
+
+
+def format_model_info(info: dict) -> str:
+    """describe_model's dict as the table `fastalex model-info` prints."""
+    size = info["image_size"]
+    lines = [
+        f"{info['arch']}: {info['num_classes']} classes, {size}x{size} px input",
+        f"{'layer':<8} {'output C x H x W':>18} {'params':>12} {'MFLOPs':>9}",
+    ]
+    for name, (channels, height, width) in info["feature_maps"]:
+        param_count = info["layer_param_counts"][name]
+        flops = info["layer_flops"][name]
+        lines.append(f"{name:<8} {f'{channels} x {height} x {width}':>18} "
+                     f"{f'{param_count:,}' if param_count else '':>12} "
+                     f"{f'{flops / 1e6:.1f}' if flops else '':>9}")
+    flops = info["forward_flops"]
+    lines.append(f"{'total':<8} {'':>18} {info['param_count']:>12,} {flops / 1e6:>9.1f}")
+    lines.append(f"forward: {flops / 1e9:.3f} GFLOP per image ({flops / 2e9:.3f} GMAC; "
+                 "multiply-add = 2 FLOPs, conv and linear layers only)")
+    return "\n".join(lines)
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> list[dict]:
+    """SGD parameter groups: conv/linear weights decay; biases and other 1-d params only if asked.
+
+    Splits on dimensionality rather than names so it holds for compiled or DDP-wrapped models.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim <= 1],
+         "weight_decay": weight_decay if decay_biases else 0.0},
+    ]
+    return [group for group in groups if group["params"]]
