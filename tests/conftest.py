@@ -36,3 +36,138 @@ def learnable_pack(tmp_path_factory):
     out = tmp_path_factory.mktemp("learnpack") / "shards"
     pack(open_source(root), out, PackConfig(shard_size=128, workers=2), progress=False)
     return out
+
+
+# --- packs whose pixels say what each image is (loader tests) -----------------------------------
+
+
+def write_tree(root, classes: int, train_per_class: int, val_per_class: int, render) -> None:
+    """A Tiny-ImageNet-layout tree of RGB JPEGs: `render(image_id, label) -> (H, W, 3) uint8`.
+    Train images get ids 0.., val images the ids after them; label = id % classes."""
+    from fastalex.tinyimagenet import encode_jpeg, synth_wnids
+
+    wnids = synth_wnids(classes)
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("".join(w + "\n" for w in wnids))
+    for label, wnid in enumerate(wnids):
+        folder = root / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for image_id in range(label, classes * train_per_class, classes):
+            jpeg = encode_jpeg(render(image_id, label), False, 95)
+            (folder / f"{image_id}.JPEG").write_bytes(jpeg)
+    first_val = classes * train_per_class
+    lines = []
+    for image_id in range(first_val, first_val + classes * val_per_class):
+        label = image_id % classes
+        (root / "val" / "images" / f"{image_id}.JPEG").write_bytes(
+            encode_jpeg(render(image_id, label), False, 95)
+        )
+        lines.append(f"{image_id}.JPEG\t{wnids[label]}\t0\t0\t1\t1\n")
+    (root / "val" / "val_annotations.txt").write_text("".join(lines))
+
+
+CODE_LEVELS = 8  # per channel: 8**3 = 512 distinguishable solid colours
+CODE_STEP = 32  # grey levels between neighbouring codes (JPEG moves a flat colour by 1-3)
+
+
+def code_colour(image_id: int) -> tuple[int, int, int]:
+    digits = (image_id, image_id // CODE_LEVELS, image_id // CODE_LEVELS**2)
+    return tuple(CODE_STEP // 2 + CODE_STEP * (d % CODE_LEVELS) for d in digits)
+
+
+@pytest.fixture(scope="session")
+def coded_pack(tmp_path_factory):
+    """A 7-class pack of flat-colour images whose colour encodes a unique image id (label =
+    id % 7), of mixed sizes 12..24 px, so every backend's output can be traced to its source.
+    280 train images (rank shares of 93/93/94 for 3 ranks), 70 val.
+
+    Returns a namespace: ``path``; ``ids[split]``, the image ids in the split's global order (shard
+    order, then index order), read back from the shards; ``classes``; and ``decode(images)``, which
+    maps a normalised (N, 3, S, S) batch to its (N,) image ids."""
+    import types
+
+    import numpy as np
+    import simplejpeg
+    import torch
+
+    from fastalex.config import IMAGE_MEAN, IMAGE_STD
+    from fastalex.shards import iter_shard, read_index, read_manifest
+
+    classes = 7
+
+    def render(image_id, label):
+        h, w = 12 + image_id * 7 % 13, 12 + image_id * 5 % 13
+        return np.broadcast_to(np.array(code_colour(image_id), np.uint8), (h, w, 3)).copy()
+
+    root = tmp_path_factory.mktemp("coded") / "tree"
+    write_tree(root, classes, train_per_class=40, val_per_class=10, render=render)
+    out = tmp_path_factory.mktemp("codedpack") / "shards"
+    pack(open_source(root), out, PackConfig(shard_size=48, workers=1), progress=False)
+
+    def decode_colours(rgb):  # (N, 3) 0..255 -> (N,) ids
+        digits = np.clip(np.rint((np.asarray(rgb, np.float64) - CODE_STEP // 2) / CODE_STEP), 0, 7)
+        return (digits @ np.array([1, CODE_LEVELS, CODE_LEVELS**2])).astype(np.int64)
+
+    def decode(images):
+        mean = torch.tensor(IMAGE_MEAN).view(1, 3)
+        std = torch.tensor(IMAGE_STD).view(1, 3)
+        rgb = (images.float().cpu().mean(dim=(2, 3)) * std + mean) * 255
+        return decode_colours(rgb.numpy())
+
+    manifest = read_manifest(out)
+    ids = {}
+    for split, info in manifest.splits.items():
+        found = []
+        for shard in info.shards:
+            for jpeg, label in iter_shard(out / shard.name, read_index(out / shard.index_name)):
+                colour = simplejpeg.decode_jpeg(jpeg).reshape(-1, 3).mean(0)
+                found.append(decode_colours(colour)[()])
+                assert found[-1] % classes == label, "the pack changed a label"
+        ids[split] = np.array(found)
+    return types.SimpleNamespace(path=out, ids=ids, classes=classes, decode=decode)
+
+
+RAMP_SLOPE = 3  # grey levels per pixel: red rises along x, green along y
+
+
+@pytest.fixture(scope="session")
+def ramp_pack(tmp_path_factory):
+    """A 2-class pack of 300 identical 64x64 images, red = 30 + 3x and green = 30 + 3y (blue flat),
+    so a training crop's box and flip can be read back from its pixels. Returns a namespace:
+    ``path`` and ``slope`` (grey levels per pixel)."""
+    import types
+
+    import numpy as np
+
+    ramp = 30 + RAMP_SLOPE * np.arange(64, dtype=np.uint8)
+    image = np.stack([np.broadcast_to(ramp, (64, 64)), np.broadcast_to(ramp[:, None], (64, 64)),
+                      np.full((64, 64), 128, np.uint8)], axis=-1)
+    root = tmp_path_factory.mktemp("ramp") / "tree"
+    write_tree(root, 2, train_per_class=150, val_per_class=1, render=lambda i, label: image)
+    out = tmp_path_factory.mktemp("ramppack") / "shards"
+    pack(open_source(root), out, PackConfig(shard_size=100, workers=1), progress=False)
+    return types.SimpleNamespace(path=out, slope=RAMP_SLOPE)
+
+
+# --- a pack a few epochs of training learn (train tests) ----------------------------------------
+
+HUE_LABELS = (0, 40, 80, 120)  # synth classes of one shape and texture, hues 0.0/0.2/0.4/0.6
+
+
+@pytest.fixture(scope="session")
+def hue_pack(tmp_path_factory):
+    """A 4-class pack of synth images that differ by hue only (same striped disc): 256 train, 128
+    val. Three epochs at batch 32 (24 steps) take alexnet64 from 25 % to ~80-98 % val top-1, where
+    `learnable_pack`'s shape classes need ~10 epochs."""
+    import numpy as np
+
+    from fastalex.tinyimagenet import render_image
+
+    def render(image_id, label):
+        return render_image(HUE_LABELS[label], np.random.default_rng([7, image_id]))[0]
+
+    root = tmp_path_factory.mktemp("hue") / "tree"
+    write_tree(root, 4, train_per_class=64, val_per_class=32, render=render)
+    out = tmp_path_factory.mktemp("huepack") / "shards"
+    pack(open_source(root), out, PackConfig(shard_size=128, workers=1), progress=False)
+    return out

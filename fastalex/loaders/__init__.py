@@ -12,8 +12,11 @@ Iterating a Loader yields one epoch of `Batch(images, labels)`:
 ``len(loader)`` is batches per epoch, the same every epoch. Train: random-resized-crop (area and
 aspect ranges from the config) + horizontal flip; each sample at most once per epoch; the short last
 batch dropped; every rank takes the same number of steps. Val: the whole image resized to
-image_size; every sample exactly once; the short last batch kept. Each ``__iter__`` is the next epoch;
-the order is a function of (seed, epoch), so a run resumed at epoch e sees what it would have seen.
+image_size; every sample exactly once; the short last batch kept. Each ``__iter__`` is the next
+epoch, counting from ``first_epoch``. `cpu` makes each epoch's order and augmentation a function of
+(seed, epoch, rank), so a run resumed at epoch e sees what it would have seen; `dali` repeats the
+same sequence of epochs for the same config, but its shuffle lives inside the pipeline, so a
+resumed run starts a new (seeded) sequence (see dali.py).
 
 Imports no backend at import time: `dali` is imported lazily, so `import fastalex` and the CPU
 tests work without DALI installed.

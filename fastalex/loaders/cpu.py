@@ -1,0 +1,310 @@
+"""The `cpu` backend: pure PyTorch + simplejpeg over the shards, and the correctness reference.
+
+Imports torch, numpy, simplejpeg (Pillow as a fallback decoder), the shard format and augment.py;
+never DALI. Works on any device: the CPU decodes, the device augments.
+
+How a batch is made:
+
+- Sample table (built once, vectorised): every sample of the split in global order (shard order,
+  then index order) as (shard, JPEG offset, JPEG size), and every label, read from the fixed-width
+  ASCII ``.cls`` members with one numpy gather and no per-sample Python.
+- This rank's share is ``rank_share`` of that order. Each epoch is a permutation of the share
+  (train; seeded by (seed, epoch, rank)) or the share in order (val), cut into batches of sample
+  ids: train keeps ``steps_per_epoch`` full batches, val keeps the short last one.
+- Worker processes (a torch DataLoader, one batch of ids per task, persistent across epochs) read
+  the JPEGs by random access through an mmap of each tar (no tar streaming) and decode them with
+  simplejpeg straight into a uint8 (N, H, W, 3) canvas, one of a small ring of them in shared
+  memory (``prefetch * workers + 2`` batches; 19 MB for Tiny ImageNet at the defaults). H x W is
+  the split's largest image (``image_px``, 64 x 64 for Tiny ImageNet); a smaller image sits
+  top-left and its (h, w) travels with the batch. Workers never resize or convert to float, so
+  their cost per image does not depend on image_size.
+- The main process reads the canvas in place, pins it (CUDA only) and copies it ``non_blocking``
+  to the device, draws the crop boxes and flips for the whole batch from a torch.Generator seeded
+  by (seed, epoch, rank), and runs augment.crop_resize there: crop + resize + flip + normalise in
+  one batched op.
+
+Cost on the 2-vCPU box (64 x 64 JPEGs, batch 256, CPU device): ~40 CPU-us per image in the
+workers (decoding ~33) at any image_size; in the main process, crop_resize's share grows with the
+output (see augment.py): ~30 CPU-us per image at 64 px, ~150 at 227 px (a 158 MB float batch).
+
+Decoder speed, 64 x 64 Tiny-ImageNet-like JPEGs, one process on this 2-vCPU box (3,000 images,
+`python -c` timing loop): simplejpeg 17k img/s, 24k img/s decoding into a preallocated buffer
+(``buffer=``), Pillow 5.2k img/s, so simplejpeg with ``buffer=`` is ~4.6x Pillow.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig, default_workers
+from fastalex.errors import UserError
+from fastalex.loaders import Batch, Placement, rank_share, steps_per_epoch
+from fastalex.loaders.augment import (  # noqa: F401  (epoch_seed: also used via this module)
+    crop_resize,
+    epoch_seed,
+    full_boxes,
+    keep_large_blocks_in_heap,
+    one_thread_on_cpu,
+    sample_crop_boxes,
+    sample_flips,
+)
+from fastalex.shards import LABEL_DIGITS, Manifest, read_index
+
+ASCII_ZERO = 48  # ord("0")
+
+
+def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The CPU generator of one epoch's shuffle and augmentation."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
+
+
+def decode_labels(digits: np.ndarray) -> np.ndarray:
+    """(N, LABEL_DIGITS) uint8 ASCII digits -> (N,) int64 labels, vectorised."""
+    powers = 10 ** np.arange(digits.shape[1] - 1, -1, -1, dtype=np.int64)
+    return (digits.astype(np.int64) - ASCII_ZERO) @ powers
+
+
+class SampleTable:
+    """Where every sample of a split lies in its shards, and its label, in global order."""
+
+    def __init__(self, directory: Path, manifest: Manifest, split: str):
+        info = manifest.splits[split]
+        self.paths = [str(directory / shard.name) for shard in info.shards]
+        shard_ids, offsets, sizes, labels = [], [], [], []
+        for number, shard in enumerate(info.shards):
+            index = read_index(directory / shard.index_name)
+            if len(index) and not (index.cls_sizes == LABEL_DIGITS).all():
+                raise UserError(
+                    f"{directory / shard.index_name}: label members are not {LABEL_DIGITS} "
+                    "digits wide; re-pack with this version"
+                )
+            shard_ids.append(np.full(len(index), number, dtype=np.int32))
+            offsets.append(index.jpg_offsets)
+            sizes.append(index.jpg_sizes)
+            tar = np.memmap(directory / shard.name, dtype=np.uint8, mode="r")
+            labels.append(decode_labels(tar[index.cls_offsets[:, None] + np.arange(LABEL_DIGITS)]))
+            del tar
+        self.shard_ids = np.concatenate(shard_ids)
+        self.offsets = np.concatenate(offsets)
+        self.sizes = np.concatenate(sizes)
+        self.labels = torch.from_numpy(np.concatenate(labels))
+        self.canvas_px = tuple(info.image_px)  # (height, width)
+        if len(self.labels) != info.samples:
+            raise UserError(
+                f"{directory}: the {split} indices list {len(self.labels)} samples, "
+                f"the manifest {info.samples}; re-pack"
+            )
+        classes = manifest.num_classes
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= classes):
+            raise UserError(f"{directory}: {split} labels outside 0..{classes - 1}")
+
+
+class ShardDecoder(torch.utils.data.Dataset):
+    """Decodes one batch of samples per task, in a worker process.
+
+    With `canvases` ((slots, batch, H, W, 3) uint8 in shared memory, the `cpu` loader's ring): a
+    task is (batch number, sample ids), decoded into slot ``number % slots``, which the main process
+    then reads in place; the task returns (slot, sizes). No tensor crosses the process boundary per
+    batch: allocating a fresh shared-memory batch (``share_memory_()``) cost 11 ms, as much as
+    decoding its 256 images. Without `canvases`: a task is the sample ids and returns (images,
+    sizes) as fresh tensors (for one-off decoding, e.g. the `resident` loader's).
+
+    images: (N, H, W, 3) uint8, each image top-left on the H x W canvas; sizes: (N, 2) int32
+    (height, width) of each image (a numpy array in ring mode).
+    """
+
+    def __init__(self, table: SampleTable, canvases: torch.Tensor | None = None):
+        self.paths = table.paths
+        self.shard_ids = table.shard_ids
+        self.offsets = table.offsets
+        self.sizes = table.sizes
+        self.canvas_px = table.canvas_px
+        self.canvases = canvases
+        self._maps: list[memoryview] | None = None  # opened in the worker, never pickled
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": None}
+
+    def __getitem__(self, task):
+        if self.canvases is None:
+            images = torch.empty((len(task), *self.canvas_px, 3), dtype=torch.uint8)
+            return images, torch.from_numpy(self.decode_into(images.numpy(), task))
+        number, ids = task
+        slot = number % len(self.canvases)
+        return slot, self.decode_into(self.canvases[slot].numpy(), ids)
+
+    def decode_into(self, pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Decode samples `ids` into pixels[:len(ids)] ((B, H, W, 3) uint8); their (h, w)."""
+        if self._maps is None:
+            self._maps = []
+            for path in self.paths:
+                with open(path, "rb") as f:
+                    tar = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps.append(memoryview(tar))
+        height, width = pixels.shape[1:3]
+        hw = np.empty((len(ids), 2), dtype=np.int32)
+        maps, decode = self._maps, simplejpeg.decode_jpeg
+        shard_ids, offsets = self.shard_ids[ids].tolist(), self.offsets[ids].tolist()
+        ends = (self.offsets[ids] + self.sizes[ids]).tolist()
+        for k in range(len(ids)):
+            data = maps[shard_ids[k]][offsets[k] : ends[k]]
+            row = pixels[k]
+            try:
+                # (h, w, 3) written contiguously at the start of the canvas row. Positional:
+                # colorspace, fastdct, fastupsample, min_height, min_width, min_factor, buffer,
+                # strict (False: what libjpeg-turbo can recover, it does, as Pillow would).
+                image = decode(data, "RGB", False, False, 0, 0, 1, row, False)
+                copied = False
+            except ValueError:  # what libjpeg-turbo refuses; pack accepted it through Pillow
+                with Image.open(io.BytesIO(data)) as source:
+                    image = np.asarray(source.convert("RGB"))
+                copied = True
+            h, w = image.shape[:2]
+            if copied or h != height or w != width:
+                row[:h, :w] = np.array(image)  # a copy first: it may overlap the rows it moves to
+            hw[k] = h, w
+        return hw
+
+    def __len__(self) -> int:  # tasks are addressed by sample ids, not by position
+        return len(self.offsets)
+
+
+def keep_as_is(task_result):
+    """collate_fn for the DataLoader: worker results are already batches (no tensor conversion)."""
+    return task_result
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """The current epoch's tasks, (number, ids); CpuLoader sets them before each pass."""
+
+    def __init__(self):
+        self.batches: list[np.ndarray] = []
+
+    def __iter__(self):
+        return iter(enumerate(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class CpuLoader:
+    """Loader protocol over the shards: worker processes decode, the device augments."""
+
+    backend = "cpu"
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        split: str,
+        manifest: Manifest,
+        placement: Placement,
+        first_epoch: int = 0,
+    ):
+        self.train = split == "train"
+        self.device = torch.device(placement.device)
+        self.rank = placement.rank
+        self.batch_size = cfg.batch_size
+        self.image_size = cfg.image_size
+        self.crop_scale = (cfg.crop_scale_min, cfg.crop_scale_max)
+        self.crop_ratio = (cfg.crop_ratio_min, cfg.crop_ratio_max)
+        self.seed = cfg.seed
+        self.epoch = first_epoch
+        self.table = SampleTable(Path(cfg.shards), manifest, split)
+        total = manifest.splits[split].samples
+        self.share = rank_share(total, placement.rank, placement.world_size)
+        self.steps = steps_per_epoch(total, cfg.batch_size, placement, self.train)
+        self.samples = self.steps * cfg.batch_size if self.train else self.share[1] - self.share[0]
+        workers = cfg.loader_workers or default_workers()
+        # Slot reuse is safe: the DataLoader keeps prefetch * workers tasks outstanding, so batch
+        # i + slots is dispatched only after batch i + 2 was handed over, when i is long done.
+        slots = cfg.prefetch * workers + 2
+        height, width = self.table.canvas_px
+        canvases = torch.empty((slots, cfg.batch_size, height, width, 3), dtype=torch.uint8)
+        self._tasks = _EpochBatches()
+        self._loader = DataLoader(
+            ShardDecoder(self.table, canvases.share_memory_()),
+            batch_size=None,  # each task is a whole batch
+            sampler=self._tasks,
+            collate_fn=keep_as_is,
+            num_workers=workers,
+            prefetch_factor=cfg.prefetch,
+            persistent_workers=True,
+        )
+        if self.device.type == "cpu":
+            keep_large_blocks_in_heap()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def plan_epoch(self, epoch: int) -> tuple[list[np.ndarray], torch.Generator]:
+        """The epoch's batches of global sample ids, and the generator for its augmentation."""
+        start, stop = self.share
+        generator = epoch_generator(self.seed, epoch, self.rank)
+        if self.train:
+            order = torch.randperm(stop - start, generator=generator).numpy() + start
+            order = order[: self.steps * self.batch_size]
+        else:
+            order = np.arange(start, stop)
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return batches, generator
+
+    def __iter__(self):
+        batches, generator = self.plan_epoch(self.epoch)
+        self.epoch += 1
+        self._tasks.batches = batches
+        canvases = self._loader.dataset.canvases
+        for ids, (slot, sizes) in zip(batches, self._loader):
+            images = canvases[slot, : len(ids)]  # (N, H, W, 3) uint8, read in place
+            labels = self.table.labels[ids]
+            with one_thread_on_cpu(self.device):
+                batch = self._augment(images, torch.from_numpy(sizes), labels, generator)
+            yield batch
+
+    def _augment(
+        self,
+        images: torch.Tensor,
+        sizes: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+    ) -> Batch:
+        heights, widths = sizes[:, 0], sizes[:, 1]
+        if self.train:
+            boxes = sample_crop_boxes(heights, widths, self.crop_scale, self.crop_ratio, generator)
+            flips = sample_flips(len(boxes), generator)
+        else:
+            boxes, flips = full_boxes(heights, widths), None
+        canvas_full = bool((heights == images.shape[1]).all() and (widths == images.shape[2]).all())
+        device = self.device
+        if device.type == "cuda":
+            images = images.pin_memory().to(device, non_blocking=True)  # the slot is free again
+            boxes = boxes.pin_memory().to(device, non_blocking=True)
+            flips = None if flips is None else flips.pin_memory().to(device, non_blocking=True)
+            sizes = sizes.pin_memory().to(device, non_blocking=True)
+            labels = labels.pin_memory().to(device, non_blocking=True)
+        out = crop_resize(
+            images,
+            boxes,
+            flips,
+            self.image_size,
+            IMAGE_MEAN,
+            IMAGE_STD,
+            None if canvas_full else sizes,
+        )  # (N, 3, S, S) float32 channels_last, on the device
+        return Batch(out, labels)
+
+    def close(self) -> None:
+        loader, self._loader = getattr(self, "_loader", None), None
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()  # persistent workers: stop them now, not at exit
+
+    def __del__(self):
+        self.close()

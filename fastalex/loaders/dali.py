@@ -1,0 +1,371 @@
+"""The `dali` backend: a DALI pipeline over the shards. The only module that imports nvidia.dali.
+
+Imports DALI, torch, the shard format and augment.py; never imported by fastalex unless this
+backend is chosen (loaders/__init__.py imports it lazily). Kept apart as in DALI's examples:
+`read_shards` (reader, rank sharding, shuffle) and the processing (`process_images`: decode ->
+crop -> flip -> normalise).
+
+Devices. On CUDA the whole pipeline runs on the GPU: the ``mixed`` decoder (nvJPEG, with
+``hw_decoder_load`` and buffers preallocated for 64 x 64), then ``random_resized_crop`` +
+``crop_mirror_normalize`` (train) or ``resize`` + ``crop_mirror_normalize`` (val) on the GPU, and
+the batch reaches torch through DLPack with no host round trip and no copy. Without CUDA the same
+reader and decoder run in DALI's CPU-only mode (``device_id=None``) and DALI stops after decoding:
+each batch leaves as uint8 canvases at source resolution (``image_px``; 64 x 64 here, smaller
+images padded) with their (h, w), and augment.py crops, resizes, mirrors and normalises it in one
+batched op, exactly as the `cpu` backend does. Measured on the 2-vCPU box (batch 256, 2 threads,
+CPU-us per image across the process): with DALI's per-sample CPU operators 113 at 64 px and 476 at
+227 px; decoding in DALI and augmenting with augment.py, 86-96 and 217-229.
+
+Source. ``fn.readers.webdataset`` over the pack's tars with the packer's ``.idx`` indices.
+``shard_id``/``num_shards`` give rank r the samples ``rank_share(N, r, k)`` of the global order,
+the same share the `cpu` backend reads; ``stick_to_shard=True`` keeps it that share every epoch
+(DALI would otherwise rotate shards between epochs, and a val rank's batch count could change).
+Train shuffles globally: the pack is shuffled at pack time and the reader draws from a buffer of
+``initial_fill`` = min(share, SHUFFLE_BUFFER) samples; each epoch holds every sample of the share
+once (DALI_NOTES.md).
+
+Epoch length. Train: ``pad_last_batch=True`` + ``LastBatchPolicy.DROP``, and the iterator stops
+after exactly ``steps_per_epoch`` batches (every rank the same count, though rank shares differ by
+up to one sample), draining what DALI has left of the epoch before the next one. Val: ``PARTIAL``,
+every sample of the share once, the short last batch kept, DALI's padding removed.
+
+Output. GPU: ``output_layout="HWC"`` float32, and ``permute(0, 3, 1, 2)`` makes it the NCHW
+channels-last view. Labels: the ``.cls`` member is ``LABEL_DIGITS`` ASCII digits, read as
+(N, 6) uint8 and turned into int64 on the device with one multiply-add (no per-sample Python).
+
+Reproducibility. DALI's reader shuffle (and, on the GPU, its crop windows and flips) come from the
+pipeline's seed and advance from epoch to epoch inside the pipeline; they cannot be set per epoch
+without rebuilding it and refilling the shuffle buffer (~3.6 s for 100k samples). The seed is
+derived from (cfg.seed, first_epoch, rank), so the same config gives the same sequence of epochs,
+run after run, on the same DALI version and device; a run resumed at epoch e gets a well-shuffled
+sequence, but not the one the uninterrupted run would have seen from epoch e on. In CPU-only mode
+the crops and flips are drawn by torch from (seed, epoch, rank) and do reproduce on resume; the
+order does not. (The `cpu` backend makes both a function of (seed, epoch, rank).)
+
+Crop statistics. ``fn.random_resized_crop`` samples area uniformly and aspect log-uniformly;
+augment.sample_crop_boxes reproduces that distribution, and its resize (pixel centres,
+antialiased linear, border replicated at the image's edge) matches DALI's ROI resize to 1e-3 of
+a grey level for the same window (tests/test_loaders.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.backend import GetCUDADeviceCount
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig, default_workers
+from fastalex.errors import UserError
+from fastalex.loaders import Batch, Placement, rank_share, steps_per_epoch
+from fastalex.loaders.augment import (
+    CROP_ATTEMPTS,
+    crop_resize,
+    epoch_seed,
+    full_boxes,
+    keep_large_blocks_in_heap,
+    one_thread_on_cpu,
+    sample_crop_boxes,
+    sample_flips,
+)
+from fastalex.shards import LABEL_DIGITS, Manifest
+
+READER = "Reader"
+SHUFFLE_BUFFER = 100_000  # samples: Tiny ImageNet's train split (DALI_NOTES.md: 3.6 s, +0.85 GB)
+GPU_THREADS_MAX = 8  # CPU threads per GPU pipeline (Huffman decoding of the non-hardware share)
+HW_DECODER_LOAD = 0.65  # DALI's default share for the hardware JPEG decoder (DALI_NOTES.md)
+PREALLOCATE_PX = 64  # Tiny ImageNet's image size: sizes nvJPEG's buffers up front
+ASCII_ZERO = 48  # ord("0")
+
+
+def dali_available(device: torch.device) -> bool:
+    """Whether DALI can run a pipeline for `device`: CPU-only mode, or a CUDA device it sees."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return GetCUDADeviceCount() > 0
+        except RuntimeError:  # no driver
+            return False
+    return device.type == "cpu"
+
+
+def read_shards(
+    tars: list[str], indices: list[str], shard_id: int, num_shards: int, shuffle: bool, fill: int
+):
+    """The reader: (jpeg bytes, label digits) per sample, this rank's share, shuffled if train."""
+    return fn.readers.webdataset(
+        paths=tars,
+        index_paths=indices,
+        ext=["jpg", "cls"],
+        missing_component_behavior="error",
+        shard_id=shard_id,
+        num_shards=num_shards,
+        stick_to_shard=True,
+        random_shuffle=shuffle,
+        initial_fill=fill,
+        pad_last_batch=True,
+        name=READER,
+    )
+
+
+def decode_images(jpegs, device: str):
+    """JPEG bytes -> (h, w, 3) uint8 RGB: nvJPEG (``mixed``) for "gpu", libjpeg-turbo for "cpu"."""
+    if device == "gpu":
+        return fn.decoders.image(
+            jpegs,
+            device="mixed",
+            output_type=types.RGB,
+            hw_decoder_load=HW_DECODER_LOAD,
+            preallocate_width_hint=PREALLOCATE_PX,
+            preallocate_height_hint=PREALLOCATE_PX,
+        )
+    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+
+
+def process_images(jpegs, train: bool, cfg: TrainConfig, device: str):
+    """decode -> random-resized-crop + flip (train) or resize (val) -> normalise, on `device`
+    ("cpu" or "gpu"); (N, S, S, 3) float32 HWC."""
+    size = [cfg.image_size, cfg.image_size]
+    images = decode_images(jpegs, device)
+    if train:
+        images = fn.random_resized_crop(
+            images,
+            size=size,
+            random_area=[cfg.crop_scale_min, cfg.crop_scale_max],
+            random_aspect_ratio=[cfg.crop_ratio_min, cfg.crop_ratio_max],
+            num_attempts=CROP_ATTEMPTS,
+        )
+        mirror = fn.random.coin_flip(probability=0.5)
+    else:
+        images = fn.resize(images, size=size)
+        mirror = 0
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="HWC",
+        mean=[255 * m for m in IMAGE_MEAN],
+        std=[255 * s for s in IMAGE_STD],
+        mirror=mirror,
+    )
+
+
+def decode_to_canvas(jpegs, canvas_px: tuple[int, int], device: str):
+    """Decoded images padded (bottom/right, zeros) to the canvas, and each one's (h, w) before."""
+    images = decode_images(jpegs, device)
+    sizes = images.shape(dtype=types.INT32, device=device)[0:2]  # (h, w) of the HWC image
+    return fn.pad(images, axes=(0, 1), shape=list(canvas_px), fill_value=0), sizes
+
+
+@pipeline_def(enable_conditionals=False)
+def shard_pipeline(tars, indices, shard_id, num_shards, train, fill, cfg, canvas_px, device):
+    """GPU: (images (N, S, S, 3) float32, label digits), all on the GPU. CPU-only mode: (canvases
+    (N, H, W, 3) uint8, (h, w) (N, 2), label digits), augmented afterwards by augment.py."""
+    jpegs, labels = read_shards(tars, indices, shard_id, num_shards, train, fill)
+    if device == "gpu":
+        return process_images(jpegs, train, cfg, device), labels.gpu()
+    return *decode_to_canvas(jpegs, canvas_px, device), labels
+
+
+@pipeline_def(enable_conditionals=False)
+def decode_pipeline(tars, indices, shard_id, num_shards, canvas_px, device):
+    """This rank's share in order, decoded once onto the canvas, with each image's (h, w)."""
+    jpegs, _ = read_shards(tars, indices, shard_id, num_shards, shuffle=False, fill=1)
+    return decode_to_canvas(jpegs, canvas_px, device)
+
+
+def decode_split(
+    cfg: TrainConfig,
+    split: str,
+    manifest: Manifest,
+    placement: Placement,
+    canvas_px: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of `split` (``rank_share`` of the global order) decoded once by DALI:
+    (N, H, W, 3) uint8 images top-left on the H x W canvas and (N, 2) int32 (height, width), both
+    on placement.device, in global order. For the `resident` loader (nvJPEG on CUDA)."""
+    device, device_id, threads = pipeline_device(placement.device, cfg.loader_workers)
+    info = manifest.splits[split]
+    tars, indices = shard_paths(Path(cfg.shards), manifest, split)
+    start, stop = rank_share(info.samples, placement.rank, placement.world_size)
+    pipe = decode_pipeline(
+        tars,
+        indices,
+        placement.rank,
+        placement.world_size,
+        tuple(canvas_px),
+        "gpu" if device_id is not None else "cpu",
+        batch_size=cfg.batch_size,
+        num_threads=threads,
+        device_id=device_id,
+        prefetch_queue_depth=cfg.prefetch,
+    )
+    pipe.build()
+    outputs = DALIGenericIterator(
+        [pipe], ["images", "sizes"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL
+    )
+    images = torch.empty((stop - start, *canvas_px, 3), dtype=torch.uint8, device=device)
+    sizes = torch.empty((stop - start, 2), dtype=torch.int32, device=device)
+    done = 0
+    for batch in outputs:
+        count = len(batch[0]["images"])
+        images[done : done + count].copy_(batch[0]["images"])
+        sizes[done : done + count].copy_(batch[0]["sizes"])
+        if device.type == "cuda":  # CUDA sync: DALI may recycle the batch's memory once it is freed
+            torch.cuda.current_stream(device).synchronize()
+        done += count
+    if done != stop - start:
+        raise RuntimeError(f"DALI decoded {done} of this rank's {stop - start} samples")
+    del outputs, pipe
+    return images, sizes
+
+
+def pipeline_device(device: torch.device, workers: int) -> tuple[torch.device, int | None, int]:
+    """(torch device, DALI device_id (None = CPU-only mode), pipeline threads) for `device`;
+    `workers` 0 = every core on the CPU, up to GPU_THREADS_MAX for a GPU pipeline."""
+    device = torch.device(device)
+    if not dali_available(device):
+        raise UserError(f"DALI cannot run on {device}: no CUDA device visible to DALI")
+    if device.type == "cuda":
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
+        threads = workers or min(default_workers(), GPU_THREADS_MAX)
+        return torch.device("cuda", device_id), device_id, threads
+    return torch.device("cpu"), None, workers or default_workers()
+
+
+def shard_paths(directory: Path, manifest: Manifest, split: str) -> tuple[list[str], list[str]]:
+    """The split's tars and their DALI indices, in manifest (global) order."""
+    shards = manifest.splits[split].shards
+    tars = [str(directory / shard.name) for shard in shards]
+    return tars, [str(directory / shard.index_name) for shard in shards]
+
+
+def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
+    """DALI's pipeline seed (31 bits) for (cfg.seed, first epoch, rank)."""
+    return int(np.random.SeedSequence([seed, epoch, rank, 1]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class DaliLoader:
+    """Loader protocol over a DALI pipeline (see the module docstring)."""
+
+    backend = "dali"
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        split: str,
+        manifest: Manifest,
+        placement: Placement,
+        first_epoch: int = 0,
+    ):
+        self.device, device_id, threads = pipeline_device(placement.device, cfg.loader_workers)
+        self.train = split == "train"
+        self.epoch = first_epoch
+        self.rank = placement.rank
+        self.seed = cfg.seed
+        self.image_size = cfg.image_size
+        self.crop_scale = (cfg.crop_scale_min, cfg.crop_scale_max)
+        self.crop_ratio = (cfg.crop_ratio_min, cfg.crop_ratio_max)
+        self.on_gpu = device_id is not None  # else DALI decodes and augment.py does the rest
+        canvas_px = tuple(manifest.splits[split].image_px)
+        info = manifest.splits[split]
+        tars, indices = shard_paths(Path(cfg.shards), manifest, split)
+        start, stop = rank_share(info.samples, placement.rank, placement.world_size)
+        self.steps = steps_per_epoch(info.samples, cfg.batch_size, placement, self.train)
+        self.samples = self.steps * cfg.batch_size if self.train else stop - start
+        self._pipe = shard_pipeline(
+            tars,
+            indices,
+            placement.rank,
+            placement.world_size,
+            self.train,
+            max(1, min(stop - start, SHUFFLE_BUFFER)),
+            cfg,
+            canvas_px,
+            "gpu" if self.on_gpu else "cpu",
+            batch_size=cfg.batch_size,
+            num_threads=threads,
+            device_id=device_id,
+            prefetch_queue_depth=cfg.prefetch,
+            seed=pipeline_seed(cfg.seed, first_epoch, placement.rank),
+        )
+        self._pipe.build()
+        self._iterator = DALIGenericIterator(
+            [self._pipe],
+            ["images", "labels"] if self.on_gpu else ["images", "sizes", "labels"],
+            reader_name=READER,
+            last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
+            auto_reset=False,
+        )
+        self._passes = 0  # epochs started on this pipeline
+        self._mid_epoch = False  # the last pass stopped before DALI's epoch ended
+        powers = 10 ** torch.arange(LABEL_DIGITS - 1, -1, -1, dtype=torch.int64)
+        self._powers = powers.to(self.device)
+        if not self.on_gpu:
+            keep_large_blocks_in_heap()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _finish_epoch(self) -> None:
+        """Consume what DALI has left of its epoch and rewind: DALI cannot reset mid-epoch."""
+        if self._mid_epoch:
+            for _ in self._iterator:
+                pass
+            self._mid_epoch = False
+        self._iterator.reset()
+
+    def __iter__(self):
+        if self._passes:
+            self._finish_epoch()
+        self._passes += 1
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
+        self.epoch += 1
+        self._mid_epoch = True
+        for step, outputs in enumerate(self._iterator):
+            digits = outputs[0]["labels"]  # (N, LABEL_DIGITS) uint8 ASCII, on the device
+            if self.on_gpu:
+                images = outputs[0]["images"].permute(0, 3, 1, 2)  # (N, 3, S, S) f32 channels_last
+                labels = ((digits.to(torch.int64) - ASCII_ZERO) * self._powers).sum(dim=1)
+            else:
+                with one_thread_on_cpu(self.device):
+                    images = self._augment(outputs[0]["images"], outputs[0]["sizes"], generator)
+                    labels = ((digits.to(torch.int64) - ASCII_ZERO) * self._powers).sum(dim=1)
+            yield Batch(images, labels)
+            if step + 1 == self.steps:
+                break
+        else:
+            self._mid_epoch = False
+
+    def _augment(
+        self, canvases: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """CPU-only mode: (N, H, W, 3) uint8 canvases -> (N, 3, S, S) float32 channels_last, as
+        the `cpu` backend does it (DALI's crop + resize + normalise ops, per sample on its CPU
+        threads, were 1.3x slower at 64 px and 2.4x slower at 227 px on the 2-vCPU box)."""
+        heights, widths = sizes[:, 0], sizes[:, 1]
+        if self.train:
+            boxes = sample_crop_boxes(heights, widths, self.crop_scale, self.crop_ratio, generator)
+            flips = sample_flips(len(boxes), generator)
+        else:
+            boxes, flips = full_boxes(heights, widths), None
+        uniform = bool((heights == canvases.shape[1]).all() and (widths == canvases.shape[2]).all())
+        return crop_resize(
+            canvases,
+            boxes,
+            flips,
+            self.image_size,
+            IMAGE_MEAN,
+            IMAGE_STD,
+            None if uniform else sizes,
+        )
+
+    def close(self) -> None:
+        iterator, self._iterator = getattr(self, "_iterator", None), None
+        pipe, self._pipe = getattr(self, "_pipe", None), None
+        del iterator, pipe
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,337 @@
+"""The loader contract, checked on every backend: what a batch looks like, which samples an epoch
+holds, how ranks share a split, that labels follow their images, that `cpu` and `dali` produce the
+same pixels and the same augmentation statistics, and that a tampered pack is refused."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
+from fastalex.errors import UserError
+from fastalex.loaders import Placement, build_loader, rank_share, steps_per_epoch
+from fastalex.loaders.augment import crop_resize, sample_crop_boxes
+from fastalex.shards import read_manifest
+
+BACKENDS = ["cpu", "dali", "resident"]
+BACKEND_PARAMS = ["cpu", pytest.param("dali", marks=pytest.mark.dali), "resident"]
+CPU = torch.device("cpu")
+
+
+def needs(backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+
+
+def make(pack_path, backend, split, rank=0, world=1, first_epoch=0, device=CPU, **fields):
+    cfg = TrainConfig(shards=str(pack_path), loader=backend, loader_workers=1, **fields)
+    return build_loader(cfg, split, Placement(device, rank, world), first_epoch)
+
+
+def run_epoch(loader, coded, device=CPU) -> tuple[np.ndarray, int]:
+    """The image ids of one epoch, in order, and the number of batches; checks every batch's
+    layout and that its labels are its images' classes."""
+    ids, batches = [], 0
+    for images, labels in loader:
+        batches += 1
+        assert images.dtype == torch.float32 and images.device.type == device.type
+        assert labels.device.type == device.type
+        assert images.shape[1:] == (3, 64, 64)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],)
+        found = coded.decode(images)
+        np.testing.assert_array_equal(labels.cpu().numpy(), found % coded.classes)
+        ids.append(found)
+    return np.concatenate(ids), batches
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_batches_follow_the_contract(coded_pack, backend):
+    needs(backend)
+    train = make(coded_pack.path, backend, "train", batch_size=32)
+    assert train.backend == backend
+    n_train = len(coded_pack.ids["train"])
+    assert len(train) == n_train // 32 and train.samples == len(train) * 32
+    epochs = [run_epoch(train, coded_pack) for _ in range(2)]
+    for ids, batches in epochs:
+        assert batches == len(train)
+        assert len(ids) == train.samples and len(set(ids)) == len(ids)  # nothing repeated
+        assert set(ids) <= set(coded_pack.ids["train"])
+    assert not np.array_equal(epochs[0][0], epochs[1][0])  # reshuffled
+    train.close()
+
+    val = make(coded_pack.path, backend, "val", batch_size=32)
+    n_val = len(coded_pack.ids["val"])
+    assert len(val) == math.ceil(n_val / 32) and val.samples == n_val
+    for _ in range(2):
+        ids, batches = run_epoch(val, coded_pack)
+        assert batches == len(val)
+        np.testing.assert_array_equal(ids, coded_pack.ids["val"])  # each once, in global order
+    val.close()
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_same_seed_gives_same_epochs(coded_pack, backend):
+    needs(backend)
+    orders = []
+    for seed in (0, 0, 1):
+        loader = make(coded_pack.path, backend, "train", batch_size=40, seed=seed)
+        orders.append([run_epoch(loader, coded_pack)[0] for _ in range(2)])
+        loader.close()
+    for epoch in range(2):
+        np.testing.assert_array_equal(orders[0][epoch], orders[1][epoch])
+    assert not np.array_equal(orders[0][0], orders[2][0])
+
+
+def test_cpu_epoch_is_a_function_of_seed_and_epoch(coded_pack):
+    fresh = make(coded_pack.path, "cpu", "train", batch_size=40)
+    run_epoch(fresh, coded_pack)
+    second = run_epoch(fresh, coded_pack)[0]
+    resumed = make(coded_pack.path, "cpu", "train", batch_size=40, first_epoch=1)
+    np.testing.assert_array_equal(run_epoch(resumed, coded_pack)[0], second)
+    fresh.close()
+    resumed.close()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_ranks_get_disjoint_covering_shares(coded_pack, backend, world):
+    needs(backend)
+    ids = coded_pack.ids
+    val_seen, train_seen, steps = [], [], set()
+    for rank in range(world):
+        start, stop = rank_share(len(ids["val"]), rank, world)
+        val = make(coded_pack.path, backend, "val", rank, world, batch_size=10)
+        got, batches = run_epoch(val, coded_pack)
+        assert batches == len(val) == math.ceil((stop - start) / 10) and len(got) == val.samples
+        np.testing.assert_array_equal(got, ids["val"][start:stop])
+        val_seen.append(got)
+        val.close()
+
+        train = make(coded_pack.path, backend, "train", rank, world, batch_size=47)
+        placement = Placement(CPU, rank, world)
+        assert len(train) == steps_per_epoch(len(ids["train"]), 47, placement, True)
+        start, stop = rank_share(len(ids["train"]), rank, world)
+        for _ in range(2):  # the second epoch must not inherit an unfinished first one
+            got, batches = run_epoch(train, coded_pack)
+            assert batches == len(train) and len(got) == len(train) * 47 == train.samples
+            assert len(set(got)) == len(got) and set(got) <= set(ids["train"][start:stop])
+        train_seen.append(got)
+        steps.add(len(train))
+        train.close()
+    assert len(steps) == 1  # every rank takes the same number of steps
+    np.testing.assert_array_equal(np.sort(np.concatenate(val_seen)), np.sort(ids["val"]))
+    assert len(set(np.concatenate(train_seen))) == sum(map(len, train_seen))  # disjoint
+
+
+@pytest.mark.parametrize("image_size", [64, 227])
+@pytest.mark.parametrize("backend", ["dali", "resident"])
+def test_val_pixels_agree_with_the_cpu_reference(synth_pack, backend, image_size):
+    needs(backend)
+    loaders = [make(synth_pack, b, "val", batch_size=30, image_size=image_size) for b in ("cpu", backend)]
+    batches = 0
+    for (cpu_images, cpu_labels), (images, labels) in zip(*loaders):
+        batches += 1
+        assert torch.equal(cpu_labels, labels)
+        difference = (cpu_images - images).abs()
+        # DALI rounds resized pixels to uint8: up to 0.5 / 255 / min(std) = 0.0073 apart.
+        assert difference.max() < 0.02 and difference.mean() < 0.004
+    assert batches == 2
+    for loader in loaders:
+        loader.close()
+
+
+def ramp_crops(images: torch.Tensor, slope: float) -> dict[str, np.ndarray]:
+    """Crop box (w, h in source pixels) and flip of each ramp_pack output, read from its pixels:
+    a resampled linear ramp stays linear, value = 30 + 3 * (source x - 0.5)."""
+    size = images.shape[-1]
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    pixels = ((images * std + mean) * 255).double()
+    j1, j2 = size // 4, 3 * size // 4  # inner columns: clear of border replication
+    red = pixels[:, 0].mean(dim=1)  # (N, S): the x ramp, per output column
+    green = pixels[:, 1].mean(dim=2)  # (N, S): the y ramp, per output row
+    span_x = (red[:, j2] - red[:, j1]) / slope  # source pixels between the two columns
+    span_y = (green[:, j2] - green[:, j1]) / slope
+    scale = size / (j2 - j1)
+    return {
+        "w": (span_x.abs() * scale).numpy(),
+        "h": (span_y * scale).numpy(),
+        "flipped": (span_x < 0).numpy(),
+    }
+
+
+def crop_summary(w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Mean and sd of the area fraction and of log(w/h) for 64 x 64 sources."""
+    area, log_ratio = w * h / 64**2, np.log(w / h)
+    return np.array([area.mean(), area.std(), log_ratio.mean(), log_ratio.std()])
+
+
+@pytest.mark.dali
+def test_crop_boxes_match_dali_generator():
+    """sample_crop_boxes draws what DALI's RandomCropGenerator draws (log-uniform aspect)."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+
+    cfg = TrainConfig()
+    area, ratio = [cfg.crop_scale_min, cfg.crop_scale_max], [cfg.crop_ratio_min, cfg.crop_ratio_max]
+    n = 40_000
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None, seed=7)
+    def windows():
+        shape = types.Constant(np.array([64, 64, 3], dtype=np.int64))
+        anchor, size = fn.random_crop_generator(shape, random_area=area, random_aspect_ratio=ratio)
+        return anchor, size
+
+    pipe = windows()
+    pipe.build()
+    _, sizes = pipe.run()
+    sizes = np.stack([np.array(s) for s in sizes]).astype(np.float64)  # (n, 2) = (h, w)
+    dali = crop_summary(sizes[:, 1], sizes[:, 0])
+    side = torch.full((n,), 64)
+    generator = torch.Generator().manual_seed(0)
+    boxes = sample_crop_boxes(side, side, tuple(area), tuple(ratio), generator)
+    ours = crop_summary(boxes[:, 2].double().numpy(), boxes[:, 3].double().numpy())
+    # Standard errors at n = 40,000 are ~0.0008 (area) and ~0.0008 (log ratio); a uniform rather
+    # than log-uniform aspect would shift the mean log ratio by ~0.023.
+    np.testing.assert_allclose(ours, dali, atol=0.005)
+    assert (boxes[:, 0] + boxes[:, 2] <= 64).all() and (boxes[:, 1] + boxes[:, 3] <= 64).all()
+
+
+@pytest.mark.dali
+def test_crop_resize_matches_dali_resize():
+    """Same window -> same pixels as DALI's ROI resize: upsampling, 1:1 and antialiased
+    downscaling, the border replicated at the image's edge."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+
+    image = np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    windows = [
+        ((0, 0, 20, 24), 40),
+        ((3, 5, 10, 12), 227),
+        ((10, 12, 10, 12), 31),
+        ((2, 3, 15, 20), 7),
+    ]
+    for (x0, y0, w, h), size in windows:
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def resize():
+            source = fn.external_source(source=lambda: [image], layout="HWC", batch=True)
+            return fn.resize(
+                source,
+                size=[size, size],
+                roi_start=[y0, x0],
+                roi_end=[y0 + h, x0 + w],
+                dtype=types.FLOAT,
+            )
+
+        pipe = resize()
+        pipe.build()
+        (dali,) = pipe.run()
+        ours = crop_resize(
+            torch.from_numpy(image)[None],
+            torch.tensor([[x0, y0, w, h]], dtype=torch.float32),
+            None,
+            size,
+            (0.0, 0.0, 0.0),
+            (1 / 255,) * 3,
+        )
+        np.testing.assert_allclose(ours[0].permute(1, 2, 0).numpy(), np.array(dali[0]), atol=0.01)
+
+
+def test_train_augmentation_statistics_agree(ramp_pack):
+    """Crop area, aspect and flip rate, read back from each backend's training batches, agree with
+    each other and with sample_crop_boxes' distribution (which matches DALI's generator)."""
+    cfg = TrainConfig()
+    side = torch.full((200_000,), 64)
+    scale = (cfg.crop_scale_min, cfg.crop_scale_max)
+    ratio = (cfg.crop_ratio_min, cfg.crop_ratio_max)
+    boxes = sample_crop_boxes(side, side, scale, ratio, torch.Generator().manual_seed(1))
+    expected = crop_summary(boxes[:, 2].double().numpy(), boxes[:, 3].double().numpy())
+    for backend in BACKENDS:
+        if backend == "dali":
+            pytest.importorskip("nvidia.dali")
+        loader = make(ramp_pack.path, backend, "train", batch_size=50)
+        crops = [ramp_crops(images, ramp_pack.slope) for _ in range(4) for images, _ in loader]
+        loader.close()
+        w, h, flipped = (np.concatenate([c[k] for c in crops]) for k in ("w", "h", "flipped"))
+        assert len(w) == 1200
+        # 1,200 crops: standard errors ~0.005 (area mean), ~0.0045 (log-ratio mean), 0.014 (flips).
+        np.testing.assert_allclose(crop_summary(w, h), expected, atol=0.025, err_msg=backend)
+        assert abs(flipped.mean() - 0.5) < 0.07, backend  # ~5 standard errors
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_tampered_shard_is_refused_before_any_batch(coded_pack, tmp_path, backend):
+    needs(backend)
+    copy = tmp_path / "shards"
+    shutil.copytree(coded_pack.path, copy)
+    tar = copy / read_manifest(copy).splits["train"].shards[1].name
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="sha256"):
+        make(copy, backend, "train", batch_size=32)
+    make(copy, backend, "val", batch_size=32).close()  # only the tampered split is refused
+
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("world", [1, 3])
+def test_dali_decode_split_matches_cpu_decoder(coded_pack, world):
+    """dali.decode_split (the resident loader's decoder on CUDA) and cpu.ShardDecoder give the same
+    canvases and sizes for a rank's share, in global order, mixed image sizes included."""
+    pytest.importorskip("nvidia.dali")
+    from fastalex.loaders.cpu import SampleTable, ShardDecoder
+    from fastalex.loaders.dali import decode_split
+
+    manifest = read_manifest(coded_pack.path)
+    table = SampleTable(coded_pack.path, manifest, "train")
+    cfg = TrainConfig(shards=str(coded_pack.path), batch_size=32, loader_workers=1)
+    rank = world - 1
+    start, stop = rank_share(len(table.labels), rank, world)
+    placement = Placement(CPU, rank, world)
+    images, sizes = decode_split(cfg, "train", manifest, placement, table.canvas_px)
+    expected_images, expected_sizes = ShardDecoder(table)[np.arange(start, stop)]
+    torch.testing.assert_close(sizes, expected_sizes)
+    assert images.shape == expected_images.shape == (stop - start, *table.canvas_px, 3)
+    for image, expected, (h, w) in zip(images, expected_images, sizes.tolist()):
+        difference = (image[:h, :w].int() - expected[:h, :w].int()).abs()
+        assert difference.max() <= 2  # two libjpeg-turbo builds
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_loader_batches_are_channels_last_cuda(coded_pack, backend):
+    """On CUDA: batches land on the GPU, channels-last, labels following their images; val covers
+    the split once."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    needs(backend)
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    train = make(coded_pack.path, backend, "train", device=cuda, batch_size=32)
+    ids, batches = run_epoch(train, coded_pack, cuda)
+    assert batches == len(train) and len(set(ids)) == len(ids) == train.samples
+    train.close()
+    val = make(coded_pack.path, backend, "val", device=cuda, batch_size=32)
+    np.testing.assert_array_equal(run_epoch(val, coded_pack, cuda)[0], coded_pack.ids["val"])
+    val.close()
+
+
+@pytest.mark.parametrize("image_size", [64, 150])
+def test_compiled_and_eager_crop_resize_agree(image_size):
+    """The CPU fast path (inductor-compiled gathers) and the separable embedding_bag path give the
+    same pixels, smaller images on the canvas and flips included."""
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (20, 40, 48, 3), dtype=torch.uint8, generator=generator)
+    sizes = torch.stack([torch.randint(20, 41, (20,)), torch.randint(20, 49, (20,))], dim=1)
+    boxes = sample_crop_boxes(sizes[:, 0], sizes[:, 1], (0.35, 1.0), (0.75, 4 / 3), generator)
+    flips = torch.rand(20, generator=generator) < 0.5
+    args = (images, boxes, flips, image_size, IMAGE_MEAN, IMAGE_STD, sizes)
+    fast, eager = crop_resize(*args), crop_resize(*args, compile_cpu=False)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, eager, atol=1e-5, rtol=0)
