@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from fastalex import config
-from fastalex.config import PackConfig
+from fastalex.config import PackConfig, TrainConfig
 from fastalex.errors import UserError
 
 
@@ -169,3 +169,103 @@ def verify(shards, decode) -> None:
         click.echo(f"{shards}: {len(problems)} problems; re-pack from the source", err=True)
         sys.exit(1)
     click.echo(f"{shards}: OK (every shard hash, index and {decode} decodes per shard)")
+
+
+def process_group_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun sets them; one process without torchrun."""
+    import os
+
+    try:
+        return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as e:
+        raise UserError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {e}") from None
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("shards", type=click.Path(path_type=Path))
+@config_options(TrainConfig, skip=("shards",))
+@click.pass_context
+def train(ctx: click.Context, shards, **options) -> None:
+    """Train on the pack at SHARDS; writes RUN/config.json, metrics.jsonl, summary.json and
+    checkpoints/.
+
+    Defaults shown are the `fast` recipe's; `--recipe reference` (the blog's AlexNet at 227 px,
+    lr 0.01 at batch 128, StepLR(7, 0.1), 30 epochs) replaces every option not given on the command
+    line. Several processes: `torchrun --nproc_per_node N -m fastalex train ...` (DDP; --batch-size
+    is per process). Ctrl-C finishes the step, saves, and `--resume --out RUN` continues.
+    """
+    from click.core import ParameterSource
+
+    from fastalex.train import train as run_training
+
+    explicit = {name: value for name, value in options.items() if name != "recipe"
+                and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    try:
+        cfg = config.recipe_config(options["recipe"], shards=str(shards), **explicit)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    rank, world_size, local_rank = process_group_env()
+    try:
+        result = run_training(cfg, rank, world_size, local_rank, log=click.echo)
+    except UserError:
+        if rank != 0:  # rank 0 says it once
+            sys.exit(2)
+        raise
+    if result.status == "interrupted":
+        sys.exit(130)
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("shards", type=click.Path(path_type=Path))
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help='Also write {"top1": ..., "top5": ...} (percent) here.')
+@config_options(TrainConfig, skip=tuple(f.name for f in dataclasses.fields(TrainConfig)
+                                        if f.name not in ("device", "loader", "loader_workers")))
+def evaluate(checkpoint, shards, json_path, device, loader, loader_workers) -> None:
+    """Top-1/top-5 of CHECKPOINT on the val split of SHARDS, with the eval transform and
+    flip-TTA setting the checkpoint was trained with."""
+    from fastalex.metrics import write_json
+    from fastalex.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, str(shards), device, loader, loader_workers)
+    click.echo(f"{checkpoint} ({result['arch']}, after epoch {result['epoch']}): val top-1 "
+               f"{result['top1']:.2f} %, top-5 {result['top5']:.2f} %, loss {result['loss']:.4f} "
+               f"over {result['samples']} images")
+    if json_path is not None:
+        write_json(json_path, {"top1": result["top1"], "top5": result["top5"],
+                               "loss": result["loss"], "samples": result["samples"]})
+
+
+ARCH_CHOICES = typing.get_args(typing.get_type_hints(TrainConfig)["arch"])
+
+
+@main.command("model-info")
+@click.option("--arch", type=click.Choice(ARCH_CHOICES),
+              default=TrainConfig.arch, show_default=True, help="Architecture.")
+@click.option("--image-size", type=int, default=TrainConfig.image_size, show_default=True,
+              help="Square input size in px.")
+@click.option("--classes", type=int, default=200, show_default=True,
+              help="Output classes (Tiny ImageNet: 200).")
+def model_info(arch, image_size, classes) -> None:
+    """Layer shapes, parameters and forward FLOPs of an architecture (nothing is computed)."""
+    from fastalex.model import describe_model, format_model_info
+
+    try:
+        info = describe_model(arch, classes, image_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    click.echo(format_model_info(info))
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_png", type=click.Path(path_type=Path), default=Path("curves.png"),
+              show_default=True, help="PNG to write.")
+def plot(runs, out_png) -> None:
+    """Draw loss, top-1/top-5 and images/s per epoch of one or more RUN directories (written by
+    `fastalex train`), overlaid in one PNG. Needs matplotlib (pip install matplotlib)."""
+    from fastalex.plot import plot_runs
+
+    click.echo(f"wrote {plot_runs(list(runs), out_png)}")

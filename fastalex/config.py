@@ -77,7 +77,7 @@ class TrainConfig:
     prefetch: int = 2  # batches prepared ahead of the step
     resident_max_gb: float = 0.0  # cap on the resident loader's decoded split; 0 = free memory
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16/fp16 on CUDA, off on CPU
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 (fp16 if unsupported) on CUDA; on CPU bf16 where native (AVX512-BF16/AMX), else off
     compile: bool = True  # torch.compile the train step
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on for CUDA, off for CPU
     seed: int = 0  # model init, shuffling and augmentation

@@ -1,0 +1,125 @@
+"""Counting what a run reports: top-k hits, per-step values kept on the device, count-weighted
+totals, and the run directory's JSON / JSONL files.
+
+Every rate here is a ratio of summed counts (hits / samples, loss sum / samples), never a mean of
+per-batch means, so a short last batch or an uneven DDP share weighs what it holds. Values stay on
+the device until a caller asks for them (`StepWindow.drain`, `Totals.read`): each of those is one
+host-device synchronisation, made at log points and epoch ends, never per step.
+
+Imports torch and the standard library only (no data, model or config code). Writes files
+atomically (temporary name, then os.replace), so a killed run never leaves half a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def count_topk(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """Hits at each k: (len(ks),) int64 on the logits' device, no sync. k above the class count
+    counts every sample (top-5 of a 4-class problem is 100 %)."""
+    largest = min(max(ks), logits.shape[1])
+    top = logits.topk(largest, dim=1).indices  # (N, largest), best first
+    hits = (top == labels[:, None]).cumsum(dim=1)  # (N, largest): 1 from the label's rank on
+    return torch.stack([hits[:, min(k, largest) - 1].sum() for k in ks])
+
+
+class StepWindow:
+    """Per-step (loss sum, correct) of the train loop, held on the device between log points.
+
+    `add` is two device-side copies (no sync); `drain` is one device-to-host copy of the whole
+    window, the only place the loop waits for the device. Keeping every step (not a running sum)
+    lets a NaN be pinned to its step and keeps float sums independent of where a window ends, so a
+    resumed run adds exactly what an uninterrupted one adds.
+    """
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.values = torch.zeros(size, 2, dtype=torch.float64, device=device)  # (size, 2)
+        self.count = 0
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        self.values[self.count, 0] = loss_sum
+        self.values[self.count, 1] = correct
+        self.count += 1
+
+    @property
+    def full(self) -> bool:
+        return self.count == len(self.values)
+
+    def drain(self) -> list[tuple[float, float]]:
+        """The window's rows on the host (CUDA sync point), oldest first; the window is emptied."""
+        rows = [tuple(row) for row in self.values[: self.count].tolist()]
+        self.count = 0
+        return rows
+
+
+class TrainTotals:
+    """Host-side, count-weighted train totals of one epoch, fed from drained windows."""
+
+    def __init__(self, loss_sum: float = 0.0, correct: float = 0.0, samples: int = 0,
+                 steps: int = 0) -> None:
+        self.loss_sum, self.correct, self.samples, self.steps = loss_sum, correct, samples, steps
+        self.first_bad_step: int | None = None  # step within the epoch of the first non-finite loss
+
+    def absorb(self, rows: Iterable[tuple[float, float]], batch_size: int) -> None:
+        for loss_sum, correct in rows:
+            if self.first_bad_step is None and not math.isfinite(loss_sum):
+                self.first_bad_step = self.steps
+            self.loss_sum += loss_sum
+            self.correct += correct
+            self.samples += batch_size
+            self.steps += 1
+
+    def state(self) -> dict:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "samples": self.samples,
+                "steps": self.steps}
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over the DDP ranks (in place; unchanged without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def percent(count: float, total: float) -> float:
+    return 100.0 * count / total if total else float("nan")
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if not ordered:
+        return float("nan")
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def write_json(path: Path, obj: object) -> None:
+    """`obj` as indented JSON at `path`, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """`rows` as JSON lines at `path`, atomically (replacing what was there)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """One more line; a line is written in one call, so a reader never sees half a row."""
+    with open(path, "a") as file:
+        file.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,794 @@
+"""Training: the step, the LR schedule, evaluation, checkpoints, timing, DDP; `train(cfg)` runs it.
+
+Imports torch, the loader contract (`fastalex.loaders`), the model and metrics; never argv or
+os.environ (cli.py passes rank and world size in) and never a loader backend directly.
+
+The pieces the benchmarks reuse, so that they time this code and never a copy of the loop:
+
+- ``resolve_runtime(cfg, rank, world_size, local_rank) -> Runtime``: device, autocast dtype, grad
+  scaler, memory format and compile plan, with impossible combinations refused (UserError).
+- ``build_training(cfg, num_classes, runtime, steps_per_epoch) -> Training``: the seeded model
+  (DDP-wrapped when world_size > 1), SGD, GradScaler and LR schedule.
+- ``make_train_step(model, optimizer, scaler, cfg, runtime) -> step``: ``step(images, labels)``
+  runs forward, loss, backward and the optimizer step and returns ``(loss_sum, correct)`` as device
+  tensors (no host sync), compiled per ``cfg.compile``.
+- ``evaluate(model, loader, runtime, flip_tta) -> dict``: count-weighted val loss / top-1 / top-5
+  over every val sample, all-reduced under DDP.
+- ``train(cfg, ...) -> RunResult`` and ``evaluate_checkpoint(path, shards, ...) -> dict``.
+
+Choices where the issue is silent (so the next reader need not guess):
+
+- Speed plan per device. CUDA: channels_last, bf16 autocast (fp16 + GradScaler on GPUs without
+  bf16), cudnn.benchmark, TF32 matmuls, fused SGD (it takes the loss scale on the device: no sync),
+  `torch.compile(model)`. CPU: NCHW, fp32, fused SGD when eager (~9 % of a step faster than
+  foreach, which on the CPU is a per-tensor loop allocating the weight-decayed gradient), and when
+  compiled the whole step in one function (see ``CPU_COMPILE_OPTIONS``). Under DDP the model alone
+  is compiled (DDP's gradient hooks run in the backward).
+- The LR schedule is a pure function of (config, global step): `lr_factor`. A resumed run rebuilds
+  it at the saved step; its hyper-parameters (lr, epochs, momentum, ...) come from the command line
+  like any run's, the checkpoint restores state (weights, momentum buffers, step, grad scaler,
+  RNG). Peak LR = cfg.lr * global batch / 256. Warm-up rises linearly to the peak over
+  warmup_epochs, then the LR decays linearly to zero at the last step of cfg.epochs.
+- train_loss is the optimised objective (label smoothing included); val_loss is plain
+  cross-entropy, on the TTA-averaged logits when flip_tta. Epochs in files and messages count
+  from 1.
+- Checkpoints are written at each epoch end and when a run stops early (max_steps, SIGINT/SIGTERM),
+  recording the step within the epoch; `--resume` re-reads that epoch's first batches to continue
+  exactly where it stopped. metrics.jsonl is rewritten from the checkpoint on resume, so it never
+  holds a row the weights have not seen. A max_steps stop inside an epoch still evaluates and logs
+  that partial epoch. A fresh run refuses an --out that already holds one.
+- Exact resume: the only consumer of torch's global RNG is the step (dropout); loader iteration
+  and eval run with the host RNG forked (`next_batch`), so their draws (torch's DataLoader seeds
+  its first iterator from it) cannot shift the dropout stream of a resumed process.
+- Log points (a host sync) come every LOG_EVERY_STEPS steps and at each epoch end: the per-step
+  losses kept on the device are read, the first non-finite one is named by its step, and under
+  DDP the ranks agree there on stopping. A single process also stops at once after a signal.
+- Eval uses the un-compiled model (a second and third compile, for eval mode and the short last
+  val batch, would cost more than eager eval saves).
+- Timing: the first WARMUP_STEPS steps a process runs are left out of images/s; compile_s is their
+  time beyond that of as many steady steps. Every rank seeds the same weights, then its own
+  dropout masks (seed + rank * RANK_SEED_STRIDE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from fastalex.config import TrainConfig
+from fastalex.errors import UserError
+from fastalex.loaders import Placement, build_loader
+from fastalex.metrics import (StepWindow, TrainTotals, all_reduce_sum, append_jsonl, count_topk,
+                              median, percent, write_json, write_jsonl)
+from fastalex.model import build_model, param_groups
+from fastalex.shards import Manifest, read_manifest
+
+CHECKPOINT_FORMAT = 1
+LOG_EVERY_STEPS = 50  # host syncs: progress postfix, NaN check, DDP stop agreement
+WARMUP_STEPS = 3  # compile (step 1), first momentum buffers (step 2): not steady-state throughput
+LR_REFERENCE_BATCH = 256  # cfg.lr is per 256 images (Goyal et al. 2017, linear scaling rule)
+RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout masks from seed + r * stride
+# On the CPU torch.compile covers the whole step: forward, backward (AOT autograd; dynamo breaks
+# the graph at .backward()) and SGD (inductor fuses the foreach update into one loop per tensor),
+# with inductor's layout optimisation off: on, it makes every conv channels-last, whose oneDNN
+# backward is slower here (as channels_last is in eager). CPU ms per step of alexnet64, 64 px,
+# batch 128, 1 thread of the 2-core dev box (Xeon, Sapphire Rapids), median of 10: eager foreach
+# SGD 793, eager fused SGD 722, compiled model + foreach 826 (964 with layout optimisation), whole
+# step 777 (908 with it), whole step with trace_autograd_ops 771; max-autotune-no-cudagraphs is no
+# faster. Most of inductor's own kernel time is the LRN's pow(); written as
+# rsqrt(b) * sqrt(rsqrt(b)), the whole step measured 682.
+CPU_COMPILE_OPTIONS = {"layout_optimization": False}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How this process runs the config: resolved once, passed to every piece."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype; None = float32
+    channels_last: bool
+    compile: bool
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def grad_scaler(self) -> bool:  # fp16 needs loss scaling; bf16 has float32's range
+        return self.amp_dtype == torch.float16
+
+    @property
+    def amp(self) -> str:
+        return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    @property
+    def compile_whole_step(self) -> bool:
+        """One compiled function for forward, backward and SGD (CPU, one process), else the
+        model alone."""
+        return self.compile and self.device.type == "cpu" and self.world_size == 1
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): there bf16 autocast
+    pays (alexnet64, 64 px, one core: 470 ms per compiled step against 682 in fp32); without it
+    bf16 is emulated and slower, so `--amp auto` stays off."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_runtime(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
+                    local_rank: int = 0) -> Runtime:
+    """Device, AMP, memory format and compile for this process; UserError when impossible."""
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise UserError(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device; "
+                        "use --device cpu")
+    if cfg.device == "cuda" or (cfg.device == "auto" and cuda):
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} "
+                            "visible; start at most one process per GPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        bf16 = torch.cuda.is_bf16_supported()
+        if cfg.amp == "bf16" and not bf16:
+            raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bf16; "
+                            "use --amp fp16 or auto")
+        amp = ("bf16" if bf16 else "fp16") if cfg.amp == "auto" else cfg.amp
+    else:
+        device = torch.device("cpu")
+        if cfg.amp == "fp16":
+            raise UserError("--amp fp16 needs CUDA (loss scaling is CUDA-only here); "
+                            "on the CPU use --amp bf16 or off")
+        amp = ("bf16" if cpu_has_native_bf16() else "off") if cfg.amp == "auto" else cfg.amp
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
+                                                  and device.type == "cuda")
+    return Runtime(device, amp_dtype, channels_last, cfg.compile, rank, world_size)
+
+
+def peak_lr(cfg: TrainConfig, world_size: int) -> float:
+    """cfg.lr scaled from 256 images to the global batch (reference: 0.02 * 128 / 256 = 0.01)."""
+    return cfg.lr * cfg.batch_size * world_size / LR_REFERENCE_BATCH
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int, step: int) -> float:
+    """Multiplier of the peak LR at global `step` (0-based), for cfg.lr_schedule."""
+    if cfg.lr_schedule == "step":  # StepLR(step_epochs, step_gamma), counted in epochs
+        return cfg.step_gamma ** (step // (cfg.step_epochs * steps_per_epoch))
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@dataclass
+class Training:
+    """What a step needs. `model` is what the step calls (DDP wrapper or the module itself)."""
+
+    model: nn.Module
+    module: nn.Module  # the bare model: state_dict, eval
+    optimizer: torch.optim.SGD
+    scaler: torch.amp.GradScaler
+    schedule: torch.optim.lr_scheduler.LambdaLR
+
+
+def configure_backends(runtime: Runtime) -> None:
+    if runtime.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
+        torch.backends.cuda.matmul.allow_tf32 = True  # the float32 leftovers of AMP
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def build_training(cfg: TrainConfig, num_classes: int, runtime: Runtime, steps_per_epoch: int,
+                   start_step: int = 0) -> Training:
+    """Model (seeded by cfg.seed), SGD, GradScaler and the LR schedule placed at `start_step`."""
+    configure_backends(runtime)
+    torch.manual_seed(cfg.seed)
+    module = build_model(cfg.arch, num_classes, cfg.image_size)
+    module = module.to(runtime.device, memory_format=runtime.memory_format)
+    torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * runtime.rank)
+    model = module
+    if runtime.world_size > 1:  # broadcasts rank 0's weights; all-reduces gradients
+        model = DistributedDataParallel(
+            module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+    lr = peak_lr(cfg, runtime.world_size)
+    if runtime.compile_whole_step:  # inductor compiles foreach SGD into one fused loop per tensor;
+        # a tensor LR lets each step's LR in without a recompile
+        kernels = {"lr": torch.tensor(lr), "foreach": True}
+    else:  # one fused kernel; on the CPU ~9 % of a step faster than foreach's per-tensor loop
+        kernels = {"lr": lr, "fused": True}
+    optimizer = torch.optim.SGD(param_groups(module, cfg.weight_decay, cfg.decay_biases),
+                                momentum=cfg.momentum, **kernels)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.grad_scaler)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, steps_per_epoch, start_step + step))
+    return Training(model, module, optimizer, scaler, schedule)
+
+
+def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, cfg: TrainConfig,
+                    runtime: Runtime) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+    """``step(images, labels) -> (loss_sum, correct)``: one SGD step, results left on the device.
+
+    images: (N, 3, S, S) float32 in runtime.memory_format; labels: (N,) int64. loss_sum is the
+    batch's summed loss (float32 0-d), correct its top-1 hits (int64 0-d). Nothing here reads a
+    value back to the host, so consecutive steps queue without waiting.
+    """
+    options = CPU_COMPILE_OPTIONS if runtime.device.type == "cpu" else None
+    if runtime.compile and not runtime.compile_whole_step:  # CUDA, or DDP (hooks in backward)
+        model = torch.compile(model, options=options)
+
+    scaled = runtime.grad_scaler  # decided here: dynamo does not trace into GradScaler
+
+    def backward_and_update(loss: torch.Tensor) -> None:
+        if scaled:  # fp16, CUDA only (the model alone is compiled there)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # fused SGD takes the scale and inf flag on the device: no sync
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with runtime.autocast():
+            logits = model(images)  # (N, classes) in the autocast dtype
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        backward_and_update(loss)
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach() * labels.shape[0], (logits.argmax(dim=1) == labels).sum()
+
+    if runtime.compile_whole_step:
+        return torch.compile(step, options=options)
+    return step
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, runtime: Runtime, flip_tta: bool) -> dict:
+    """Val loss, top-1 and top-5 (percent) over every sample of the loader, summed over the ranks.
+
+    Returns {"loss", "top1", "top5", "samples"}; one host sync, at the end.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, top1, top5, n
+    for images, labels in loader:
+        images = images.contiguous(memory_format=runtime.memory_format)
+        with runtime.autocast():
+            logits = model(images).float()  # (N, classes)
+            if flip_tta:  # mirror along the width axis, average the logits
+                logits = (logits + model(images.flip(3)).float()) / 2
+        totals[0] += F.cross_entropy(logits, labels, reduction="sum")
+        totals[1:3] += count_topk(logits, labels, (1, 5))
+        totals[3] += labels.shape[0]
+    loss_sum, top1, top5, samples = all_reduce_sum(totals).tolist()  # sync point
+    model.train(was_training)
+    return {"loss": loss_sum / samples if samples else float("nan"),
+            "top1": percent(top1, samples), "top5": percent(top5, samples),
+            "samples": int(samples)}
+
+
+# Checkpoints -------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary name, then rename: a killed run keeps the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `train` (on the CPU); UserError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint there")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: name it, no traceback
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") \
+            from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a fastalex checkpoint of format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def check_checkpoint(state: dict, path: Path, arch: str, image_size: int,
+                     manifest: Manifest, shards: str) -> None:
+    """UserError when the checkpoint's model cannot serve this arch, input size and class list."""
+    saved = state["config"]
+    if (saved["arch"], saved["image_size"]) != (arch, image_size):
+        raise UserError(f"{path} holds {saved['arch']} at {saved['image_size']} px, not {arch} at "
+                        f"{image_size} px; pass --arch {saved['arch']} --image-size "
+                        f"{saved['image_size']}")
+    classes = [list(c) for c in manifest.classes]
+    if len(state["classes"]) != len(classes):
+        raise UserError(f"{path} was trained on {len(state['classes'])} classes; the pack "
+                        f"{shards} has {len(classes)}")
+    if state["classes"] != classes:
+        raise UserError(f"{path} was trained on other classes (or another label order) than "
+                        f"the pack {shards}")
+
+
+def capture_rng(runtime: Runtime) -> list[dict]:
+    """Every rank's torch (and CUDA) RNG state, gathered: index r is rank r's."""
+    mine = {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda"
+            else None}
+    if runtime.world_size == 1:
+        return [mine]
+    gathered: list = [None] * runtime.world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def restore_rng(states: list[dict], runtime: Runtime) -> None:
+    if len(states) != runtime.world_size:
+        return  # another world size: each rank keeps its fresh seed
+    mine = states[runtime.rank]
+    torch.set_rng_state(mine["torch"])
+    if mine["cuda"] is not None and runtime.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], runtime.device)
+
+
+def restore_training(training: Training, state: dict) -> None:
+    """Weights, momentum buffers and loss scale from `state`; hyper-parameters stay the config's."""
+    training.module.load_state_dict(state["model"])
+    optimizer = training.optimizer
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, fresh in zip(optimizer.param_groups, hyper):
+        group.update(fresh)
+    training.scaler.load_state_dict(state["scaler"])
+
+
+# Running -----------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    run_dir: Path | None  # None on ranks other than 0
+    status: str  # "done" or "interrupted" (SIGINT/SIGTERM: saved, continue with --resume)
+    summary: dict = field(default_factory=dict)  # summary.json's content when done
+    message: str = ""
+
+
+class StopSignals:
+    """SIGINT/SIGTERM set a flag the loop reads after each step; a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def git_sha(short: bool = True) -> str:
+    """The fastalex checkout's commit ("unknown" outside git); "+dirty" when files changed."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha[:7] if short else sha) + ("+dirty" if dirty else "")
+
+
+def versions(runtime: Runtime) -> dict:
+    from importlib import metadata
+
+    dali = next((d.version for d in metadata.distributions()
+                 if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")), None)
+    return {"torch": torch.__version__, "python": platform.python_version(), "dali": dali,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if runtime.device.type == "cuda" else None}
+
+
+def describe_device(runtime: Runtime) -> str:
+    if runtime.device.type == "cuda":
+        return f"{runtime.device} ({torch.cuda.get_device_name(runtime.device)})"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def default_run_dir() -> Path:
+    sha = git_sha().replace("+dirty", "")
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}_{sha}"
+
+
+def next_batch(batches):
+    """The next Batch, with the host RNG fenced off: whatever a loader draws from torch's global
+    generator (torch's DataLoader seeds its first iterator from it) never shifts the dropout
+    stream, so a resumed run draws the masks an uninterrupted one draws."""
+    with torch.random.fork_rng(devices=[]):
+        return next(batches)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+          log: Callable[[str], None] | None = None, progress: bool = True) -> RunResult:
+    """Train per `cfg`; under torchrun each process passes its rank (cli.py reads the env).
+
+    Rank 0 writes RUN/config.json, metrics.jsonl, summary.json and checkpoints/ and calls `log`
+    with one line per epoch. Raises UserError for bad input and for a diverged loss (naming the
+    epoch and step; the last good checkpoint is kept). Returns status "interrupted" after a
+    SIGINT/SIGTERM, once the step in flight is done and a checkpoint is saved.
+    """
+    if cfg.resume and not cfg.out:
+        raise UserError("--resume needs --out RUN: the run directory to continue")
+    runtime = resolve_runtime(cfg, rank, world_size, local_rank)
+    joined = world_size > 1 and not dist.is_initialized()
+    if joined:  # MASTER_ADDR/PORT come from torchrun, read by torch itself
+        dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo",
+                                rank=rank, world_size=world_size)
+    try:
+        return _Run(cfg, runtime, log if rank == 0 and log else (lambda line: None),
+                    progress and rank == 0).run()
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+class _Run:
+    """One process's share of a run: loaders, state, the epoch loop and the files (rank 0)."""
+
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None],
+                 progress: bool) -> None:
+        self.cfg, self.runtime, self.log, self.progress = cfg, runtime, log, progress
+        self.main = runtime.rank == 0
+        self.global_step = 0
+        self.history: list[dict] = []
+        self.best_top1 = -math.inf
+        self.compile_s: float | None = None
+        self.warmup_s: float | None = None
+        self.first_epoch_here = True  # this process's first epoch holds the warm-up steps
+        self.pending_rng: list[dict] | None = None
+        self.saved_epochs: int | None = None  # epochs in the last checkpoint written or read
+
+    def run(self) -> RunResult:
+        cfg, rt = self.cfg, self.runtime
+        manifest = read_manifest(Path(cfg.shards))
+        if cfg.out:
+            run_dir = Path(cfg.out)
+        else:  # only rank 0 writes; resume (the only reader elsewhere) requires --out
+            run_dir = default_run_dir()
+            cfg = self.cfg = dataclasses.replace(cfg, out=str(run_dir))
+        self.run_dir, self.last_path = run_dir, run_dir / "checkpoints" / "last.pt"
+        state = None
+        if cfg.resume:
+            state = load_checkpoint(self.last_path)
+            check_checkpoint(state, self.last_path, cfg.arch, cfg.image_size, manifest, cfg.shards)
+            if state["epoch"] >= cfg.epochs:
+                raise UserError(f"{run_dir} has finished {state['epoch']} of {cfg.epochs} epochs; "
+                                "raise --epochs to train longer")
+        elif (run_dir / "metrics.jsonl").exists() or self.last_path.exists():
+            raise UserError(f"{run_dir} already holds a run; continue it with --resume or "
+                            "choose another --out")
+        first_epoch = state["epoch"] if state else 0
+        placement = Placement(rt.device, rt.rank, rt.world_size)
+        self.train_loader = build_loader(cfg, "train", placement, first_epoch)
+        try:
+            self.val_loader = build_loader(cfg, "val", placement, first_epoch)
+            try:
+                return self.loop(manifest, state)
+            finally:
+                self.val_loader.close()
+        finally:
+            self.train_loader.close()
+
+    def loop(self, manifest: Manifest, state: dict | None) -> RunResult:
+        cfg, rt = self.cfg, self.runtime
+        steps_per_epoch = len(self.train_loader)
+        epoch, skip = (state["epoch"], state["step_in_epoch"]) if state else (0, 0)
+        if state and state["global_step"] != epoch * steps_per_epoch + skip:
+            raise UserError(f"{self.last_path} was written at {state['global_step']} steps "
+                            f"(epoch {epoch}, step {skip}), which does not match "
+                            f"{steps_per_epoch} steps per epoch: resume with the batch size and "
+                            "number of processes it was trained with")
+        self.global_step = epoch * steps_per_epoch + skip
+        self.training = build_training(cfg, manifest.num_classes, rt, steps_per_epoch,
+                                       self.global_step)
+        self.classes = [list(c) for c in manifest.classes]
+        partial = None
+        if state:
+            restore_training(self.training, state)
+            self.pending_rng = state["rng"]
+            self.history, self.best_top1 = list(state["history"]), state["best_top1"]
+            self.compile_s, self.saved_epochs = state["compile_s"], state["epoch"]
+            partial = state["partial"]
+        self.step = make_train_step(self.training.model, self.training.optimizer,
+                                    self.training.scaler, cfg, rt)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "config.json", asdict(cfg))
+            write_jsonl(self.run_dir / "metrics.jsonl", self.history)
+        self.log(f"{'resuming' if state else 'training'} {self.run_dir}: {cfg.arch} at "
+                 f"{cfg.image_size} px, {manifest.num_classes} classes, "
+                 f"{self.train_loader.samples * rt.world_size} train / "
+                 f"{manifest.splits['val'].samples} val images; "
+                 f"{steps_per_epoch} steps per epoch of {cfg.batch_size} x {rt.world_size}; "
+                 f"{describe_device(rt)}, loader {self.train_loader.backend}, amp {rt.amp}, "
+                 f"compile {'on' if rt.compile else 'off'}")
+        with StopSignals() as self.signals:
+            while epoch < cfg.epochs and not (cfg.max_steps and self.global_step >= cfg.max_steps):
+                outcome = self.train_epoch(epoch, skip, partial)
+                if outcome["interrupted"]:
+                    return self.interrupted(epoch, outcome)
+                self.finish_epoch(epoch, outcome)
+                if outcome["complete"]:
+                    epoch, skip, partial = epoch + 1, 0, None
+                if self.signals.received is not None and epoch < cfg.epochs:
+                    return self.interrupted(epoch, None)
+        return self.summarize()
+
+    def train_epoch(self, epoch: int, skip: int, partial: dict | None) -> dict:
+        """Steps of one epoch (from `skip`); returns the epoch's totals and timings."""
+        cfg, rt, device = self.cfg, self.runtime, self.runtime.device
+        steps_per_epoch = len(self.train_loader)
+        partial = partial or {"totals": {}, "train_s": 0.0, "timed_s": 0.0, "timed_samples": 0}
+        totals = TrainTotals(**partial["totals"])
+        planned = steps_per_epoch - skip
+        if cfg.max_steps:
+            planned = min(planned, cfg.max_steps - self.global_step)
+        warm = min(WARMUP_STEPS, planned) if self.first_epoch_here else 0
+        self.first_epoch_here = False
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(self.train_loader)
+        for _ in range(skip):  # a run stopped mid-epoch: the batches it had already taken
+            next_batch(batches)
+        if self.pending_rng is not None:  # where the interrupted run stood before this step
+            restore_rng(self.pending_rng, rt)
+            self.pending_rng = None
+        self.training.model.train()
+        with tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                  unit="step", disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
+            window = StepWindow(LOG_EVERY_STEPS, device)
+            self.epoch_start_step = self.global_step - skip
+            synchronize(device)
+            started = self.mark = time.perf_counter()
+            warm_end, done, stop = started, 0, False
+            for done in range(1, planned + 1):
+                images, labels = next_batch(batches)  # (N, 3, S, S) float32, (N,) int64
+                loss_sum, correct = self.step(images.contiguous(memory_format=rt.memory_format),
+                                              labels)
+                self.training.schedule.step()
+                window.add(loss_sum, correct)
+                self.global_step += 1
+                bar.update()
+                if done == warm:  # compile and first-step allocations end here
+                    synchronize(device)
+                    warm_end = time.perf_counter()
+                    self.warmup_s = warm_end - started
+                signalled = self.signals.received is not None and rt.world_size == 1
+                if window.full or done == planned or signalled:
+                    stop = self.flush(window, totals, epoch, bar)
+                    if stop:
+                        break
+            synchronize(device)
+            ended = time.perf_counter()
+        timed_steps = max(0, done - warm)
+        timed_s = partial["timed_s"] + (ended - warm_end if timed_steps else 0.0)
+        if warm and self.warmup_s is not None and self.compile_s is None:
+            steady_step_s = (ended - warm_end) / timed_steps if timed_steps else 0.0
+            self.compile_s = max(0.0, self.warmup_s - warm * steady_step_s) if rt.compile else 0.0
+        complete = skip + done == steps_per_epoch and totals.steps == steps_per_epoch
+        return {"totals": totals, "complete": complete, "interrupted": stop and not complete,
+                "train_s": partial["train_s"] + ended - started, "timed_s": timed_s,
+                "timed_samples": partial["timed_samples"] + timed_steps * cfg.batch_size}
+
+    def flush(self, window: StepWindow, totals: TrainTotals, epoch: int, bar: tqdm) -> bool:
+        """A log point: read the window (sync), check the losses, agree on stopping (DDP)."""
+        rows = window.drain()
+        totals.absorb(rows, self.cfg.batch_size)
+        bad, stop = totals.first_bad_step, self.signals.received is not None
+        if self.runtime.world_size > 1:  # every rank takes the same decision at the same step
+            flags = torch.tensor([math.inf if bad is None else bad, 0.0 if stop else 1.0],
+                                 dtype=torch.float64, device=self.runtime.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+            bad = None if math.isinf(flags[0].item()) else int(flags[0].item())
+            stop = flags[1].item() == 0.0
+        if bad is not None:
+            raise self.diverged(epoch, f"step {bad + 1} of {len(self.train_loader)} "
+                                       f"(global step {self.epoch_start_step + bad + 1})")
+        now = time.perf_counter()
+        if rows:
+            images = len(rows) * self.cfg.batch_size * self.runtime.world_size
+            loss = sum(row[0] for row in rows) / (len(rows) * self.cfg.batch_size)
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images / max(now - self.mark, 1e-9):.0f}",
+                            refresh=False)
+        self.mark = now
+        return stop
+
+    def diverged(self, epoch: int, where: str) -> UserError:
+        if self.saved_epochs is not None:
+            kept = (f"the last good checkpoint, {self.last_path} (epoch {self.saved_epochs}), "
+                    "is kept")
+        else:
+            kept = "no checkpoint had been written yet"
+        return UserError(f"training diverged: the loss is not finite (nan/inf) at epoch "
+                         f"{epoch + 1}, {where}; stopped, {kept}. Lower --lr (now {self.cfg.lr}) "
+                         "or lengthen --warmup-epochs")
+
+    def finish_epoch(self, epoch: int, outcome: dict) -> None:
+        """Eval, the metrics row, the checkpoint: after an epoch, or a partial one (max_steps)."""
+        cfg, rt = self.cfg, self.runtime
+        totals: TrainTotals = outcome["totals"]
+        sums = all_reduce_sum(torch.tensor([totals.loss_sum, totals.correct, totals.samples],
+                                           dtype=torch.float64, device=rt.device)).tolist()
+        rng_mid_epoch = None if outcome["complete"] else capture_rng(rt)
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # eval draws nothing from the training stream
+            val = evaluate(self.training.module, self.val_loader, rt, cfg.flip_tta)
+        eval_s = time.perf_counter() - started
+        if not math.isfinite(val["loss"]):
+            raise self.diverged(epoch, "in its last steps (val loss not finite)")
+        row = {
+            "epoch": epoch + 1, "steps": totals.steps,
+            "lr": peak_lr(cfg, rt.world_size) * lr_factor(cfg, len(self.train_loader),
+                                                          self.global_step - 1),
+            "train_loss": sums[0] / sums[2], "train_top1": percent(sums[1], sums[2]),
+            "train_samples": int(sums[2]),
+            "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+            "val_samples": val["samples"],
+            "epoch_s": outcome["train_s"] + eval_s, "train_s": outcome["train_s"],
+            "eval_s": eval_s,
+            "images_per_s": (outcome["timed_samples"] * rt.world_size / outcome["timed_s"]
+                             if outcome["timed_samples"] else None),
+        }
+        self.history.append(row)
+        improved = row["val_top1"] > self.best_top1
+        self.best_top1 = max(self.best_top1, row["val_top1"])
+        if self.main:
+            append_jsonl(self.run_dir / "metrics.jsonl", row)
+        self.log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+                 f"top-1 {row['train_top1']:.2f} % | val loss {row['val_loss']:.4f} "
+                 f"top-1 {row['val_top1']:.2f} % top-5 {row['val_top5']:.2f} % "
+                 f"({row['val_samples']} images) | {row['epoch_s']:.1f} s, "
+                 + (f"{row['images_per_s']:.0f} img/s" if row["images_per_s"] else "warm-up only"))
+        if outcome["complete"]:
+            self.save(epoch + 1, 0, None, capture_rng(rt), improved)
+        else:  # stopped by max_steps mid-epoch: --resume continues inside the epoch
+            self.save(epoch, totals.steps, self.partial_state(outcome), rng_mid_epoch, improved)
+
+    def partial_state(self, outcome: dict) -> dict:
+        return {"totals": outcome["totals"].state(), "train_s": outcome["train_s"],
+                "timed_s": outcome["timed_s"], "timed_samples": outcome["timed_samples"]}
+
+    def save(self, epoch: int, step_in_epoch: int, partial: dict | None, rng: list[dict],
+             best: bool = False) -> None:
+        """Write checkpoints/last.pt (rank 0), and best.pt as its copy when val top-1 improved.
+        `epoch`/`step_in_epoch` say where a resumed run starts; `rng` is every rank's state."""
+        history = self.history if partial is None else self.history[:-1]
+        self.saved_epochs = epoch
+        if not self.main:
+            return
+        t = self.training
+        save_checkpoint(self.last_path, {
+            "format": CHECKPOINT_FORMAT, "config": asdict(self.cfg), "classes": self.classes,
+            "model": t.module.state_dict(), "optimizer": t.optimizer.state_dict(),
+            "scaler": t.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "global_step": self.global_step, "partial": partial, "rng": rng,
+            "history": history, "best_top1": self.best_top1, "compile_s": self.compile_s,
+            "metrics": self.history[-1] if self.history else None,
+        })
+        if best:
+            tmp = self.last_path.with_name("best.pt.tmp")
+            shutil.copyfile(self.last_path, tmp)
+            os.replace(tmp, self.last_path.with_name("best.pt"))
+
+    def interrupted(self, epoch: int, outcome: dict | None) -> RunResult:
+        """After SIGINT/SIGTERM: save where the run stands (mid-epoch when `outcome`)."""
+        if outcome is not None:
+            self.save(epoch, outcome["totals"].steps, self.partial_state(outcome),
+                      capture_rng(self.runtime))
+            where = f"epoch {epoch + 1}, step {outcome['totals'].steps}"
+        else:
+            where = f"the end of epoch {epoch}"
+        name = signal.Signals(self.signals.received).name
+        message = (f"{name}: stopped at {where}; saved {self.last_path}. Continue with the same "
+                   f"command plus --resume --out {self.run_dir}")
+        self.log(message)
+        return RunResult(self.run_dir if self.main else None, "interrupted", message=message)
+
+    def summarize(self) -> RunResult:
+        cfg, rt = self.cfg, self.runtime
+        last = self.history[-1] if self.history else {}
+        rates = [r["images_per_s"] for r in self.history[1:] if r["images_per_s"]]
+        rates = rates or [r["images_per_s"] for r in self.history[:1] if r["images_per_s"]]
+        summary = {
+            "top1": last.get("val_top1"), "top5": last.get("val_top5"),
+            "best_top1": self.best_top1 if self.history else None,
+            "epochs": len(self.history), "steps": self.global_step,
+            "epoch_s": [r["epoch_s"] for r in self.history],
+            "images_per_s": median(rates) if rates else None,
+            "compile_s": self.compile_s, "warmup_s": self.warmup_s,
+            "val_samples": last.get("val_samples"),
+            "device": describe_device(rt), "loader": self.train_loader.backend, "amp": rt.amp,
+            "compile": rt.compile, "channels_last": rt.channels_last, "arch": cfg.arch,
+            "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+            "world_size": rt.world_size, "peak_lr": peak_lr(cfg, rt.world_size),
+            "recipe": cfg.recipe, "git_sha": git_sha(), "versions": versions(rt),
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if self.main:
+            write_json(self.run_dir / "summary.json", summary)
+        if self.history:
+            self.log(f"done: val top-1 {summary['top1']:.2f} %, top-5 {summary['top5']:.2f} % "
+                     f"(best top-1 {summary['best_top1']:.2f} %) after {summary['epochs']} "
+                     f"epochs; {summary['images_per_s'] or 0:.0f} img/s, compile "
+                     f"{summary['compile_s'] or 0:.1f} s; {self.run_dir}")
+        return RunResult(self.run_dir if self.main else None, "done", summary)
+
+
+def evaluate_checkpoint(path: Path, shards: str, device: str = "auto", loader: str = "auto",
+                        loader_workers: int = 0) -> dict:
+    """Val top-1/top-5 of a checkpoint, with the eval transform and TTA setting it trained with.
+
+    Returns {"top1", "top5", "loss", "samples", "epoch", "arch"}.
+    """
+    state = load_checkpoint(Path(path))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = {k: v for k, v in state["config"].items() if k in known}
+    cfg = TrainConfig(**{**saved, "shards": str(shards), "device": device, "loader": loader,
+                         "loader_workers": loader_workers, "compile": False, "resume": False})
+    runtime = resolve_runtime(cfg)
+    manifest = read_manifest(Path(shards))
+    check_checkpoint(state, Path(path), cfg.arch, cfg.image_size, manifest, str(shards))
+    configure_backends(runtime)
+    model = build_model(cfg.arch, manifest.num_classes, cfg.image_size)
+    model.load_state_dict(state["model"])
+    model = model.to(runtime.device, memory_format=runtime.memory_format)
+    val_loader = build_loader(cfg, "val", Placement(runtime.device))
+    try:
+        result = evaluate(model, val_loader, runtime, cfg.flip_tta)
+    finally:
+        val_loader.close()
+    return {**result, "epoch": state["epoch"], "arch": cfg.arch}

@@ -1,0 +1,269 @@
+"""Training end to end on tiny synthetic packs: learning, files, resume, eval, DDP, NaN, bad input.
+
+One compiled run (module fixture, ~1 min of torch.compile on 2 cores) serves the learning, files
+and eval tests; everything else runs --no-compile with small batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastalex.cli import main
+from fastalex.config import TrainConfig
+from fastalex.metrics import read_jsonl
+from fastalex.train import cpu_has_native_bf16
+
+# hue_pack (conftest): 4 classes, 256 train / 128 val. Batch 32 -> 8 steps per epoch.
+TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1")
+# 3 epochs from chance (25 %): measured val top-1 97.7 / 79.7 / 97.7 / 97.7 % for seeds 0-3
+# (eager, CPU loader); 50 % is twice chance and well under the worst seed.
+MIN_TOP1 = 50.0
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+               "epoch_s", "images_per_s"}
+SUMMARY_KEYS = {"top1", "top5", "best_top1", "epochs", "epoch_s", "images_per_s", "compile_s",
+                "device", "loader", "amp", "compile", "arch", "image_size", "batch_size",
+                "world_size", "git_sha", "versions"}
+TIMING_KEYS = {"epoch_s", "train_s", "eval_s", "images_per_s"}
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def train_cli(pack, out, *args):
+    result = invoke("train", pack, "--out", out, *TINY, *args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def compiled_run(hue_pack, tmp_path_factory):
+    """3 epochs of alexnet64, compile on, CPU loader: the run directory."""
+    out = tmp_path_factory.mktemp("compiled") / "run"
+    train_cli(hue_pack, out, "--loader", "cpu", "--epochs", 3)
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_training_learns_and_writes_run_files(compiled_run):
+    summary = json.loads((compiled_run / "summary.json").read_text())
+    assert summary["top1"] > MIN_TOP1, summary
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["compile"] is True and summary["loader"] == "cpu"
+    assert summary["amp"] == ("bf16" if cpu_has_native_bf16() else "off")  # --amp auto on a CPU
+    assert summary["epochs"] == 3 and len(summary["epoch_s"]) == 3 and summary["compile_s"] > 0
+    rows = read_jsonl(compiled_run / "metrics.jsonl")
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert all(METRIC_KEYS <= row.keys() for row in rows)
+    assert all(row["val_samples"] == 128 and row["train_samples"] == 256 for row in rows)
+    assert summary["top1"] == rows[-1]["val_top1"]
+    assert summary["best_top1"] == max(row["val_top1"] for row in rows)
+    config = json.loads((compiled_run / "config.json").read_text())
+    assert config == dataclasses.asdict(TrainConfig(**config)) and config["compile"] is True
+    assert {p.name for p in (compiled_run / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_runs_final_top1(compiled_run, hue_pack, tmp_path):
+    report = tmp_path / "eval.json"
+    result = invoke("eval", compiled_run / "checkpoints" / "last.pt", hue_pack,
+                    "--device", "cpu", "--loader", "cpu", "--json", report)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((compiled_run / "summary.json").read_text())
+    scores = json.loads(report.read_text())
+    assert scores["top1"] == pytest.approx(summary["top1"], abs=1e-9)
+    assert scores["top5"] == pytest.approx(summary["top5"], abs=1e-9)
+    assert f"top-1 {summary['top1']:.2f} %" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.dali
+def test_dali_cpu_training_learns(hue_pack, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    train_cli(hue_pack, tmp_path / "run", "--loader", "dali", "--no-compile", "--epochs", 3)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["loader"] == "dali"
+    assert summary["top1"] > MIN_TOP1, summary
+
+
+@pytest.mark.slow
+def test_resume_gives_the_metrics_of_an_uninterrupted_run(hue_pack, tmp_path):
+    common = ("--loader", "cpu", "--no-compile", "--epochs", 2)
+    train_cli(hue_pack, tmp_path / "straight", *common)
+    parts = tmp_path / "parts"
+    train_cli(hue_pack, parts, *common, "--max-steps", 5)  # stops inside epoch 1
+    train_cli(hue_pack, parts, *common, "--max-steps", 8, "--resume")  # at the end of epoch 1
+    train_cli(hue_pack, parts, *common, "--resume")
+    straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    resumed = read_jsonl(parts / "metrics.jsonl")
+    assert [row["epoch"] for row in resumed] == [1, 2]
+    assert without_timing(resumed) == without_timing(straight)
+    summary = json.loads((parts / "summary.json").read_text())
+    assert summary["top1"] == straight[-1]["val_top1"] and summary["steps"] == 16
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_share_the_data_and_rank0_writes(hue_pack, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "fastalex", "train", str(hue_pack), "--out", str(out),
+         *TINY, "--loader", "cpu", "--no-compile", "--epochs", "1"],
+        capture_output=True, text=True, timeout=300, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    summary = json.loads((out / "summary.json").read_text())
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert summary["world_size"] == 2 and summary["val_samples"] == 128
+    assert len(rows) == 1 and rows[0]["val_samples"] == 128
+    assert rows[0]["train_samples"] == 256 and rows[0]["steps"] == 4  # 128 per rank, batch 32
+    assert result.stdout.count("epoch 1/1:") == 1  # only rank 0 reports
+    assert sorted(p.name for p in out.rglob("*")) == sorted(
+        ["checkpoints", "config.json", "metrics.jsonl", "summary.json", "last.pt", "best.pt"])
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(hue_pack, tmp_path):
+    out = tmp_path / "run"
+    common = ("--loader", "cpu", "--no-compile")
+    train_cli(hue_pack, out, *common, "--epochs", 1)
+    last = out / "checkpoints" / "last.pt"
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+    result = invoke("train", hue_pack, "--out", out, *TINY, *common, "--epochs", 2,
+                    "--resume", "--lr", "1e30")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    message = result.output.strip().splitlines()[-1]
+    assert "diverged" in message and str(last) in message
+    assert re.search(r"epoch 2, step \d of 8 \(global step \d+\)", message), message
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1
+
+
+@pytest.mark.slow
+def test_sigint_finishes_the_step_saves_and_exits_130(hue_pack, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastalex", "train", str(hue_pack), "--out", str(out), *TINY,
+         "--loader", "cpu", "--no-compile", "--epochs", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:  # the first epoch's line: a checkpoint exists, epoch 2 runs
+            if line.startswith("epoch 1/3:"):
+                break
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stdout + stderr
+    assert "SIGINT: stopped at" in stdout and "--resume" in stdout, stdout
+    assert "Traceback" not in stderr
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 or (state["epoch"], state["step_in_epoch"]) == (2, 0)
+    assert not (out / "summary.json").exists()
+
+
+def test_cli_smoke_two_steps(synth_pack, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", synth_pack, "--loader", "cpu", "--device", "cpu", "--no-compile",
+                    "--max-steps", 2, "--batch-size", 32, "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["epochs"] == 1 and summary["val_samples"] == 60
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_train_options_match_train_config_fields():
+    command = main.commands["train"]
+    names = [p.name for p in command.params if p.name != "help"]
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    assert len(names) == len(set(names))
+
+
+def test_reference_recipe_fills_options_not_given(monkeypatch, synth_pack, tmp_path):
+    seen = {}
+
+    def fake_train(cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        from fastalex.train import RunResult
+        return RunResult(None, "done")
+
+    monkeypatch.setattr("fastalex.train.train", fake_train)
+    result = invoke("train", synth_pack, "--recipe", "reference", "--epochs", 2, "--lr", 0.5)
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert (cfg.recipe, cfg.arch, cfg.image_size) == ("reference", "alexnet", 227)
+    assert cfg.batch_size == 128
+    assert (cfg.epochs, cfg.lr, cfg.lr_schedule, cfg.flip_tta) == (2, 0.5, "step", False)
+    assert cfg.shards == str(synth_pack)
+
+
+def test_lr_schedules():
+    from fastalex.train import lr_factor, peak_lr
+
+    reference = TrainConfig(recipe="reference", lr=0.02, batch_size=128, lr_schedule="step",
+                            epochs=30)
+    assert peak_lr(reference, 1) == pytest.approx(0.01)
+    assert [lr_factor(reference, 10, s) for s in (0, 69, 70, 139, 140)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01])
+    fast = TrainConfig(epochs=4, warmup_epochs=1)
+    factors = [lr_factor(fast, 10, s) for s in range(40)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(1 / 30)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+
+
+def test_bad_input_exits_2_with_one_line(synth_pack, hue_pack, tmp_path):
+    run = tmp_path / "run"
+    train_cli(hue_pack, run, "--loader", "cpu", "--no-compile", "--max-steps", 1)
+    checkpoint = run / "checkpoints" / "last.pt"
+    cases = [
+        ("train", tmp_path / "no-pack", *TINY),
+        ("train", synth_pack, *TINY, "--epochs", 0),
+        ("train", synth_pack, "--device", "cpu", "--batch-size", 100000),
+        ("train", synth_pack, *TINY, "--amp", "fp16"),
+        ("train", synth_pack, *TINY, "--resume"),  # no --out
+        ("train", hue_pack, *TINY, "--out", run),  # holds a run, no --resume
+        ("train", hue_pack, *TINY, "--out", run, "--resume", "--arch", "alexnet",
+         "--image-size", 227),
+        ("eval", checkpoint, synth_pack, "--device", "cpu"),  # 4-class checkpoint, 6-class pack
+        ("eval", tmp_path / "missing.pt", synth_pack),
+        ("eval", synth_pack / "manifest.json", synth_pack),  # not a checkpoint
+    ]
+    if not torch.cuda.is_available():
+        cases.append(("train", synth_pack, "--device", "cuda", "--batch-size", 32))
+    for args in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.output)
+
+
+def test_model_info_prints_the_table():
+    result = invoke("model-info", "--classes", 200)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("alexnet64: 200 classes, 64x64 px input")
+    assert "total" in result.output and "GFLOP" in result.output
+
+
+def test_plot_draws_the_runs_curves(compiled_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = invoke("plot", compiled_run, compiled_run, "--out", tmp_path / "curves.png")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
