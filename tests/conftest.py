@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
+
 import pytest
 
 from fastalex.config import PackConfig
@@ -171,3 +174,36 @@ def hue_pack(tmp_path_factory):
     out = tmp_path_factory.mktemp("huepack") / "shards"
     pack(open_source(root), out, PackConfig(shard_size=128, workers=1), progress=False)
     return out
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `payload` at any path, honouring a `Range: bytes=N-` header; can drop mid-way."""
+
+    payload = b""
+    drop_after: int | None = None
+
+    def do_GET(self):
+        start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-") or 0)
+        body = self.payload[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.drop_after is not None and not start:
+            self.wfile.write(body[: self.drop_after])
+            self.wfile.flush()
+            self.connection.close()
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    """An HTTP server on loopback; set `server.RequestHandlerClass.payload` to what it serves."""
+    handler = type("Handler", (RangeHandler,), {"payload": b"", "drop_after": None})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd
+    httpd.shutdown()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
+import zipfile
 
 from click.testing import CliRunner
 
@@ -55,3 +57,21 @@ def test_pack_options_match_pack_config_fields():
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "fastalex", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "pack" in result.stdout
+
+
+def test_pack_download_fetches_checks_and_packs(synth_tree, server, tmp_path):
+    archive = tmp_path / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(synth_tree.rglob("*")):
+            z.write(path, "tiny-imagenet-200/" + path.relative_to(synth_tree).as_posix())
+    server.RequestHandlerClass.payload = archive.read_bytes()
+    url = f"http://127.0.0.1:{server.server_port}/tiny-imagenet-200.zip"
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    cache, out = tmp_path / "cache", tmp_path / "shards"
+    result = run("pack", "--download", "--url", url, "--md5", md5, "--cache-dir", cache, out)
+    assert result.exit_code == 0, result.output
+    assert "train: 240 images" in result.output
+    assert (cache / "tiny-imagenet-200.zip").read_bytes() == archive.read_bytes()
+    bad = CliRunner().invoke(main, ["pack", "--download", "--url", url, "--md5", "0" * 32,
+                                    "--cache-dir", str(tmp_path / "c2"), str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "md5" in bad.output

@@ -4,9 +4,7 @@ the download resumes and checks its md5."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
-import threading
 import zipfile
 from pathlib import Path
 
@@ -124,38 +122,8 @@ def test_reader_names_what_is_missing(synth_tree, tmp_path):
         read_layout(open_source(broken))
 
 
-class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves `payload` at any path, honouring a `Range: bytes=N-` header; can drop mid-way."""
-
-    payload = b""
-    drop_after: int | None = None
-
-    def do_GET(self):
-        start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-") or 0)
-        body = self.payload[start:]
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.drop_after is not None and not start:
-            self.wfile.write(body[: self.drop_after])
-            self.wfile.flush()
-            self.connection.close()
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield httpd
-    httpd.shutdown()
-
-
 def test_download_resumes_and_checks_md5(server, tmp_path):
+    RangeHandler = server.RequestHandlerClass
     payload = io.BytesIO()
     with zipfile.ZipFile(payload, "w") as z:
         z.writestr("tiny-imagenet-200/wnids.txt", "n1\n" * 5000)
