@@ -101,6 +101,20 @@ def test_dali_cpu_training_learns(hue_pack, tmp_path):
     assert summary["top1"] > MIN_TOP1, summary
 
 
+def test_resident_training_matches_the_cpu_loader(hue_pack, tmp_path):
+    """Same seed, same pack: on the CPU the resident loader draws the same permutation, crops and
+    flips as the cpu loader, so the two runs agree (within float noise; chance is 25 %)."""
+    top1 = {}
+    for backend in ("cpu", "resident"):
+        out = tmp_path / backend
+        train_cli(hue_pack, out, "--loader", backend, "--no-compile", "--epochs", 3)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["loader"] == backend
+        top1[backend] = summary["top1"]
+    assert top1["resident"] > MIN_TOP1, top1
+    assert abs(top1["resident"] - top1["cpu"]) <= 2.0, top1
+
+
 @pytest.mark.slow
 def test_resume_gives_the_metrics_of_an_uninterrupted_run(hue_pack, tmp_path):
     common = ("--loader", "cpu", "--no-compile", "--epochs", 2)
