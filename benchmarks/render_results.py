@@ -5,8 +5,10 @@
     python benchmarks/render_results.py runs/a runs/b/summary.json --out /tmp/RESULTS.md
 
 Throughput: every ``benchmarks/results/*.jsonl`` line written by ``throughput.py`` (a row with its
-``run_id`` and ``machine``); for each machine (GPU, CPU model, usable cores) the latest run is shown
-as one table, images/s median (min-max) per image size, with the versions and git sha it ran on.
+``run_id`` and ``machine``); for each machine (GPU, CPU model, usable cores) one table, images/s
+median (min-max) per image size, with the versions and git sha it ran on. Each (group, image size)
+shows the rows of the latest run that measured it, so every ratio compares rows measured side by
+side in one run, while runs limited with ``--only`` / ``--image-size`` still add up to one table.
 Training: each ``summary.json`` named on the command line (a file or a run directory holding one),
 or else the copies in ``benchmarks/results/runs/*.json``; one row per run beside the reference
 blog's published result, which is quoted, not measured here.
@@ -64,15 +66,17 @@ def machine_key(machine: dict) -> tuple:
 
 
 def latest_runs(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """machine key -> the rows of that machine's most recent run (by UTC date, then run id)."""
+    """machine key -> for each (group, image size), the rows of the most recent run (by UTC date,
+    then run id) that measured it."""
     runs: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        runs[machine_key(row["machine"])][row["run_id"]].append(row)
-    latest = {}
-    for key, by_run in runs.items():
+        key = (machine_key(row["machine"]), row["group"], row.get("image_size"))
+        runs[key][row["run_id"]].append(row)
+    latest: dict[tuple, list[dict]] = defaultdict(list)
+    for (machine, _, _), by_run in runs.items():
         run_id = max(by_run, key=lambda r: (by_run[r][0]["machine"].get("date_utc") or "", r))
-        latest[key] = by_run[run_id]
-    return latest
+        latest[machine] += by_run[run_id]
+    return dict(latest)
 
 
 def number(value: float | None, digits: int = 0) -> str:
@@ -98,18 +102,28 @@ def machine_table(rows: list[dict]) -> list[str]:
     settings = rows[0].get("settings") or {}
     title = (f"### {machine.get('gpu') or 'CPU only'} · {machine.get('cpu')} × "
              f"{machine.get('cores')} cores")
-    sha = (machine.get("git_sha") or "uncommitted")[:7]
-    sha += " (dirty)" if machine.get("git_dirty") else ""
     labels = (("driver", "driver"), ("torch", "torch"), ("CUDA", "cuda"), ("cuDNN", "cudnn"),
               ("DALI", "dali"), ("Pillow", "pillow"), ("simplejpeg", "simplejpeg"),
               ("Python", "python"))
     versions = ", ".join(f"{name} {machine[key]}" for name, key in labels if machine.get(key))
-    lines = [title, "",
-             f"{versions}; git {sha}; {machine.get('date_utc')}; run `{rows[0]['run_id']}`.",
-             f"Data: {settings.get('source') or 'not recorded'}. Settings: "
-             + ", ".join(f"{key} {settings[key]}" for key in ("batch_size", "batches", "steps",
-                                                               "warmup", "repeats") if key in settings)
-             + ".", ""]
+    lines = [title, "", f"{versions}.", ""]
+    runs: dict[str, list[dict]] = {}
+    for row in rows:
+        runs.setdefault(row["run_id"], []).append(row)
+    for run_id, run_rows in runs.items():
+        first = run_rows[0]
+        sha = (first["machine"].get("git_sha") or "uncommitted")[:7]
+        sha += " (dirty)" if first["machine"].get("git_dirty") else ""
+        run_settings = first.get("settings") or {}
+        measured = sorted({f"{r['group']} {r.get('image_size') or ''}".strip() for r in run_rows})
+        lines.append(
+            f"- run `{run_id}` ({', '.join(measured)}): git {sha}; {first['machine'].get('date_utc')}; "
+            f"data: {run_settings.get('source') or 'not recorded'}; settings: "
+            + ", ".join(f"{key} {run_settings[key]}" for key in ("batch_size", "batches", "steps",
+                                                                  "warmup", "repeats")
+                        if key in run_settings) + "."
+        )
+    lines.append("")
     if settings.get("quick"):
         lines[-1:] = ["", "**A `--quick` run: a smoke test with tiny batches, not a measurement.**", ""]
     sizes: list = sorted({row["image_size"] for row in rows if row.get("image_size")})

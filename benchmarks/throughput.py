@@ -377,23 +377,17 @@ def describe_runtime(runtime) -> str:
             f"compile {compiled}")
 
 
-def cpu_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here (AVX512-BF16 / AMX); otherwise autocast emulates it."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def bench_model(args, name: str, size: int, device) -> dict:
     fields = dict(MODEL_ROWS[name])
     note = ""
     if name == "amp" and device.type == "cpu":
-        if not cpu_bf16():
+        from fastalex.train import cpu_has_native_bf16
+
+        if not cpu_has_native_bf16():
             raise Skip("this CPU has no native bf16 (AVX512-BF16/AMX): autocast would only emulate "
                        "it; amp=auto is off on the CPU")
         fields["amp"] = "bf16"
-        note = "bf16 autocast on the CPU (not a default: amp=auto is off there); "
+        note = "bf16 autocast on the CPU (native here, so amp=auto picks it too); "
     if name == "compiled" and args.quick:
         raise Skip("compile skipped in --quick (compiling the step takes 35-60 s on a 2-core CPU)")
     cfg = base_config(args, Data(), size, batch_size=args.model_batch_size, **fields)
