@@ -218,10 +218,11 @@ def synth_wnids(classes: int) -> list[str]:
 
 
 def _class_traits(label: int) -> tuple[int, int, float]:
-    """(shape, texture, hue) of a class: 8 shapes x 5 textures x 5 hues = 200 distinct combinations."""
-    shape = label % len(SHAPES)
-    texture = (label // len(SHAPES)) % TEXTURES
-    hue_bin = (label // (len(SHAPES) * TEXTURES)) % HUES
+    """(shape, texture, hue) of a class: 5 hues x 8 shapes x 5 textures = 200 distinct combinations.
+    The hue varies fastest, so a stand-in with few classes is still easy to tell apart."""
+    hue_bin = label % HUES
+    shape = (label // HUES) % len(SHAPES)
+    texture = (label // (HUES * len(SHAPES))) % TEXTURES
     extra = label // (len(SHAPES) * TEXTURES * HUES)  # beyond 200 classes: shift the hue
     return shape, texture, (hue_bin / HUES + extra * 0.618) % 1.0
 

@@ -537,6 +537,12 @@ class _Run:
         self.training = build_training(cfg, manifest.num_classes, rt, steps_per_epoch,
                                        self.global_step)
         self.classes = [list(c) for c in manifest.classes]
+        self.data = {  # what the run trained on, for summary.json and RESULTS.md
+            "source": manifest.source.get("path"), "classes": manifest.num_classes,
+            "train_images": manifest.splits["train"].samples,
+            "val_images": manifest.splits["val"].samples,
+            "synthetic": all(words.startswith("synthetic") for _, words in manifest.classes),
+        }
         partial = None
         if state:
             restore_training(self.training, state)
@@ -750,7 +756,7 @@ class _Run:
             "epoch_s": [r["epoch_s"] for r in self.history],
             "images_per_s": median(rates) if rates else None,
             "compile_s": self.compile_s, "warmup_s": self.warmup_s,
-            "val_samples": last.get("val_samples"),
+            "val_samples": last.get("val_samples"), "data": self.data,
             "device": describe_device(rt), "loader": self.train_loader.backend, "amp": rt.amp,
             "compile": rt.compile, "channels_last": rt.channels_last, "arch": cfg.arch,
             "image_size": cfg.image_size, "batch_size": cfg.batch_size,

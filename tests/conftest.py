@@ -154,7 +154,7 @@ def ramp_pack(tmp_path_factory):
 
 # --- a pack a few epochs of training learn (train tests) ----------------------------------------
 
-HUE_LABELS = (0, 40, 80, 120)  # synth classes of one shape and texture, hues 0.0/0.2/0.4/0.6
+HUE_LABELS = (0, 1, 2, 3)  # synth classes of one shape and texture, hues 0.0/0.2/0.4/0.6
 
 
 @pytest.fixture(scope="session")
