@@ -30,8 +30,9 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from fastalex.config import TrainConfig
+from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
+from fastalex.loaders.augment import Augment
 from fastalex.shards import Manifest, check_pack, read_manifest
 
 BACKENDS = ("dali", "cpu", "resident")
@@ -74,6 +75,34 @@ def steps_per_epoch(samples: int, batch_size: int, placement: Placement, train: 
         return (samples // placement.world_size) // batch_size
     start, stop = rank_share(samples, placement.rank, placement.world_size)
     return -(-(stop - start) // batch_size)
+
+
+class Share(NamedTuple):
+    """This rank's part of a split: [start, stop) of the global order, steps per epoch, and the
+    samples it yields per epoch (train: full batches only)."""
+
+    start: int
+    stop: int
+    steps: int
+    samples: int
+
+
+def plan_share(total: int, batch_size: int, placement: Placement, train: bool) -> Share:
+    start, stop = rank_share(total, placement.rank, placement.world_size)
+    steps = steps_per_epoch(total, batch_size, placement, train)
+    return Share(start, stop, steps, steps * batch_size if train else stop - start)
+
+
+def augment_for(cfg: TrainConfig, split: str) -> Augment:
+    """The transform of `split` under `cfg`, the same for every backend."""
+    return Augment(
+        train=split == "train",
+        image_size=cfg.image_size,
+        crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max),
+        crop_ratio=(cfg.crop_ratio_min, cfg.crop_ratio_max),
+        mean=IMAGE_MEAN,
+        std=IMAGE_STD,
+    )
 
 
 def open_pack(cfg: TrainConfig, split: str, placement: Placement) -> Manifest:

@@ -44,6 +44,7 @@ import ctypes
 import hashlib
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -314,3 +315,43 @@ def keep_large_blocks_in_heap() -> None:
         return
     libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_MAX)
     libc.mallopt(M_TRIM_THRESHOLD, HEAP_BLOCK_MAX)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """What every backend does to a decoded uint8 batch: train = random-resized-crop + flip, val =
+    the whole image; then crop_resize to image_size and normalise. `draw` and `apply` are apart so
+    a backend can draw on one device (the `cpu` loader's CPU generator) and apply on another."""
+
+    train: bool
+    image_size: int  # px, square output
+    crop_scale: tuple[float, float]  # area fraction range (train)
+    crop_ratio: tuple[float, float]  # aspect (w/h) range (train)
+    mean: tuple[float, float, float]  # per channel, pixel / 255 units
+    std: tuple[float, float, float]
+
+    def draw(
+        self, heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, 4) crop boxes and (N,) flips (None for val), drawn on the generator's device."""
+        if not self.train:
+            return full_boxes(heights, widths), None
+        boxes = sample_crop_boxes(heights, widths, self.crop_scale, self.crop_ratio, generator)
+        return boxes, sample_flips(len(boxes), generator, heights.device)
+
+    def apply(
+        self,
+        images: torch.Tensor,
+        boxes: torch.Tensor,
+        flips: torch.Tensor | None,
+        sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 3, S, S) float32 channels_last; sizes as crop_resize takes."""
+        return crop_resize(images, boxes, flips, self.image_size, self.mean, self.std, sizes)
+
+
+def ragged_sizes(sizes: torch.Tensor, canvas_px: tuple[int, int]) -> torch.Tensor | None:
+    """`sizes` ((N, 2) height, width) when some image does not fill the canvas, else None (the
+    fast path). Reads the values: call it on host tensors, not inside a device loop."""
+    height, width = canvas_px
+    return None if bool((sizes[:, 0] == height).all() and (sizes[:, 1] == width).all()) else sizes

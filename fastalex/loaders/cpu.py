@@ -44,17 +44,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig, default_workers
+from fastalex.config import TrainConfig, default_workers
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, rank_share, steps_per_epoch
-from fastalex.loaders.augment import (  # noqa: F401  (epoch_seed: also used via this module)
-    crop_resize,
+from fastalex.loaders import Batch, Placement, augment_for, plan_share
+from fastalex.loaders.augment import (
     epoch_seed,
-    full_boxes,
     keep_large_blocks_in_heap,
     one_thread_on_cpu,
-    sample_crop_boxes,
-    sample_flips,
+    ragged_sizes,
 )
 from fastalex.shards import LABEL_DIGITS, Manifest, read_index
 
@@ -208,20 +205,16 @@ class CpuLoader:
         placement: Placement,
         first_epoch: int = 0,
     ):
-        self.train = split == "train"
+        self.augment = augment_for(cfg, split)
         self.device = torch.device(placement.device)
         self.rank = placement.rank
         self.batch_size = cfg.batch_size
-        self.image_size = cfg.image_size
-        self.crop_scale = (cfg.crop_scale_min, cfg.crop_scale_max)
-        self.crop_ratio = (cfg.crop_ratio_min, cfg.crop_ratio_max)
         self.seed = cfg.seed
         self.epoch = first_epoch
         self.table = SampleTable(Path(cfg.shards), manifest, split)
-        total = manifest.splits[split].samples
-        self.share = rank_share(total, placement.rank, placement.world_size)
-        self.steps = steps_per_epoch(total, cfg.batch_size, placement, self.train)
-        self.samples = self.steps * cfg.batch_size if self.train else self.share[1] - self.share[0]
+        self.share = plan_share(manifest.splits[split].samples, cfg.batch_size, placement,
+                                self.augment.train)
+        self.samples = self.share.samples
         workers = cfg.loader_workers or default_workers()
         # Slot reuse is safe: the DataLoader keeps prefetch * workers tasks outstanding, so batch
         # i + slots is dispatched only after batch i + 2 was handed over, when i is long done.
@@ -242,15 +235,15 @@ class CpuLoader:
             keep_large_blocks_in_heap()
 
     def __len__(self) -> int:
-        return self.steps
+        return self.share.steps
 
     def plan_epoch(self, epoch: int) -> tuple[list[np.ndarray], torch.Generator]:
         """The epoch's batches of global sample ids, and the generator for its augmentation."""
-        start, stop = self.share
+        start, stop, steps, _ = self.share
         generator = epoch_generator(self.seed, epoch, self.rank)
-        if self.train:
+        if self.augment.train:
             order = torch.randperm(stop - start, generator=generator).numpy() + start
-            order = order[: self.steps * self.batch_size]
+            order = order[: steps * self.batch_size]
         else:
             order = np.arange(start, stop)
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -275,29 +268,15 @@ class CpuLoader:
         labels: torch.Tensor,
         generator: torch.Generator,
     ) -> Batch:
-        heights, widths = sizes[:, 0], sizes[:, 1]
-        if self.train:
-            boxes = sample_crop_boxes(heights, widths, self.crop_scale, self.crop_ratio, generator)
-            flips = sample_flips(len(boxes), generator)
-        else:
-            boxes, flips = full_boxes(heights, widths), None
-        canvas_full = bool((heights == images.shape[1]).all() and (widths == images.shape[2]).all())
-        device = self.device
-        if device.type == "cuda":
-            images = images.pin_memory().to(device, non_blocking=True)  # the slot is free again
-            boxes = boxes.pin_memory().to(device, non_blocking=True)
-            flips = None if flips is None else flips.pin_memory().to(device, non_blocking=True)
-            sizes = sizes.pin_memory().to(device, non_blocking=True)
-            labels = labels.pin_memory().to(device, non_blocking=True)
-        out = crop_resize(
-            images,
-            boxes,
-            flips,
-            self.image_size,
-            IMAGE_MEAN,
-            IMAGE_STD,
-            None if canvas_full else sizes,
-        )  # (N, 3, S, S) float32 channels_last, on the device
+        boxes, flips = self.augment.draw(sizes[:, 0], sizes[:, 1], generator)  # on the CPU
+        sizes = ragged_sizes(sizes, images.shape[1:3])
+        if self.device.type == "cuda":
+            images = images.pin_memory().to(self.device, non_blocking=True)  # the slot is free again
+            boxes = boxes.pin_memory().to(self.device, non_blocking=True)
+            flips = None if flips is None else flips.pin_memory().to(self.device, non_blocking=True)
+            sizes = None if sizes is None else sizes.pin_memory().to(self.device, non_blocking=True)
+            labels = labels.pin_memory().to(self.device, non_blocking=True)
+        out = self.augment.apply(images, boxes, flips, sizes)  # (N, 3, S, S) f32 channels_last
         return Batch(out, labels)
 
     def close(self) -> None:

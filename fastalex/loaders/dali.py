@@ -60,16 +60,13 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig, default_workers
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, rank_share, steps_per_epoch
+from fastalex.loaders import Batch, Placement, augment_for, plan_share, rank_share
 from fastalex.loaders.augment import (
     CROP_ATTEMPTS,
-    crop_resize,
     epoch_seed,
-    full_boxes,
     keep_large_blocks_in_heap,
     one_thread_on_cpu,
-    sample_crop_boxes,
-    sample_flips,
+    ragged_sizes,
 )
 from fastalex.shards import LABEL_DIGITS, Manifest
 
@@ -261,20 +258,18 @@ class DaliLoader:
         first_epoch: int = 0,
     ):
         self.device, device_id, threads = pipeline_device(placement.device, cfg.loader_workers)
-        self.train = split == "train"
+        self.augment = augment_for(cfg, split)
+        self.train = self.augment.train
         self.epoch = first_epoch
         self.rank = placement.rank
         self.seed = cfg.seed
-        self.image_size = cfg.image_size
-        self.crop_scale = (cfg.crop_scale_min, cfg.crop_scale_max)
-        self.crop_ratio = (cfg.crop_ratio_min, cfg.crop_ratio_max)
         self.on_gpu = device_id is not None  # else DALI decodes and augment.py does the rest
         canvas_px = tuple(manifest.splits[split].image_px)
         info = manifest.splits[split]
         tars, indices = shard_paths(Path(cfg.shards), manifest, split)
-        start, stop = rank_share(info.samples, placement.rank, placement.world_size)
-        self.steps = steps_per_epoch(info.samples, cfg.batch_size, placement, self.train)
-        self.samples = self.steps * cfg.batch_size if self.train else stop - start
+        start, stop, self.steps, self.samples = plan_share(
+            info.samples, cfg.batch_size, placement, self.train
+        )
         self._pipe = shard_pipeline(
             tars,
             indices,
@@ -345,22 +340,8 @@ class DaliLoader:
         """CPU-only mode: (N, H, W, 3) uint8 canvases -> (N, 3, S, S) float32 channels_last, as
         the `cpu` backend does it (DALI's crop + resize + normalise ops, per sample on its CPU
         threads, were 1.3x slower at 64 px and 2.4x slower at 227 px on the 2-vCPU box)."""
-        heights, widths = sizes[:, 0], sizes[:, 1]
-        if self.train:
-            boxes = sample_crop_boxes(heights, widths, self.crop_scale, self.crop_ratio, generator)
-            flips = sample_flips(len(boxes), generator)
-        else:
-            boxes, flips = full_boxes(heights, widths), None
-        uniform = bool((heights == canvases.shape[1]).all() and (widths == canvases.shape[2]).all())
-        return crop_resize(
-            canvases,
-            boxes,
-            flips,
-            self.image_size,
-            IMAGE_MEAN,
-            IMAGE_STD,
-            None if uniform else sizes,
-        )
+        boxes, flips = self.augment.draw(sizes[:, 0], sizes[:, 1], generator)
+        return self.augment.apply(canvases, boxes, flips, ragged_sizes(sizes, canvases.shape[1:3]))
 
     def close(self) -> None:
         iterator, self._iterator = getattr(self, "_iterator", None), None

@@ -29,17 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig, default_workers
+from fastalex.config import TrainConfig, default_workers
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, rank_share, steps_per_epoch
-from fastalex.loaders.augment import (
-    crop_resize,
-    epoch_seed,
-    full_boxes,
-    one_thread_on_cpu,
-    sample_crop_boxes,
-    sample_flips,
-)
+from fastalex.loaders import Batch, Placement, augment_for, plan_share
+from fastalex.loaders.augment import epoch_seed, one_thread_on_cpu, ragged_sizes
 from fastalex.loaders.cpu import SampleTable, ShardDecoder
 from fastalex.shards import Manifest
 
@@ -124,28 +117,23 @@ class ResidentLoader:
         placement: Placement,
         first_epoch: int = 0,
     ):
-        self.train = split == "train"
+        self.augment = augment_for(cfg, split)
         self.device = torch.device(placement.device)
         self.rank = placement.rank
         self.batch_size = cfg.batch_size
-        self.image_size = cfg.image_size
-        self.crop_scale = (cfg.crop_scale_min, cfg.crop_scale_max)
-        self.crop_ratio = (cfg.crop_ratio_min, cfg.crop_ratio_max)
         self.seed = cfg.seed
         self.epoch = first_epoch
         table = SampleTable(Path(cfg.shards), manifest, split)
-        total = manifest.splits[split].samples
-        start, stop = rank_share(total, placement.rank, placement.world_size)
-        self.steps = steps_per_epoch(total, cfg.batch_size, placement, self.train)
-        self.samples = self.steps * cfg.batch_size if self.train else stop - start
+        start, stop, self.steps, self.samples = plan_share(
+            manifest.splits[split].samples, cfg.batch_size, placement, self.augment.train
+        )
         height, width = table.canvas_px
         check_fits((stop - start) * height * width * 3, self.device, cfg.resident_max_gb, split)
         ids = np.arange(start, stop)
         self.images, sizes = self._decode(cfg, table, ids, manifest, split, placement)
         self.heights, self.widths = sizes[:, 0], sizes[:, 1]
         self.labels = table.labels[ids].to(self.device)
-        self.uniform = bool((self.heights == height).all() and (self.widths == width).all())
-        self.sizes = None if self.uniform else sizes
+        self.sizes = ragged_sizes(sizes, table.canvas_px)  # None: every image fills the canvas
 
     def _decode(self, cfg, table, ids, manifest, split, placement):
         workers = cfg.loader_workers or default_workers()
@@ -168,27 +156,19 @@ class ResidentLoader:
         generator = self._generator(self.epoch)
         self.epoch += 1
         count = len(self.labels)
-        if self.train:
+        if self.augment.train:
             order = torch.randperm(count, generator=generator, device=self.device)
         else:
             order = torch.arange(count, device=self.device)
         for step in range(self.steps):
             ids = order[step * self.batch_size : (step + 1) * self.batch_size]
-            heights, widths = self.heights[ids], self.widths[ids]
             with one_thread_on_cpu(self.device):  # on the CPU: see augment.one_thread_on_cpu
-                if self.train:
-                    boxes = sample_crop_boxes(heights, widths, self.crop_scale, self.crop_ratio, generator)
-                    flips = sample_flips(len(ids), generator, self.device)
-                else:
-                    boxes, flips = full_boxes(heights, widths), None
-                images = crop_resize(
+                boxes, flips = self.augment.draw(self.heights[ids], self.widths[ids], generator)
+                images = self.augment.apply(
                     self.images[ids],  # (B, H, W, 3) uint8 gathered on the device
                     boxes,
                     flips,
-                    self.image_size,
-                    IMAGE_MEAN,
-                    IMAGE_STD,
-                    None if self.uniform else self.sizes[ids],
+                    None if self.sizes is None else self.sizes[ids],
                 )
             yield Batch(images, self.labels[ids])
 
