@@ -3,7 +3,7 @@ totals, and the run directory's JSON / JSONL files.
 
 Every rate here is a ratio of summed counts (hits / samples, loss sum / samples), never a mean of
 per-batch means, so a short last batch or an uneven DDP share weighs what it holds. Values stay on
-the device until a caller asks for them (`StepWindow.drain`, `Totals.read`): each of those is one
+the device until a caller asks for them (`StepWindow.drain`, `all_reduce_sum`): each of those is one
 host-device synchronisation, made at log points and epoch ends, never per step.
 
 Imports torch and the standard library only (no data, model or config code). Writes files
@@ -119,7 +119,3 @@ def append_jsonl(path: Path, row: dict) -> None:
     """One more line; a line is written in one call, so a reader never sees half a row."""
     with open(path, "a") as file:
         file.write(json.dumps(row) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

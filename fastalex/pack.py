@@ -122,10 +122,10 @@ def plan_shards(layout: Layout, cfg: PackConfig) -> list[tuple[str, int, list]]:
     rng = np.random.default_rng(cfg.seed)
     plan = []
     for split, samples in (("train", layout.train), ("val", layout.val)):
-        order = rng.permutation(len(samples))
+        order = rng.permutation(len(samples))  # order[position] = index in the layout
         count = -(-len(samples) // cfg.shard_size)
-        for number, part in enumerate(np.array_split(order, count)):
-            plan.append((split, number, [(int(i), *samples[i]) for i in part]))
+        for number, positions in enumerate(np.array_split(np.arange(len(samples)), count)):
+            plan.append((split, number, [(int(p), *samples[order[p]]) for p in positions]))
     return plan
 
 

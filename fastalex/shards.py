@@ -53,6 +53,7 @@ MANIFEST = "manifest.json"
 INDEX_VERSION = "v1.2"  # DALI 2.4 fn.readers.webdataset index format (see DALI_NOTES.md)
 KEY_DIGITS = 8  # up to 10^8 samples per split
 LABEL_DIGITS = 6  # up to 10^6 classes
+ASCII_ZERO = 48  # ord("0"): label digits are ASCII
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240
 SPLITS = ("train", "val")

@@ -57,6 +57,10 @@ class Source:
         self.ref = ref
         self._zip = zipfile.ZipFile(ref.path) if ref.is_zip else None
 
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
     def read(self, rel: str) -> bytes:
         if self._zip is not None:
             return self._zip.read(self.ref.root + rel)
@@ -124,6 +128,13 @@ def _read_text(source: Source, rel: str) -> str:
 def read_layout(ref: SourceRef) -> Layout:
     """Classes and the labelled train and val samples of a tree, checked for consistency."""
     source = Source(ref)
+    try:
+        return _read_layout(ref, source)
+    finally:
+        source.close()
+
+
+def _read_layout(ref: SourceRef, source: Source) -> Layout:
     wnids = sorted({w.strip() for w in _read_text(source, "wnids.txt").split() if w.strip()})
     if not wnids:
         raise UserError(f"{ref.path}: wnids.txt lists no classes")
@@ -187,6 +198,9 @@ def download_zip(url: str, cache_dir: Path, md5: str | None = OFFICIAL_MD5, prog
                     done += len(chunk)
                     if progress:
                         progress(done, total)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not done:  # 416: the range starts at the end, the .part is complete
+            raise UserError(f"download of {url} failed ({e}); re-run, or pass a zip/dir you have") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         raise UserError(
             f"download of {url} failed ({e}); re-run to resume, or pass a zip/dir you already have"

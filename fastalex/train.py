@@ -586,8 +586,7 @@ class _Run:
             planned = min(planned, cfg.max_steps - self.global_step)
         warm = min(WARMUP_STEPS, planned) if self.first_epoch_here else 0
         self.first_epoch_here = False
-        with torch.random.fork_rng(devices=[]):
-            batches = iter(self.train_loader)
+        batches = iter(self.train_loader)  # a generator: nothing runs until next_batch
         for _ in range(skip):  # a run stopped mid-epoch: the batches it had already taken
             next_batch(batches)
         if self.pending_rng is not None:  # where the interrupted run stood before this step

@@ -145,6 +145,16 @@ def test_download_resumes_and_checks_md5(server, tmp_path):
     assert not list((tmp_path / "other").iterdir())
 
 
+def test_a_complete_part_file_is_checked_and_kept(server, tmp_path):
+    """A download killed between its last byte and the rename: the server answers 416 to the
+    resume, and the .part is verified and renamed instead of failing forever."""
+    server.RequestHandlerClass.payload = b"zip bytes" * 1000
+    (tmp_path / "t.zip.part").write_bytes(server.RequestHandlerClass.payload)
+    md5 = hashlib.md5(server.RequestHandlerClass.payload).hexdigest()
+    path = download_zip(f"http://127.0.0.1:{server.server_port}/t.zip", tmp_path, md5)
+    assert path == tmp_path / "t.zip" and path.read_bytes() == server.RequestHandlerClass.payload
+
+
 def test_download_without_network_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="download of .* failed"):
         download_zip("http://127.0.0.1:9/tiny.zip", tmp_path)

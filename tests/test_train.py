@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from fastalex.cli import main
 from fastalex.config import TrainConfig
-from fastalex.metrics import read_jsonl
+from fastalex.plot import read_metrics
 from fastalex.train import cpu_has_native_bf16
 
 # hue_pack (conftest): 4 classes, 256 train / 128 val. Batch 32 -> 8 steps per epoch.
@@ -67,7 +67,7 @@ def test_compiled_training_learns_and_writes_run_files(compiled_run):
     assert summary["compile"] is True and summary["loader"] == "cpu"
     assert summary["amp"] == ("bf16" if cpu_has_native_bf16() else "off")  # --amp auto on a CPU
     assert summary["epochs"] == 3 and len(summary["epoch_s"]) == 3 and summary["compile_s"] > 0
-    rows = read_jsonl(compiled_run / "metrics.jsonl")
+    rows = read_metrics(compiled_run)
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert all(METRIC_KEYS <= row.keys() for row in rows)
     assert all(row["val_samples"] == 128 and row["train_samples"] == 256 for row in rows)
@@ -123,8 +123,8 @@ def test_resume_gives_the_metrics_of_an_uninterrupted_run(hue_pack, tmp_path):
     train_cli(hue_pack, parts, *common, "--max-steps", 5)  # stops inside epoch 1
     train_cli(hue_pack, parts, *common, "--max-steps", 8, "--resume")  # at the end of epoch 1
     train_cli(hue_pack, parts, *common, "--resume")
-    straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
-    resumed = read_jsonl(parts / "metrics.jsonl")
+    straight = read_metrics(tmp_path / "straight")
+    resumed = read_metrics(parts)
     assert [row["epoch"] for row in resumed] == [1, 2]
     assert without_timing(resumed) == without_timing(straight)
     summary = json.loads((parts / "summary.json").read_text())
@@ -143,7 +143,7 @@ def test_ddp_two_processes_share_the_data_and_rank0_writes(hue_pack, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     summary = json.loads((out / "summary.json").read_text())
-    rows = read_jsonl(out / "metrics.jsonl")
+    rows = read_metrics(out)
     assert summary["world_size"] == 2 and summary["val_samples"] == 128
     assert len(rows) == 1 and rows[0]["val_samples"] == 128
     assert rows[0]["train_samples"] == 256 and rows[0]["steps"] == 4  # 128 per rank, batch 32
@@ -167,7 +167,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(hue_pack, tmp
     assert "diverged" in message and str(last) in message
     assert re.search(r"epoch 2, step \d of 8 \(global step \d+\)", message), message
     assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
-    assert len(read_jsonl(out / "metrics.jsonl")) == 1
+    assert len(read_metrics(out)) == 1
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ module does not, so the two differ by up to 0.5/255/std (~0.007).
 from __future__ import annotations
 
 import contextlib
+import functools
 import ctypes
 import hashlib
 import math
@@ -58,6 +59,13 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """A 63-bit seed for (seed, epoch, rank): independent streams, reproducible anywhere."""
     digest = hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def epoch_generator(
+    seed: int, epoch: int, rank: int, device: torch.device | None = None
+) -> torch.Generator:
+    """The generator of one epoch's shuffle and augmentation, on `device` (default the CPU)."""
+    return torch.Generator(device=device or "cpu").manual_seed(epoch_seed(seed, epoch, rank))
 
 
 def sample_crop_boxes(
@@ -213,6 +221,18 @@ def compiled_bilinear(*args: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+@functools.cache
+def normalise_rows(
+    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...], repeats: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of (x / 255 - mean) / std, tiled `repeats` times, on `device`. Built once per
+    key: creating a small tensor on CUDA from a Python list waits for the queued GPU work, which
+    would stall every batch."""
+    scale = torch.tensor([1 / (255 * s) for s in std]).repeat(repeats)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).repeat(repeats)
+    return scale.to(device), shift.to(device)
+
+
 def crop_resize(
     images: torch.Tensor,
     boxes: torch.Tensor,
@@ -255,8 +275,7 @@ def crop_resize(
     # (x / 255 - mean) / std as one multiply-add, on the small source, written transposed:
     # (N, W, H, 3) float32, so the width pass gathers contiguous rows. The per-channel constants are
     # tiled along a whole row (H * 3 values): a broadcast over a size-3 last dim does not vectorise.
-    scale = torch.tensor([1 / (255 * s) for s in std], device=device).repeat(canvas_h)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).repeat(canvas_h)
+    scale, shift = normalise_rows(device, tuple(mean), tuple(std), canvas_h)
     source = torch.empty((n, canvas_w, canvas_h, channels), device=device, dtype=torch.float32)
     source.copy_(images.transpose(1, 2))
     source = source.view(n * canvas_w, canvas_h * channels).mul_(scale).add_(shift)

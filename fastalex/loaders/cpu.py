@@ -48,19 +48,13 @@ from fastalex.config import TrainConfig, default_workers
 from fastalex.errors import UserError
 from fastalex.loaders import Batch, Placement, augment_for, plan_share
 from fastalex.loaders.augment import (
-    epoch_seed,
+    epoch_generator,
     keep_large_blocks_in_heap,
     one_thread_on_cpu,
     ragged_sizes,
 )
-from fastalex.shards import LABEL_DIGITS, Manifest, read_index
+from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest, read_index
 
-ASCII_ZERO = 48  # ord("0")
-
-
-def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
-    """The CPU generator of one epoch's shuffle and augmentation."""
-    return torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
 
 
 def decode_labels(digits: np.ndarray) -> np.ndarray:

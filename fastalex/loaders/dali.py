@@ -52,7 +52,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.backend import GetCUDADeviceCount
@@ -63,19 +62,19 @@ from fastalex.errors import UserError
 from fastalex.loaders import Batch, Placement, augment_for, plan_share, rank_share
 from fastalex.loaders.augment import (
     CROP_ATTEMPTS,
+    epoch_generator,
     epoch_seed,
     keep_large_blocks_in_heap,
     one_thread_on_cpu,
     ragged_sizes,
 )
-from fastalex.shards import LABEL_DIGITS, Manifest
+from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest
 
 READER = "Reader"
 SHUFFLE_BUFFER = 100_000  # samples: Tiny ImageNet's train split (DALI_NOTES.md: 3.6 s, +0.85 GB)
 GPU_THREADS_MAX = 8  # CPU threads per GPU pipeline (Huffman decoding of the non-hardware share)
 HW_DECODER_LOAD = 0.65  # DALI's default share for the hardware JPEG decoder (DALI_NOTES.md)
 PREALLOCATE_PX = 64  # Tiny ImageNet's image size: sizes nvJPEG's buffers up front
-ASCII_ZERO = 48  # ord("0")
 
 
 def dali_available(device: torch.device) -> bool:
@@ -240,8 +239,8 @@ def shard_paths(directory: Path, manifest: Manifest, split: str) -> tuple[list[s
 
 
 def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
-    """DALI's pipeline seed (31 bits) for (cfg.seed, first epoch, rank)."""
-    return int(np.random.SeedSequence([seed, epoch, rank, 1]).generate_state(1)[0] & 0x7FFFFFFF)
+    """DALI's pipeline seed (31 bits) for (cfg.seed, first epoch, rank): epoch_seed's, folded."""
+    return epoch_seed(seed, epoch, rank) & 0x7FFFFFFF
 
 
 class DaliLoader:
@@ -316,18 +315,17 @@ class DaliLoader:
         if self._passes:
             self._finish_epoch()
         self._passes += 1
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
+        generator = epoch_generator(self.seed, self.epoch, self.rank)
         self.epoch += 1
         self._mid_epoch = True
         for step, outputs in enumerate(self._iterator):
             digits = outputs[0]["labels"]  # (N, LABEL_DIGITS) uint8 ASCII, on the device
+            labels = ((digits.to(torch.int64) - ASCII_ZERO) * self._powers).sum(dim=1)
             if self.on_gpu:
                 images = outputs[0]["images"].permute(0, 3, 1, 2)  # (N, 3, S, S) f32 channels_last
-                labels = ((digits.to(torch.int64) - ASCII_ZERO) * self._powers).sum(dim=1)
             else:
                 with one_thread_on_cpu(self.device):
                     images = self._augment(outputs[0]["images"], outputs[0]["sizes"], generator)
-                    labels = ((digits.to(torch.int64) - ASCII_ZERO) * self._powers).sum(dim=1)
             yield Batch(images, labels)
             if step + 1 == self.steps:
                 break

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from fastalex.config import TrainConfig, default_workers
 from fastalex.errors import UserError
 from fastalex.loaders import Batch, Placement, augment_for, plan_share
-from fastalex.loaders.augment import epoch_seed, one_thread_on_cpu, ragged_sizes
+from fastalex.loaders.augment import epoch_generator, one_thread_on_cpu, ragged_sizes
 from fastalex.loaders.cpu import SampleTable, ShardDecoder
 from fastalex.shards import Manifest
 
@@ -149,11 +149,8 @@ class ResidentLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def _generator(self, epoch: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, epoch, self.rank))
-
     def __iter__(self):
-        generator = self._generator(self.epoch)
+        generator = epoch_generator(self.seed, self.epoch, self.rank, self.device)
         self.epoch += 1
         count = len(self.labels)
         if self.augment.train:
