@@ -278,7 +278,7 @@ def check_shard(directory: Path, shard: ShardInfo, rehash: bool = True) -> list[
     elif rehash and hash_file(tar_path) != shard.sha256:
         problems.append(f"{shard.name}: sha256 differs from the manifest (modified or corrupt)")
     try:
-        index = read_index(tar_path.with_suffix(".idx"))
+        index = read_index(Path(directory) / shard.index_name)
     except (OSError, UserError) as e:
         return problems + [f"{shard.index_name}: {e}"]
     if len(index) != shard.samples:
