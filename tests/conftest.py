@@ -202,3 +202,64 @@ def server():
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield httpd
     httpd.shutdown()
+
+
+# --- processes a test launches -------------------------------------------------------------------
+
+
+class Launched:
+    """A command started in its own process group (`launch`): on any exit from the `with` block,
+    and on a timeout, the whole group (ranks, their loader workers) is killed, so a hung test
+    leaves no orphans. `communicate(timeout)` fails the test with what the processes printed."""
+
+    def __init__(self, command, **kwargs):
+        import subprocess
+
+        self.command = [str(part) for part in command]
+        self.process = subprocess.Popen(self.command, start_new_session=True, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill_group()
+
+    def kill_group(self) -> None:
+        import os
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        import subprocess
+
+        try:
+            return self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+            stdout, stderr = self.process.communicate()
+            pytest.fail(f"{' '.join(self.command)} ran past {timeout} s; killed its process "
+                        f"group.\n--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-4000:]}")
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+
+@pytest.fixture
+def launch():
+    """launch(command, **popen_kwargs) -> Launched; every group still alive at teardown is killed."""
+    started = []
+
+    def start(command, **kwargs):
+        started.append(Launched(command, **kwargs))
+        return started[-1]
+
+    yield start
+    for launched in started:
+        launched.kill_group()
