@@ -176,7 +176,10 @@ def download_zip(url: str, cache_dir: Path, md5: str | None = OFFICIAL_MD5, prog
     """Fetch `url` into `cache_dir`, resuming a partial download, and check its md5.
 
     The partial file is `<name>.part`; it is renamed only once complete and verified, so a file
-    under the final name is always whole. `progress(done_bytes, total_bytes)` is called as it goes.
+    under the final name is always whole. A transfer that ends short of its Content-Length (a
+    dropped connection) keeps the .part and raises UserError saying to re-run, which resumes it;
+    only a complete file with the wrong md5 is deleted as corrupt. `progress(done_bytes,
+    total_bytes)` is called as it goes.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +188,7 @@ def download_zip(url: str, cache_dir: Path, md5: str | None = OFFICIAL_MD5, prog
         return final
     part = final.with_name(final.name + ".part")
     done = part.stat().st_size if part.exists() else 0
+    total = None  # bytes of the whole file, when the server says (Content-Length)
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -205,6 +209,11 @@ def download_zip(url: str, cache_dir: Path, md5: str | None = OFFICIAL_MD5, prog
         raise UserError(
             f"download of {url} failed ({e}); re-run to resume, or pass a zip/dir you already have"
         ) from None
+    if total is not None and done < total:  # the server closed early: incomplete, not corrupt
+        raise UserError(
+            f"download of {url} stopped at {done} of {total} bytes (connection closed); "
+            f"{part.name} is kept: re-run to resume"
+        )
     if md5 is not None and (got := _md5(part)) != md5:
         part.unlink()
         raise UserError(f"{url}: md5 {got}, expected {md5}: the download is corrupt; re-run")

@@ -122,37 +122,72 @@ def test_reader_names_what_is_missing(synth_tree, tmp_path):
         read_layout(open_source(broken))
 
 
-def test_download_resumes_and_checks_md5(server, tmp_path):
-    RangeHandler = server.RequestHandlerClass
+def record_requests(server) -> list[str | None]:
+    """The Range header of every request the test server answers, in order (None: no Range)."""
+    handler = server.RequestHandlerClass
+    seen = []
+    serve = handler.do_GET
+
+    def do_GET(self):
+        seen.append(self.headers.get("Range"))
+        serve(self)
+
+    handler.do_GET = do_GET
+    return seen
+
+
+def zip_payload() -> bytes:
     payload = io.BytesIO()
     with zipfile.ZipFile(payload, "w") as z:
         z.writestr("tiny-imagenet-200/wnids.txt", "n1\n" * 5000)
-    RangeHandler.payload = payload.getvalue()
-    RangeHandler.drop_after = len(RangeHandler.payload) // 2
+    return payload.getvalue()
+
+
+def test_a_dropped_download_keeps_its_part_and_the_next_run_resumes_it(server, tmp_path):
+    """The server closes the connection half-way (fewer bytes than Content-Length): that is not a
+    corrupt file. The .part stays, the message says to re-run, and the re-run asks only for the
+    missing bytes."""
+    RangeHandler = server.RequestHandlerClass
+    RangeHandler.payload = zip_payload()
+    half = len(RangeHandler.payload) // 2
+    RangeHandler.drop_after = half
+    requests = record_requests(server)
     url = f"http://127.0.0.1:{server.server_port}/tiny.zip"
     md5 = hashlib.md5(RangeHandler.payload).hexdigest()
-    with pytest.raises(UserError, match="re-run to resume|md5"):
+    with pytest.raises(UserError, match="re-run to resume") as dropped:
         download_zip(url, tmp_path, md5)
+    assert "corrupt" not in str(dropped.value)
     part = tmp_path / "tiny.zip.part"
     assert not (tmp_path / "tiny.zip").exists()
-    if part.exists():  # the first half survived the dropped connection: resume from it
-        assert 0 < part.stat().st_size < len(RangeHandler.payload)
+    assert part.read_bytes() == RangeHandler.payload[:half]
     RangeHandler.drop_after = None
-    path = download_zip(url, tmp_path, md5)
-    assert path.read_bytes() == RangeHandler.payload
-    with pytest.raises(UserError, match="md5"):
-        download_zip(url, tmp_path / "other", "0" * 32)
-    assert not list((tmp_path / "other").iterdir())
+    received = []
+    path = download_zip(url, tmp_path, md5, progress=lambda done, total: received.append(done))
+    assert requests == [None, f"bytes={half}-"]
+    assert received[0] > half and received[-1] == len(RangeHandler.payload)  # counted from the part
+    assert path.read_bytes() == RangeHandler.payload and not part.exists()
+
+
+def test_a_complete_download_with_the_wrong_md5_is_deleted_as_corrupt(server, tmp_path):
+    server.RequestHandlerClass.payload = zip_payload()
+    url = f"http://127.0.0.1:{server.server_port}/tiny.zip"
+    with pytest.raises(UserError, match="md5 .* corrupt"):
+        download_zip(url, tmp_path, "0" * 32)
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_complete_part_file_is_checked_and_kept(server, tmp_path):
     """A download killed between its last byte and the rename: the server answers 416 to the
-    resume, and the .part is verified and renamed instead of failing forever."""
+    resume, and the .part is verified and renamed, without fetching its bytes again."""
     server.RequestHandlerClass.payload = b"zip bytes" * 1000
+    requests = record_requests(server)
     (tmp_path / "t.zip.part").write_bytes(server.RequestHandlerClass.payload)
     md5 = hashlib.md5(server.RequestHandlerClass.payload).hexdigest()
-    path = download_zip(f"http://127.0.0.1:{server.server_port}/t.zip", tmp_path, md5)
+    received = []
+    path = download_zip(f"http://127.0.0.1:{server.server_port}/t.zip", tmp_path, md5,
+                        progress=lambda done, total: received.append(done))
     assert path == tmp_path / "t.zip" and path.read_bytes() == server.RequestHandlerClass.payload
+    assert requests == ["bytes=9000-"] and received == []  # asked from the end; nothing came
 
 
 def test_download_without_network_is_a_clear_error(tmp_path):
