@@ -171,15 +171,17 @@ def verify(shards, decode) -> None:
     click.echo(f"{shards}: OK (every shard hash, index and {decode} decodes per shard)")
 
 
-def process_group_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) as torchrun sets them; one process without torchrun."""
+def process_group_env() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) as torchrun sets them; one process
+    without torchrun."""
     import os
 
     try:
         return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                int(os.environ.get("LOCAL_RANK", 0)))
+                int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     except ValueError as e:
-        raise UserError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {e}") from None
+        raise UserError(f"RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE must be integers: {e}") \
+            from None
 
 
 @main.command(context_settings={"show_default": True})
@@ -205,9 +207,10 @@ def train(ctx: click.Context, shards, **options) -> None:
         cfg = config.recipe_config(options["recipe"], shards=str(shards), **explicit)
     except ValueError as e:
         raise UserError(str(e)) from None
-    rank, world_size, local_rank = process_group_env()
+    rank, world_size, local_rank, local_world_size = process_group_env()
     try:
-        result = run_training(cfg, rank, world_size, local_rank, log=click.echo)
+        result = run_training(cfg, rank, world_size, local_rank, log=click.echo,
+                              local_world_size=local_world_size)
     except UserError:
         if rank != 0:  # rank 0 says it once
             sys.exit(2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -58,6 +59,50 @@ class StepWindow:
         rows = [tuple(row) for row in self.values[: self.count].tolist()]
         self.count = 0
         return rows
+
+
+class LoaderWait:
+    """How long the device had nothing to do because the next batch was not ready.
+
+    Used as ``with wait: batch = next(batches)`` around each fetch. On the CPU the step runs on the
+    host, so the host time blocked in next() is the wait. On CUDA that would mislead: while the
+    GPU still works through queued steps, a blocked host costs nothing. So two CUDA events bracket
+    the fetch on the current stream; on the GPU's timeline the gap between them is zero while
+    queued work covers the fetch, and otherwise the time the GPU sat idle waiting for the host to
+    hand it the batch (work the loader itself queues, e.g. its crop/resize, counts as waiting:
+    the model was not running). The events are read in `seconds`, after the loop's final sync;
+    no sync per step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host_s = 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._started: float | torch.cuda.Event | None = None
+
+    def __enter__(self) -> LoaderWait:
+        if self.cuda:
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record()
+        else:
+            self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            self.events.append((self._started, ended))
+        else:
+            self.host_s += time.perf_counter() - self._started
+
+    def seconds(self) -> float:
+        """The wait so far (CUDA: waits for the recorded events, a sync point)."""
+        gaps_ms = 0.0
+        for started, ended in self.events:
+            ended.synchronize()
+            gaps_ms += started.elapsed_time(ended)
+        return self.host_s + gaps_ms / 1000
 
 
 class TrainTotals:

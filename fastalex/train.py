@@ -1,12 +1,14 @@
-"""Training: the step, the LR schedule, evaluation, checkpoints, timing, DDP; `train(cfg)` runs it.
+"""Training: the step, the LR schedule, evaluation, the epoch loop and what ranks agree on;
+`train(cfg)` runs it.
 
-Imports torch, the loader contract (`fastalex.loaders`), the model and metrics; never argv or
-os.environ (cli.py passes rank and world size in) and never a loader backend directly.
+Imports torch, the loader contract (`fastalex.loaders`), the model, metrics, runtime and
+checkpoint modules; never argv or os.environ (cli.py passes rank and world size in) and never a
+loader backend directly.
 
 The pieces the benchmarks reuse, so that they time this code and never a copy of the loop:
 
-- ``resolve_runtime(cfg, rank, world_size, local_rank) -> Runtime``: device, autocast dtype, grad
-  scaler, memory format and compile plan, with impossible combinations refused (UserError).
+- ``resolve_runtime(cfg, rank, world_size, local_rank) -> Runtime`` (runtime.py): device, autocast
+  dtype, grad scaler, memory format and compile plan, with impossible combinations refused.
 - ``build_training(cfg, num_classes, runtime, steps_per_epoch) -> Training``: the seeded model
   (DDP-wrapped when world_size > 1), SGD, GradScaler and LR schedule.
 - ``make_train_step(model, optimizer, scaler, cfg, runtime) -> step``: ``step(images, labels)``
@@ -19,30 +21,36 @@ The pieces the benchmarks reuse, so that they time this code and never a copy of
 Choices where the issue is silent (so the next reader need not guess):
 
 - Speed plan per device. CUDA: channels_last, bf16 autocast (fp16 + GradScaler on GPUs without
-  bf16), cudnn.benchmark, TF32 matmuls, fused SGD (it takes the loss scale on the device: no sync),
-  `torch.compile(model)`. CPU: NCHW, fp32, fused SGD when eager (~9 % of a step faster than
-  foreach, which on the CPU is a per-tensor loop allocating the weight-decayed gradient), and when
-  compiled the whole step in one function (see ``CPU_COMPILE_OPTIONS``). Under DDP the model alone
-  is compiled (DDP's gradient hooks run in the backward).
+  native bf16), cudnn.benchmark, TF32 matmuls, fused SGD (it takes the loss scale and the inf flag
+  on the device: no sync, no unscale), `torch.compile(model)`. CPU: NCHW, fused SGD when eager (~9 %
+  of a step faster than foreach), and when compiled the whole step in one function (see
+  ``CPU_COMPILE_OPTIONS``) unless a GradScaler (fp16) is in it, which dynamo does not trace. Under
+  DDP the model alone is compiled (DDP's gradient hooks run in the backward).
 - The LR schedule is a pure function of (config, global step): `lr_factor`. A resumed run rebuilds
-  it at the saved step; its hyper-parameters (lr, epochs, momentum, ...) come from the command line
-  like any run's, the checkpoint restores state (weights, momentum buffers, step, grad scaler,
-  RNG). Peak LR = cfg.lr * global batch / 256. Warm-up rises linearly to the peak over
-  warmup_epochs, then the LR decays linearly to zero at the last step of cfg.epochs.
+  it at the saved step; its hyper-parameters come from the command line like any run's, the
+  checkpoint restores state (weights, momentum buffers, step, grad scaler, RNG). Peak LR = cfg.lr *
+  global batch / 256. Warm-up rises linearly to the peak over warmup_epochs, then the LR decays
+  linearly to zero at the last step of cfg.epochs.
 - train_loss is the optimised objective (label smoothing included); val_loss is plain
   cross-entropy, on the TTA-averaged logits when flip_tta. Epochs in files and messages count
   from 1.
-- Checkpoints are written at each epoch end and when a run stops early (max_steps, SIGINT/SIGTERM),
-  recording the step within the epoch; `--resume` re-reads that epoch's first batches to continue
-  exactly where it stopped. metrics.jsonl is rewritten from the checkpoint on resume, so it never
-  holds a row the weights have not seen. A max_steps stop inside an epoch still evaluates and logs
-  that partial epoch. A fresh run refuses an --out that already holds one.
+- Every decision that ranks must take together — stop after a signal, stop on a non-finite loss —
+  is one value computed by `agree` (a MIN all-reduce), at every log point (every LOG_EVERY_STEPS
+  steps and the epoch's last step) and after every epoch's eval and checkpoint. A signal that
+  reaches one rank only (or arrives during eval or a checkpoint write) therefore stops every rank
+  at the same step. A single process also stops at once after a signal.
+- Checkpoints (checkpoint.py) are written at each epoch end and when a run stops early
+  (max_steps, SIGINT/SIGTERM), recording the step within the epoch and the epoch's train totals
+  summed over the ranks; `--resume` re-reads that epoch's first batches to continue exactly where
+  it stopped. metrics.jsonl is rewritten from the checkpoint on resume, so it never holds a row the
+  weights have not seen. A max_steps stop inside an epoch still evaluates and logs that partial
+  epoch. A fresh run refuses an --out that already holds one.
 - Exact resume: the only consumer of torch's global RNG is the step (dropout); loader iteration
-  and eval run with the host RNG forked (`next_batch`), so their draws (torch's DataLoader seeds
-  its first iterator from it) cannot shift the dropout stream of a resumed process.
-- Log points (a host sync) come every LOG_EVERY_STEPS steps and at each epoch end: the per-step
-  losses kept on the device are read, the first non-finite one is named by its step, and under
-  DDP the ranks agree there on stopping. A single process also stops at once after a signal.
+  and eval run with the host RNG forked (`next_batch`), so their draws cannot shift the dropout
+  stream of a resumed process.
+- Loader wait (metrics.LoaderWait): per epoch, how long the device had nothing to do because the
+  next batch was not ready, in seconds and % of the epoch's train time, in the log line,
+  metrics.jsonl and summary.json; an epoch over LOADER_BOUND_PCT says so once, with remedies.
 - Eval uses the un-compiled model (a second and third compile, for eval mode and the short last
   val batch, would cost more than eager eval saves).
 - Timing: the first WARMUP_STEPS steps a process runs are left out of images/s; compile_s is their
@@ -55,10 +63,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import platform
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -72,105 +78,31 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from fastalex.checkpoint import (CHECKPOINT_FORMAT, PartialEpoch, capture_rng, check_checkpoint,
+                                 load_checkpoint, normalisation, restore_rng, restore_training,
+                                 save_checkpoint)
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
 from fastalex.loaders import Placement, build_loader
-from fastalex.metrics import (StepWindow, TrainTotals, all_reduce_sum, append_jsonl, count_topk,
-                              median, percent, write_json, write_jsonl)
+from fastalex.metrics import (LoaderWait, StepWindow, TrainTotals, all_reduce_sum, append_jsonl,
+                              count_topk, median, percent, write_json, write_jsonl)
 from fastalex.model import build_model, param_groups
+from fastalex.runtime import (Runtime, configure_backends, describe_device, git_sha,
+                              resolve_runtime, synchronize, versions)
 from fastalex.shards import Manifest, read_manifest
 
-CHECKPOINT_FORMAT = 1
 LOG_EVERY_STEPS = 50  # host syncs: progress postfix, NaN check, DDP stop agreement
 WARMUP_STEPS = 3  # compile (step 1), first momentum buffers (step 2): not steady-state throughput
 LR_REFERENCE_BATCH = 256  # cfg.lr is per 256 images (Goyal et al. 2017, linear scaling rule)
 RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout masks from seed + r * stride
+LOADER_BOUND_PCT = 20.0  # an epoch whose device waited longer than this on the loader is reported
 # On the CPU torch.compile covers the whole step: forward, backward (AOT autograd; dynamo breaks
 # the graph at .backward()) and SGD (inductor fuses the foreach update into one loop per tensor),
 # with inductor's layout optimisation off: on, it makes every conv channels-last, whose oneDNN
-# backward is slower here (as channels_last is in eager). CPU ms per step of alexnet64, 64 px,
-# batch 128, 1 thread of the 2-core dev box (Xeon, Sapphire Rapids), median of 10: eager foreach
-# SGD 793, eager fused SGD 722, compiled model + foreach 826 (964 with layout optimisation), whole
-# step 777 (908 with it), whole step with trace_autograd_ops 771; max-autotune-no-cudagraphs is no
-# faster. Most of inductor's own kernel time is the LRN's pow(); written as
-# rsqrt(b) * sqrt(rsqrt(b)), the whole step measured 682.
+# backward is slower here (as channels_last is in eager). The step timings that decided it are in
+# benchmarks/results (model group); the LRN written as rsqrt(b) * sqrt(rsqrt(b)) is what made
+# the compiled step pay.
 CPU_COMPILE_OPTIONS = {"layout_optimization": False}
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """How this process runs the config: resolved once, passed to every piece."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None  # autocast dtype; None = float32
-    channels_last: bool
-    compile: bool
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-    @property
-    def grad_scaler(self) -> bool:  # fp16 needs loss scaling; bf16 has float32's range
-        return self.amp_dtype == torch.float16
-
-    @property
-    def amp(self) -> str:
-        return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-
-    @property
-    def compile_whole_step(self) -> bool:
-        """One compiled function for forward, backward and SGD (CPU, one process), else the
-        model alone."""
-        return self.compile and self.device.type == "cpu" and self.world_size == 1
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): there bf16 autocast
-    pays (alexnet64, 64 px, one core: 470 ms per compiled step against 682 in fp32); without it
-    bf16 is emulated and slower, so `--amp auto` stays off."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_runtime(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
-                    local_rank: int = 0) -> Runtime:
-    """Device, AMP, memory format and compile for this process; UserError when impossible."""
-    cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not cuda:
-        raise UserError(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device; "
-                        "use --device cpu")
-    if cfg.device == "cuda" or (cfg.device == "auto" and cuda):
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} "
-                            "visible; start at most one process per GPU")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        bf16 = torch.cuda.is_bf16_supported()
-        if cfg.amp == "bf16" and not bf16:
-            raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bf16; "
-                            "use --amp fp16 or auto")
-        amp = ("bf16" if bf16 else "fp16") if cfg.amp == "auto" else cfg.amp
-    else:
-        device = torch.device("cpu")
-        if cfg.amp == "fp16":
-            raise UserError("--amp fp16 needs CUDA (loss scaling is CUDA-only here); "
-                            "on the CPU use --amp bf16 or off")
-        amp = ("bf16" if cpu_has_native_bf16() else "off") if cfg.amp == "auto" else cfg.amp
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
-                                                  and device.type == "cuda")
-    return Runtime(device, amp_dtype, channels_last, cfg.compile, rank, world_size)
 
 
 def peak_lr(cfg: TrainConfig, world_size: int) -> float:
@@ -200,13 +132,6 @@ class Training:
     schedule: torch.optim.lr_scheduler.LambdaLR
 
 
-def configure_backends(runtime: Runtime) -> None:
-    if runtime.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
-        torch.backends.cuda.matmul.allow_tf32 = True  # the float32 leftovers of AMP
-        torch.backends.cudnn.allow_tf32 = True
-
-
 def build_training(cfg: TrainConfig, num_classes: int, runtime: Runtime, steps_per_epoch: int,
                    start_step: int = 0) -> Training:
     """Model (seeded by cfg.seed), SGD, GradScaler and the LR schedule placed at `start_step`."""
@@ -224,7 +149,7 @@ def build_training(cfg: TrainConfig, num_classes: int, runtime: Runtime, steps_p
     if runtime.compile_whole_step:  # inductor compiles foreach SGD into one fused loop per tensor;
         # a tensor LR lets each step's LR in without a recompile
         kernels = {"lr": torch.tensor(lr), "foreach": True}
-    else:  # one fused kernel; on the CPU ~9 % of a step faster than foreach's per-tensor loop
+    else:  # one fused kernel, which also takes a GradScaler's scale and inf flag on the device
         kernels = {"lr": lr, "fused": True}
     optimizer = torch.optim.SGD(param_groups(module, cfg.weight_decay, cfg.decay_biases),
                                 momentum=cfg.momentum, **kernels)
@@ -241,16 +166,18 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 
     images: (N, 3, S, S) float32 in runtime.memory_format; labels: (N,) int64. loss_sum is the
     batch's summed loss (float32 0-d), correct its top-1 hits (int64 0-d). Nothing here reads a
-    value back to the host, so consecutive steps queue without waiting.
+    value back to the host, so consecutive steps queue without waiting. With fp16 (a GradScaler,
+    on CUDA or the CPU alike) a step whose gradients overflow is skipped by the optimizer and the
+    scale lowered; the loss it reports is still the step's (finite) loss.
     """
     options = CPU_COMPILE_OPTIONS if runtime.device.type == "cpu" else None
-    if runtime.compile and not runtime.compile_whole_step:  # CUDA, or DDP (hooks in backward)
+    if runtime.compile and not runtime.compile_whole_step:  # CUDA, DDP, or fp16 on the CPU
         model = torch.compile(model, options=options)
 
     scaled = runtime.grad_scaler  # decided here: dynamo does not trace into GradScaler
 
     def backward_and_update(loss: torch.Tensor) -> None:
-        if scaled:  # fp16, CUDA only (the model alone is compiled there)
+        if scaled:
             scaler.scale(loss).backward()
             scaler.step(optimizer)  # fused SGD takes the scale and inf flag on the device: no sync
             scaler.update()
@@ -296,82 +223,21 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, flip_tta: bool) -> dict
             "samples": int(samples)}
 
 
-# Checkpoints -------------------------------------------------------------------------------------
+def agree(runtime: Runtime, stop: bool, bad_step: int | None = None) -> tuple[bool, int | None]:
+    """What every rank decides at a log point or an epoch end, from each rank's own view:
+    stop if ANY rank was signalled, and the EARLIEST non-finite step any rank saw (None: none).
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary name, then rename: a killed run keeps the previous file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by `train` (on the CPU); UserError for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no checkpoint there")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: name it, no traceback
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") \
-            from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a fastalex checkpoint of format {CHECKPOINT_FORMAT}")
-    return state
-
-
-def check_checkpoint(state: dict, path: Path, arch: str, image_size: int,
-                     manifest: Manifest, shards: str) -> None:
-    """UserError when the checkpoint's model cannot serve this arch, input size and class list."""
-    saved = state["config"]
-    if (saved["arch"], saved["image_size"]) != (arch, image_size):
-        raise UserError(f"{path} holds {saved['arch']} at {saved['image_size']} px, not {arch} at "
-                        f"{image_size} px; pass --arch {saved['arch']} --image-size "
-                        f"{saved['image_size']}")
-    classes = [list(c) for c in manifest.classes]
-    if len(state["classes"]) != len(classes):
-        raise UserError(f"{path} was trained on {len(state['classes'])} classes; the pack "
-                        f"{shards} has {len(classes)}")
-    if state["classes"] != classes:
-        raise UserError(f"{path} was trained on other classes (or another label order) than "
-                        f"the pack {shards}")
-
-
-def capture_rng(runtime: Runtime) -> list[dict]:
-    """Every rank's torch (and CUDA) RNG state, gathered: index r is rank r's."""
-    mine = {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda"
-            else None}
+    One MIN all-reduce under DDP (a collective: every rank must call it at the same point); the
+    values as given in a single process. Every stop decision of the loop goes through here.
+    """
     if runtime.world_size == 1:
-        return [mine]
-    gathered: list = [None] * runtime.world_size
-    dist.all_gather_object(gathered, mine)
-    return gathered
+        return stop, bad_step
+    flags = torch.tensor([math.inf if bad_step is None else bad_step, 0.0 if stop else 1.0],
+                         dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    bad, keep_going = flags.tolist()
+    return keep_going == 0.0, None if math.isinf(bad) else int(bad)
 
-
-def restore_rng(states: list[dict], runtime: Runtime) -> None:
-    if len(states) != runtime.world_size:
-        return  # another world size: each rank keeps its fresh seed
-    mine = states[runtime.rank]
-    torch.set_rng_state(mine["torch"])
-    if mine["cuda"] is not None and runtime.device.type == "cuda":
-        torch.cuda.set_rng_state(mine["cuda"], runtime.device)
-
-
-def restore_training(training: Training, state: dict) -> None:
-    """Weights, momentum buffers and loss scale from `state`; hyper-parameters stay the config's."""
-    training.module.load_state_dict(state["model"])
-    optimizer = training.optimizer
-    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
-    for group, fresh in zip(optimizer.param_groups, hyper):
-        group.update(fresh)
-    training.scaler.load_state_dict(state["scaler"])
-
-
-# Running -----------------------------------------------------------------------------------------
 
 @dataclass
 class RunResult:
@@ -404,37 +270,6 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-def git_sha(short: bool = True) -> str:
-    """The fastalex checkout's commit ("unknown" outside git); "+dirty" when files changed."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha[:7] if short else sha) + ("+dirty" if dirty else "")
-
-
-def versions(runtime: Runtime) -> dict:
-    from importlib import metadata
-
-    dali = next((d.version for d in metadata.distributions()
-                 if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")), None)
-    return {"torch": torch.__version__, "python": platform.python_version(), "dali": dali,
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if runtime.device.type == "cuda" else None}
-
-
-def describe_device(runtime: Runtime) -> str:
-    if runtime.device.type == "cuda":
-        return f"{runtime.device} ({torch.cuda.get_device_name(runtime.device)})"
-    threads = torch.get_num_threads()
-    return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
-
-
 def default_run_dir() -> Path:
     sha = git_sha().replace("+dirty", "")
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}_{sha}"
@@ -448,13 +283,9 @@ def next_batch(batches):
         return next(batches)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-          log: Callable[[str], None] | None = None, progress: bool = True) -> RunResult:
+          log: Callable[[str], None] | None = None, progress: bool = True,
+          local_world_size: int = 1) -> RunResult:
     """Train per `cfg`; under torchrun each process passes its rank (cli.py reads the env).
 
     Rank 0 writes RUN/config.json, metrics.jsonl, summary.json and checkpoints/ and calls `log`
@@ -464,7 +295,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, local_rank: int 
     """
     if cfg.resume and not cfg.out:
         raise UserError("--resume needs --out RUN: the run directory to continue")
-    runtime = resolve_runtime(cfg, rank, world_size, local_rank)
+    runtime = resolve_runtime(cfg, rank, world_size, local_rank, local_world_size)
     joined = world_size > 1 and not dist.is_initialized()
     if joined:  # MASTER_ADDR/PORT come from torchrun, read by torch itself
         dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo",
@@ -475,6 +306,35 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, local_rank: int 
     finally:
         if joined:
             dist.destroy_process_group()
+
+
+@dataclass
+class EpochOutcome:
+    """One pass of train_epoch: this rank's new totals, what a resumed epoch carried in (global),
+    and the pass's timings (carried ones included)."""
+
+    totals: TrainTotals  # this process's steps of this pass; totals.steps counts carried ones too
+    carried: PartialEpoch  # global sums of the steps taken before a resume (zeros otherwise)
+    complete: bool
+    interrupted: bool
+    train_s: float
+    timed_s: float
+    timed_samples: int
+    loader_wait_s: float  # this rank's own wait, carried mean included
+
+    def global_sums(self, runtime: Runtime) -> PartialEpoch:
+        """The epoch so far summed over the ranks (a collective), carried part added once; the
+        loader wait is the ranks' mean."""
+        local = torch.tensor([self.totals.loss_sum, self.totals.correct, self.totals.samples,
+                              self.loader_wait_s - self.carried.loader_wait_s],
+                             dtype=torch.float64, device=runtime.device)
+        loss_sum, correct, samples, wait_s = all_reduce_sum(local).tolist()
+        world_size = runtime.world_size
+        return PartialEpoch(
+            loss_sum=self.carried.loss_sum + loss_sum, correct=self.carried.correct + correct,
+            samples=self.carried.samples + int(samples), steps=self.totals.steps,
+            train_s=self.train_s, timed_s=self.timed_s, timed_samples=self.timed_samples,
+            loader_wait_s=self.carried.loader_wait_s + wait_s / world_size)
 
 
 class _Run:
@@ -492,6 +352,7 @@ class _Run:
         self.first_epoch_here = True  # this process's first epoch holds the warm-up steps
         self.pending_rng: list[dict] | None = None
         self.saved_epochs: int | None = None  # epochs in the last checkpoint written or read
+        self.warned_loader_bound = False
 
     def run(self) -> RunResult:
         cfg, rt = self.cfg, self.runtime
@@ -513,7 +374,7 @@ class _Run:
             raise UserError(f"{run_dir} already holds a run; continue it with --resume or "
                             "choose another --out")
         first_epoch = state["epoch"] if state else 0
-        placement = Placement(rt.device, rt.rank, rt.world_size)
+        placement = Placement(rt.device, rt.rank, rt.world_size, rt.local_world_size)
         self.train_loader = build_loader(cfg, "train", placement, first_epoch)
         try:
             self.val_loader = build_loader(cfg, "val", placement, first_epoch)
@@ -543,13 +404,16 @@ class _Run:
             "val_images": manifest.splits["val"].samples,
             "synthetic": all(words.startswith("synthetic") for _, words in manifest.classes),
         }
-        partial = None
+        carried = PartialEpoch()
         if state:
-            restore_training(self.training, state)
+            t = self.training
+            note = restore_training(t.module, t.optimizer, t.scaler, state)
+            if note:
+                self.log(note)
             self.pending_rng = state["rng"]
             self.history, self.best_top1 = list(state["history"]), state["best_top1"]
             self.compile_s, self.saved_epochs = state["compile_s"], state["epoch"]
-            partial = state["partial"]
+            carried = PartialEpoch.from_state(state["partial"])
         self.step = make_train_step(self.training.model, self.training.optimizer,
                                     self.training.scaler, cfg, rt)
         if self.main:
@@ -565,22 +429,22 @@ class _Run:
                  f"compile {'on' if rt.compile else 'off'}")
         with StopSignals() as self.signals:
             while epoch < cfg.epochs and not (cfg.max_steps and self.global_step >= cfg.max_steps):
-                outcome = self.train_epoch(epoch, skip, partial)
-                if outcome["interrupted"]:
+                outcome = self.train_epoch(epoch, skip, carried)
+                if outcome.interrupted:
                     return self.interrupted(epoch, outcome)
                 self.finish_epoch(epoch, outcome)
-                if outcome["complete"]:
-                    epoch, skip, partial = epoch + 1, 0, None
-                if self.signals.received is not None and epoch < cfg.epochs:
+                if outcome.complete:
+                    epoch, skip, carried = epoch + 1, 0, PartialEpoch()
+                stop, _ = agree(rt, self.signals.received is not None)
+                if stop and epoch < cfg.epochs:
                     return self.interrupted(epoch, None)
         return self.summarize()
 
-    def train_epoch(self, epoch: int, skip: int, partial: dict | None) -> dict:
-        """Steps of one epoch (from `skip`); returns the epoch's totals and timings."""
+    def train_epoch(self, epoch: int, skip: int, carried: PartialEpoch) -> EpochOutcome:
+        """Steps of one epoch (from `skip`, after the `carried` part of a resumed one)."""
         cfg, rt, device = self.cfg, self.runtime, self.runtime.device
         steps_per_epoch = len(self.train_loader)
-        partial = partial or {"totals": {}, "train_s": 0.0, "timed_s": 0.0, "timed_samples": 0}
-        totals = TrainTotals(**partial["totals"])
+        totals = TrainTotals(steps=carried.steps)
         planned = steps_per_epoch - skip
         if cfg.max_steps:
             planned = min(planned, cfg.max_steps - self.global_step)
@@ -590,9 +454,10 @@ class _Run:
         for _ in range(skip):  # a run stopped mid-epoch: the batches it had already taken
             next_batch(batches)
         if self.pending_rng is not None:  # where the interrupted run stood before this step
-            restore_rng(self.pending_rng, rt)
+            restore_rng(self.pending_rng, device, rt.rank, rt.world_size)
             self.pending_rng = None
         self.training.model.train()
+        wait = LoaderWait(device)
         with tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                   unit="step", disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
             window = StepWindow(LOG_EVERY_STEPS, device)
@@ -601,7 +466,8 @@ class _Run:
             started = self.mark = time.perf_counter()
             warm_end, done, stop = started, 0, False
             for done in range(1, planned + 1):
-                images, labels = next_batch(batches)  # (N, 3, S, S) float32, (N,) int64
+                with wait:
+                    images, labels = next_batch(batches)  # (N, 3, S, S) float32, (N,) int64
                 loss_sum, correct = self.step(images.contiguous(memory_format=rt.memory_format),
                                               labels)
                 self.training.schedule.step()
@@ -620,26 +486,22 @@ class _Run:
             synchronize(device)
             ended = time.perf_counter()
         timed_steps = max(0, done - warm)
-        timed_s = partial["timed_s"] + (ended - warm_end if timed_steps else 0.0)
         if warm and self.warmup_s is not None and self.compile_s is None:
             steady_step_s = (ended - warm_end) / timed_steps if timed_steps else 0.0
             self.compile_s = max(0.0, self.warmup_s - warm * steady_step_s) if rt.compile else 0.0
         complete = skip + done == steps_per_epoch and totals.steps == steps_per_epoch
-        return {"totals": totals, "complete": complete, "interrupted": stop and not complete,
-                "train_s": partial["train_s"] + ended - started, "timed_s": timed_s,
-                "timed_samples": partial["timed_samples"] + timed_steps * cfg.batch_size}
+        return EpochOutcome(
+            totals=totals, carried=carried, complete=complete, interrupted=stop and not complete,
+            train_s=carried.train_s + ended - started,
+            timed_s=carried.timed_s + (ended - warm_end if timed_steps else 0.0),
+            timed_samples=carried.timed_samples + timed_steps * cfg.batch_size,
+            loader_wait_s=carried.loader_wait_s + wait.seconds())
 
     def flush(self, window: StepWindow, totals: TrainTotals, epoch: int, bar: tqdm) -> bool:
         """A log point: read the window (sync), check the losses, agree on stopping (DDP)."""
         rows = window.drain()
         totals.absorb(rows, self.cfg.batch_size)
-        bad, stop = totals.first_bad_step, self.signals.received is not None
-        if self.runtime.world_size > 1:  # every rank takes the same decision at the same step
-            flags = torch.tensor([math.inf if bad is None else bad, 0.0 if stop else 1.0],
-                                 dtype=torch.float64, device=self.runtime.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-            bad = None if math.isinf(flags[0].item()) else int(flags[0].item())
-            stop = flags[1].item() == 0.0
+        stop, bad = agree(self.runtime, self.signals.received is not None, totals.first_bad_step)
         if bad is not None:
             raise self.diverged(epoch, f"step {bad + 1} of {len(self.train_loader)} "
                                        f"(global step {self.epoch_start_step + bad + 1})")
@@ -662,13 +524,11 @@ class _Run:
                          f"{epoch + 1}, {where}; stopped, {kept}. Lower --lr (now {self.cfg.lr}) "
                          "or lengthen --warmup-epochs")
 
-    def finish_epoch(self, epoch: int, outcome: dict) -> None:
+    def finish_epoch(self, epoch: int, outcome: EpochOutcome) -> None:
         """Eval, the metrics row, the checkpoint: after an epoch, or a partial one (max_steps)."""
         cfg, rt = self.cfg, self.runtime
-        totals: TrainTotals = outcome["totals"]
-        sums = all_reduce_sum(torch.tensor([totals.loss_sum, totals.correct, totals.samples],
-                                           dtype=torch.float64, device=rt.device)).tolist()
-        rng_mid_epoch = None if outcome["complete"] else capture_rng(rt)
+        sums = outcome.global_sums(rt)
+        rng_mid_epoch = None if outcome.complete else capture_rng(rt.device, rt.world_size)
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # eval draws nothing from the training stream
             val = evaluate(self.training.module, self.val_loader, rt, cfg.flip_tta)
@@ -676,17 +536,18 @@ class _Run:
         if not math.isfinite(val["loss"]):
             raise self.diverged(epoch, "in its last steps (val loss not finite)")
         row = {
-            "epoch": epoch + 1, "steps": totals.steps,
+            "epoch": epoch + 1, "steps": sums.steps,
             "lr": peak_lr(cfg, rt.world_size) * lr_factor(cfg, len(self.train_loader),
                                                           self.global_step - 1),
-            "train_loss": sums[0] / sums[2], "train_top1": percent(sums[1], sums[2]),
-            "train_samples": int(sums[2]),
+            "train_loss": sums.loss_sum / sums.samples,
+            "train_top1": percent(sums.correct, sums.samples), "train_samples": sums.samples,
             "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
             "val_samples": val["samples"],
-            "epoch_s": outcome["train_s"] + eval_s, "train_s": outcome["train_s"],
-            "eval_s": eval_s,
-            "images_per_s": (outcome["timed_samples"] * rt.world_size / outcome["timed_s"]
-                             if outcome["timed_samples"] else None),
+            "epoch_s": sums.train_s + eval_s, "train_s": sums.train_s, "eval_s": eval_s,
+            "images_per_s": (sums.timed_samples * rt.world_size / sums.timed_s
+                             if sums.timed_samples else None),
+            "loader_wait_s": sums.loader_wait_s,
+            "loader_wait_pct": percent(sums.loader_wait_s, sums.train_s),
         }
         self.history.append(row)
         improved = row["val_top1"] > self.best_top1
@@ -697,30 +558,47 @@ class _Run:
                  f"top-1 {row['train_top1']:.2f} % | val loss {row['val_loss']:.4f} "
                  f"top-1 {row['val_top1']:.2f} % top-5 {row['val_top5']:.2f} % "
                  f"({row['val_samples']} images) | {row['epoch_s']:.1f} s, "
-                 + (f"{row['images_per_s']:.0f} img/s" if row["images_per_s"] else "warm-up only"))
-        if outcome["complete"]:
-            self.save(epoch + 1, 0, None, capture_rng(rt), improved)
-        else:  # stopped by max_steps mid-epoch: --resume continues inside the epoch
-            self.save(epoch, totals.steps, self.partial_state(outcome), rng_mid_epoch, improved)
+                 + (f"{row['images_per_s']:.0f} img/s" if row["images_per_s"] else "warm-up only")
+                 + f", waited on the loader {row['loader_wait_s']:.1f} s "
+                 f"({row['loader_wait_pct']:.0f} %)")
+        self.warn_if_loader_bound(row)
+        if outcome.complete:
+            self.save(epoch + 1, 0, None, capture_rng(rt.device, rt.world_size), self.history,
+                      improved)
+        else:  # stopped by max_steps mid-epoch: --resume continues inside the epoch, whose
+            # partial row a resumed run does not keep
+            self.save(epoch, sums.steps, sums, rng_mid_epoch, self.history[:-1], improved)
 
-    def partial_state(self, outcome: dict) -> dict:
-        return {"totals": outcome["totals"].state(), "train_s": outcome["train_s"],
-                "timed_s": outcome["timed_s"], "timed_samples": outcome["timed_samples"]}
+    def warn_if_loader_bound(self, row: dict) -> None:
+        """Once per run: an epoch whose device waited on the loader over LOADER_BOUND_PCT."""
+        if self.warned_loader_bound or not row["loader_wait_pct"] > LOADER_BOUND_PCT:
+            return
+        self.warned_loader_bound = True
+        remedies = ["--loader resident (if the decoded split fits in device memory)",
+                    f"more --loader-workers (now {self.cfg.loader_workers or 'the default'})"]
+        if self.runtime.device.type == "cuda" and self.train_loader.backend != "dali":
+            remedies.append("--loader dali (decodes on the GPU)")
+        self.log(f"note: this run is loader-bound: the model waited on the loader "
+                 f"{row['loader_wait_pct']:.0f} % of epoch {row['epoch']}; try "
+                 + ", or ".join(remedies))
 
-    def save(self, epoch: int, step_in_epoch: int, partial: dict | None, rng: list[dict],
-             best: bool = False) -> None:
+    def save(self, epoch: int, step_in_epoch: int, partial: PartialEpoch | None,
+             rng: list[dict], history: list[dict], best: bool = False) -> None:
         """Write checkpoints/last.pt (rank 0), and best.pt as its copy when val top-1 improved.
-        `epoch`/`step_in_epoch` say where a resumed run starts; `rng` is every rank's state."""
-        history = self.history if partial is None else self.history[:-1]
+        `epoch`/`step_in_epoch` say where a resumed run starts; `partial` holds the global totals
+        of a part-done epoch; `rng` is every rank's state; `history` the rows the weights have
+        seen as complete epochs (a resumed run rewrites metrics.jsonl from it)."""
         self.saved_epochs = epoch
         if not self.main:
             return
         t = self.training
         save_checkpoint(self.last_path, {
             "format": CHECKPOINT_FORMAT, "config": asdict(self.cfg), "classes": self.classes,
+            "normalisation": normalisation(),
             "model": t.module.state_dict(), "optimizer": t.optimizer.state_dict(),
             "scaler": t.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-            "global_step": self.global_step, "partial": partial, "rng": rng,
+            "global_step": self.global_step,
+            "partial": None if partial is None else partial.state(), "rng": rng,
             "history": history, "best_top1": self.best_top1, "compile_s": self.compile_s,
             "metrics": self.history[-1] if self.history else None,
         })
@@ -729,15 +607,19 @@ class _Run:
             shutil.copyfile(self.last_path, tmp)
             os.replace(tmp, self.last_path.with_name("best.pt"))
 
-    def interrupted(self, epoch: int, outcome: dict | None) -> RunResult:
-        """After SIGINT/SIGTERM: save where the run stands (mid-epoch when `outcome`)."""
+    def interrupted(self, epoch: int, outcome: EpochOutcome | None) -> RunResult:
+        """After SIGINT/SIGTERM (agreed by every rank): save where the run stands (mid-epoch when
+        `outcome`)."""
+        rt = self.runtime
         if outcome is not None:
-            self.save(epoch, outcome["totals"].steps, self.partial_state(outcome),
-                      capture_rng(self.runtime))
-            where = f"epoch {epoch + 1}, step {outcome['totals'].steps}"
+            sums = outcome.global_sums(rt)
+            self.save(epoch, sums.steps, sums, capture_rng(rt.device, rt.world_size),
+                      self.history)
+            where = f"epoch {epoch + 1}, step {sums.steps}"
         else:
             where = f"the end of epoch {epoch}"
-        name = signal.Signals(self.signals.received).name
+        received = self.signals.received
+        name = signal.Signals(received).name if received else "a signal to another process"
         message = (f"{name}: stopped at {where}; saved {self.last_path}. Continue with the same "
                    f"command plus --resume --out {self.run_dir}")
         self.log(message)
@@ -754,6 +636,9 @@ class _Run:
             "epochs": len(self.history), "steps": self.global_step,
             "epoch_s": [r["epoch_s"] for r in self.history],
             "images_per_s": median(rates) if rates else None,
+            "loader_wait_s": sum(r.get("loader_wait_s", 0.0) for r in self.history),
+            "loader_wait_pct": percent(sum(r.get("loader_wait_s", 0.0) for r in self.history),
+                                       sum(r["train_s"] for r in self.history)),
             "compile_s": self.compile_s, "warmup_s": self.warmup_s,
             "val_samples": last.get("val_samples"), "data": self.data,
             "device": describe_device(rt), "loader": self.train_loader.backend, "amp": rt.amp,

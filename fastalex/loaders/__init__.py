@@ -30,7 +30,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
+from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig, default_workers
 from fastalex.errors import UserError
 from fastalex.loaders.augment import Augment
 from fastalex.shards import Manifest, check_pack, read_manifest
@@ -55,11 +55,20 @@ class Loader(Protocol):
 
 
 class Placement(NamedTuple):
-    """Where the batches go and which share of the split this process reads."""
+    """Where the batches go, which share of the split this process reads, and how many processes
+    share this machine's cores (torchrun's LOCAL_WORLD_SIZE)."""
 
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1
+
+
+def loader_workers(cfg: TrainConfig, placement: Placement) -> int:
+    """cfg.loader_workers, or this process's share of the cores it may use: under torchrun, N
+    processes on a machine each take 1/N of them (every rank taking every core would run N times
+    as many decode processes or threads as cores)."""
+    return cfg.loader_workers or max(1, default_workers() // max(1, placement.local_world_size))
 
 
 def rank_share(samples: int, rank: int, world_size: int) -> tuple[int, int]:

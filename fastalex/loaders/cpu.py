@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import io
 import mmap
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fastalex.config import TrainConfig, default_workers
+from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, augment_for, plan_share
+from fastalex.loaders import Batch, Placement, augment_for, loader_workers, plan_share
 from fastalex.loaders.augment import (
     epoch_generator,
     keep_large_blocks_in_heap,
@@ -55,7 +56,8 @@ from fastalex.loaders.augment import (
 )
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest, read_index
 
-
+SHM_DIR = "/dev/shm"  # torch's shared CPU tensors live here (Docker's default size: 64 MB)
+SHM_HEADROOM = 0.8  # share of the free shared memory this machine's rings may take
 
 def decode_labels(digits: np.ndarray) -> np.ndarray:
     """(N, LABEL_DIGITS) uint8 ASCII digits -> (N,) int64 labels, vectorised."""
@@ -168,6 +170,56 @@ class ShardDecoder(torch.utils.data.Dataset):
         return len(self.offsets)
 
 
+def ring_slots(workers: int, prefetch: int) -> int:
+    """Batches in the shared-memory ring. Slot reuse is safe: the DataLoader keeps prefetch *
+    workers tasks outstanding, so batch i + slots is dispatched only after batch i + 2 was handed
+    over, when batch i is long done."""
+    return prefetch * workers + 2
+
+
+def free_shared_memory() -> int | None:
+    """Bytes free in SHM_DIR, where torch puts shared CPU tensors (None: no such mount)."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def fit_ring(cfg: TrainConfig, placement: Placement, batch_bytes: int, train: bool) -> int:
+    """Decode workers for this loader, with its ring checked against free shared memory.
+
+    Every process on the machine builds a train ring, then a val ring: this one may take
+    SHM_HEADROOM of what is free divided by the rings still to come (so the first rings leave room
+    for the later ones). With the default worker count, workers are dropped until the ring fits;
+    a ring that cannot fit is a UserError naming the fixes, never a SIGBUS in a worker.
+    """
+    workers = loader_workers(cfg, placement)
+    free = free_shared_memory()
+    if free is None:
+        return workers
+    budget = SHM_HEADROOM * free / (placement.local_world_size * (2 if train else 1))
+    while not cfg.loader_workers and workers > 1 and \
+            ring_slots(workers, cfg.prefetch) * batch_bytes > budget:
+        workers -= 1
+    need = ring_slots(workers, cfg.prefetch) * batch_bytes
+    if need > budget:
+        raise UserError(
+            f"the cpu loader's shared-memory ring needs {need / 2**20:.0f} MiB ({workers} workers, "
+            f"--prefetch {cfg.prefetch}, --batch-size {cfg.batch_size}) but {SHM_DIR} has "
+            f"{free / 2**20:.0f} MiB free for {placement.local_world_size} process(es); lower "
+            "--loader-workers, --prefetch or --batch-size, or give the machine more shared "
+            "memory (Docker: --shm-size=2g)")
+    return workers
+
+
+def worker_start_method(placement: Placement) -> str | None:
+    """How decode workers start: fork (the DataLoader's default, fastest) in a single process;
+    forkserver once a process group exists, whose threads a fork would copy mid-operation (a
+    forked worker deadlocked in Python's after-fork code beside gloo's threads)."""
+    return "forkserver" if placement.world_size > 1 else None
+
+
 def keep_as_is(task_result):
     """collate_fn for the DataLoader: worker results are already batches (no tensor conversion)."""
     return task_result
@@ -209,12 +261,11 @@ class CpuLoader:
         self.share = plan_share(manifest.splits[split].samples, cfg.batch_size, placement,
                                 self.augment.train)
         self.samples = self.share.samples
-        workers = cfg.loader_workers or default_workers()
-        # Slot reuse is safe: the DataLoader keeps prefetch * workers tasks outstanding, so batch
-        # i + slots is dispatched only after batch i + 2 was handed over, when i is long done.
-        slots = cfg.prefetch * workers + 2
         height, width = self.table.canvas_px
-        canvases = torch.empty((slots, cfg.batch_size, height, width, 3), dtype=torch.uint8)
+        batch_bytes = cfg.batch_size * height * width * 3
+        workers = fit_ring(cfg, placement, batch_bytes, self.augment.train)
+        canvases = torch.empty((ring_slots(workers, cfg.prefetch), cfg.batch_size, height, width, 3),
+                               dtype=torch.uint8)
         self._tasks = _EpochBatches()
         self._loader = DataLoader(
             ShardDecoder(self.table, canvases.share_memory_()),
@@ -224,6 +275,7 @@ class CpuLoader:
             num_workers=workers,
             prefetch_factor=cfg.prefetch,
             persistent_workers=True,
+            multiprocessing_context=worker_start_method(placement),
         )
         if self.device.type == "cpu":
             keep_large_blocks_in_heap()

@@ -33,6 +33,18 @@ Output. GPU: ``output_layout="HWC"`` float32, and ``permute(0, 3, 1, 2)`` makes 
 channels-last view. Labels: the ``.cls`` member is ``LABEL_DIGITS`` ASCII digits, read as
 (N, 6) uint8 and turned into int64 on the device with one multiply-add (no per-sample Python).
 
+Memory lifetime (GPU). DALI 2.4's iterator hands each output over zero-copy (DLPack): the torch
+tensor views a buffer from DALI's pool, and torch's stream is made to wait for DALI's work that
+fills it. Nothing orders the buffer's RELEASE after the torch kernels that read it: the trainer
+queues its step and asks for the next batch without waiting for the GPU, so once the last Python
+reference goes, DALI could hand the buffer to a later batch while the queued step still reads it.
+`KeepUntilDone` makes that impossible by construction: when the consumer asks for the next batch
+(so its work on this one is queued), a CUDA event is recorded on the current stream and the
+outputs are kept until the event has completed; done entries are dropped without waiting, and only
+past HELD_MAX pending batches does it wait for the oldest. `decode_split` (the resident loader's
+one-off decode) uses the same keeper instead of a sync per batch. In CPU-only mode the consumer
+reads each batch synchronously, so nothing is kept.
+
 Reproducibility. DALI's reader shuffle (and, on the GPU, its crop windows and flips) come from the
 pipeline's seed and advance from epoch to epoch inside the pipeline; they cannot be set per epoch
 without rebuilding it and refilling the shuffle buffer (~3.6 s for 100k samples). The seed is
@@ -50,6 +62,8 @@ a grey level for the same window (tests/test_loaders.py).
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,9 +71,9 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.backend import GetCUDADeviceCount
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig, default_workers
+from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, augment_for, plan_share, rank_share
+from fastalex.loaders import Batch, Placement, augment_for, loader_workers, plan_share, rank_share
 from fastalex.loaders.augment import (
     CROP_ATTEMPTS,
     epoch_generator,
@@ -75,6 +89,41 @@ SHUFFLE_BUFFER = 100_000  # samples: Tiny ImageNet's train split (DALI_NOTES.md:
 GPU_THREADS_MAX = 8  # CPU threads per GPU pipeline (Huffman decoding of the non-hardware share)
 HW_DECODER_LOAD = 0.65  # DALI's default share for the hardware JPEG decoder (DALI_NOTES.md)
 PREALLOCATE_PX = 64  # Tiny ImageNet's image size: sizes nvJPEG's buffers up front
+HELD_MAX = 16  # batches KeepUntilDone holds before it waits for the oldest one's work
+
+
+class KeepUntilDone:
+    """Holds objects until an event recorded after their consumers' work completes (see the
+    module docstring). `new_event()` returns an event already recorded on the consumer's stream
+    (CUDA: torch.cuda.Event + record; anything with query() and synchronize()); None keeps
+    nothing (CPU)."""
+
+    def __init__(self, new_event: Callable[[], object] | None) -> None:
+        self.new_event = new_event
+        self.held: deque = deque()  # (event, outputs), oldest first
+
+    def keep(self, outputs: object) -> None:
+        """Call once the work that reads `outputs` is queued."""
+        if self.new_event is None:
+            return
+        self.held.append((self.new_event(), outputs))
+        while self.held and self.held[0][0].query():  # done: nothing reads them any more
+            self.held.popleft()
+        while len(self.held) > HELD_MAX:  # bound the memory kept: wait for the oldest
+            self.held[0][0].synchronize()
+            self.held.popleft()
+
+    def release_all(self) -> None:
+        """Wait for every kept batch's work and let the buffers go."""
+        while self.held:
+            self.held.popleft()[0].synchronize()
+
+
+def cuda_event_now() -> torch.cuda.Event:
+    """An event recorded now on the current CUDA stream."""
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def dali_available(device: torch.device) -> bool:
@@ -182,7 +231,7 @@ def decode_split(
     """This rank's share of `split` (``rank_share`` of the global order) decoded once by DALI:
     (N, H, W, 3) uint8 images top-left on the H x W canvas and (N, 2) int32 (height, width), both
     on placement.device, in global order. For the `resident` loader (nvJPEG on CUDA)."""
-    device, device_id, threads = pipeline_device(placement.device, cfg.loader_workers)
+    device, device_id, threads = pipeline_device(cfg, placement)
     info = manifest.splits[split]
     tars, indices = shard_paths(Path(cfg.shards), manifest, split)
     start, stop = rank_share(info.samples, placement.rank, placement.world_size)
@@ -204,31 +253,34 @@ def decode_split(
     )
     images = torch.empty((stop - start, *canvas_px, 3), dtype=torch.uint8, device=device)
     sizes = torch.empty((stop - start, 2), dtype=torch.int32, device=device)
+    kept = KeepUntilDone(cuda_event_now if device.type == "cuda" else None)
     done = 0
     for batch in outputs:
         count = len(batch[0]["images"])
         images[done : done + count].copy_(batch[0]["images"])
         sizes[done : done + count].copy_(batch[0]["sizes"])
-        if device.type == "cuda":  # CUDA sync: DALI may recycle the batch's memory once it is freed
-            torch.cuda.current_stream(device).synchronize()
+        kept.keep(batch)  # DALI's buffers stay ours until the copies have run
         done += count
+    kept.release_all()
     if done != stop - start:
         raise RuntimeError(f"DALI decoded {done} of this rank's {stop - start} samples")
     del outputs, pipe
     return images, sizes
 
 
-def pipeline_device(device: torch.device, workers: int) -> tuple[torch.device, int | None, int]:
-    """(torch device, DALI device_id (None = CPU-only mode), pipeline threads) for `device`;
-    `workers` 0 = every core on the CPU, up to GPU_THREADS_MAX for a GPU pipeline."""
-    device = torch.device(device)
+def pipeline_device(cfg: TrainConfig, placement: Placement) -> tuple[torch.device, int | None, int]:
+    """(torch device, DALI device_id (None = CPU-only mode), pipeline threads) for the placement.
+    Threads: cfg.loader_workers, else this process's share of the cores (loaders.loader_workers),
+    at most GPU_THREADS_MAX for a GPU pipeline."""
+    device = torch.device(placement.device)
     if not dali_available(device):
         raise UserError(f"DALI cannot run on {device}: no CUDA device visible to DALI")
+    threads = loader_workers(cfg, placement)
     if device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
-        threads = workers or min(default_workers(), GPU_THREADS_MAX)
+        threads = cfg.loader_workers or min(threads, GPU_THREADS_MAX)
         return torch.device("cuda", device_id), device_id, threads
-    return torch.device("cpu"), None, workers or default_workers()
+    return torch.device("cpu"), None, threads
 
 
 def shard_paths(directory: Path, manifest: Manifest, split: str) -> tuple[list[str], list[str]]:
@@ -256,7 +308,7 @@ class DaliLoader:
         placement: Placement,
         first_epoch: int = 0,
     ):
-        self.device, device_id, threads = pipeline_device(placement.device, cfg.loader_workers)
+        self.device, device_id, threads = pipeline_device(cfg, placement)
         self.augment = augment_for(cfg, split)
         self.train = self.augment.train
         self.epoch = first_epoch
@@ -293,6 +345,7 @@ class DaliLoader:
             last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
             auto_reset=False,
         )
+        self._kept = KeepUntilDone(cuda_event_now if self.on_gpu else None)
         self._passes = 0  # epochs started on this pipeline
         self._mid_epoch = False  # the last pass stopped before DALI's epoch ended
         powers = 10 ** torch.arange(LABEL_DIGITS - 1, -1, -1, dtype=torch.int64)
@@ -326,7 +379,10 @@ class DaliLoader:
             else:
                 with one_thread_on_cpu(self.device):
                     images = self._augment(outputs[0]["images"], outputs[0]["sizes"], generator)
-            yield Batch(images, labels)
+            try:
+                yield Batch(images, labels)
+            finally:  # the consumer's work on this batch is queued (or it stopped): keep it
+                self._kept.keep(outputs)
             if step + 1 == self.steps:
                 break
         else:
@@ -342,6 +398,9 @@ class DaliLoader:
         return self.augment.apply(canvases, boxes, flips, ragged_sizes(sizes, canvases.shape[1:3]))
 
     def close(self) -> None:
+        kept = getattr(self, "_kept", None)
+        if kept is not None:
+            kept.release_all()
         iterator, self._iterator = getattr(self, "_iterator", None), None
         pipe, self._pipe = getattr(self, "_pipe", None), None
         del iterator, pipe

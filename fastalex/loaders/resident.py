@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fastalex.config import TrainConfig, default_workers
+from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, augment_for, plan_share
+from fastalex.loaders import Batch, Placement, augment_for, loader_workers, plan_share
 from fastalex.loaders.augment import epoch_generator, one_thread_on_cpu, ragged_sizes
-from fastalex.loaders.cpu import SampleTable, ShardDecoder
+from fastalex.loaders.cpu import SampleTable, ShardDecoder, worker_start_method
 from fastalex.shards import Manifest
 
 DECODE_BATCH = 512  # images per decode task
@@ -80,7 +80,8 @@ def check_fits(need: int, device: torch.device, cap_gb: float, split: str) -> No
 
 
 def decode_share(
-    table: SampleTable, ids: np.ndarray, device: torch.device, workers: int
+    table: SampleTable, ids: np.ndarray, device: torch.device, workers: int,
+    start_method: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode the samples `ids` with the cpu backend's workers into (N, H, W, 3) uint8 and
     (N, 2) int32 (height, width), both on `device`, in the order of `ids`."""
@@ -94,6 +95,7 @@ def decode_share(
         sampler=batches,
         num_workers=min(workers, len(batches)),
         pin_memory=device.type == "cuda",
+        multiprocessing_context=start_method if workers else None,
     )
     start = 0
     for batch_images, batch_sizes in loader:
@@ -136,7 +138,6 @@ class ResidentLoader:
         self.sizes = ragged_sizes(sizes, table.canvas_px)  # None: every image fills the canvas
 
     def _decode(self, cfg, table, ids, manifest, split, placement):
-        workers = cfg.loader_workers or default_workers()
         if self.device.type == "cuda":
             from fastalex.loaders import dali_usable
 
@@ -144,7 +145,8 @@ class ResidentLoader:
                 from fastalex.loaders.dali import decode_split
 
                 return decode_split(cfg, split, manifest, placement, table.canvas_px)
-        return decode_share(table, ids, self.device, workers)
+        return decode_share(table, ids, self.device, loader_workers(cfg, placement),
+                            worker_start_method(placement))
 
     def __len__(self) -> int:
         return self.steps
