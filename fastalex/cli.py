@@ -116,14 +116,24 @@ def synth(out, classes, train_per_class, val_per_class, test_images, seed, worke
 )
 @config_options(PackConfig)
 def pack(paths, download, url, md5, cache_dir, **options) -> None:
-    """Pack a Tiny ImageNet tree (directory, or the official zip read in place) into shards at OUT.
+    """Pack a source tree (a directory, or a zip read in place) into shards at OUT.
+
+    \b
+    SRC is in one of two layouts, told apart by what it holds:
+      Tiny ImageNet  wnids.txt, train/<wnid>/images/*, val/val_annotations.txt + val/images/*
+      ImageFolder    train/<class>/<images>, val/<class>/<images> (or --val-fraction), and
+                     optionally classes.txt or words.txt: <class> <name> per line
 
     Train and val become WebDataset tars with DALI indexes and a manifest (counts, sha256, labels in
-    sorted-wnid order, rejected files and why). Every JPEG is fully decoded once first: files that
-    do not decode are rejected and listed (or, with --strict, stop the run). Test is unlabelled and
-    skipped. A pack killed part-way leaves no manifest; run the same command again.
+    sorted class order, rejected files and why). Every image's header is checked (over
+    --max-pixels: rejected undecoded) and every image fully decoded once: files that do not decode
+    are rejected and listed (or, with --strict, stop the run). PNG, WebP, BMP, TIFF, GIF and PPM
+    are stored as JPEG (--no-transcode rejects them), images over --max-side are stored
+    downscaled; other JPEGs are stored byte for byte. A pack killed part-way leaves no manifest;
+    run the same command again.
     """
     from fastalex import tinyimagenet
+    from fastalex.imagefolder import detect_source
     from fastalex.pack import pack as run_pack
     from fastalex.pack import summarize
 
@@ -147,8 +157,8 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
     elif len(paths) == 2:
         src, out = paths
     else:
-        raise UserError("give SRC and OUT: fastalex pack tiny-imagenet-200[.zip] OUT")
-    manifest, wrote = run_pack(tinyimagenet.open_source(src), out, cfg)
+        raise UserError("give SRC and OUT: fastalex pack SRC-DIR-OR-ZIP OUT")
+    manifest, wrote = run_pack(detect_source(src), out, cfg)
     click.echo(summarize(manifest))
     done = "packed into" if wrote else "already packed (same source and settings), kept"
     click.echo(f"{done} {out}; check it any time with: fastalex verify {out}")

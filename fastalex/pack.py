@@ -1,30 +1,37 @@
-"""Source tree -> shards: parallel, every JPEG fully decoded once before it is written, atomic.
+"""Source tree -> shards: parallel, every image checked (header first, then a full decode) once
+before it is written, atomic.
 
-Imports the layout reader and the shard format, never torch or DALI. A pack is staged in
-``OUT/.staging/`` and moved into place only when every shard is written; the manifest is written
-last, so a pack killed at any point leaves no manifest and re-running starts it afresh.
+Imports the layout readers, images.py and the shard format, never torch or DALI. Each file goes
+through `images.prepare_image`: a whole, upright JPEG within ``max_side`` is stored byte-identical;
+other formats are transcoded, larger images downscaled, and headers over ``max_pixels`` rejected
+before any decode. A pack is staged in ``OUT/.staging/`` and moved into place only when every
+shard is written; the manifest is written last, so a pack killed at any point leaves no manifest
+and re-running starts it afresh.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
+import zipfile
+import zlib
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-import simplejpeg
-from PIL import Image
 
 from fastalex.config import PackConfig
 from fastalex.errors import UserError
+from fastalex.imagefolder import read_source
+from fastalex.images import Rejected, check_jpeg, max_file_bytes, prepare_image
 from fastalex.shards import (
     FORMAT_VERSION,
     MANIFEST,
     SPLITS,
     Manifest,
+    ShardInfo,
     SplitInfo,
     check_shard,
     iter_shard,
@@ -35,43 +42,13 @@ from fastalex.shards import (
     write_manifest,
     write_shard,
 )
-from fastalex.tinyimagenet import Layout, Source, SourceRef, read_layout
+from fastalex.tinyimagenet import Layout, Source, SourceRef
 
 STAGING = ".staging"
 PACK_FILE = re.compile(r"^(train|val)-\d{6}\.(tar|idx)(\.part)?$|^manifest\.json(\.part)?$")
 PROGRESS_EVERY = 64  # images between updates of the shared progress counter
-JPEG_MAGIC = b"\xff\xd8\xff"
-OTHER_MAGIC = {b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "RIFF/WebP"}
-
-
-class Rejected(Exception):
-    """An input file that will not be packed, with the reason."""
-
-
-def check_jpeg(data: bytes) -> tuple[int, int]:
-    """(height, width) of a JPEG that decodes completely; raise Rejected with the reason otherwise.
-
-    simplejpeg (libjpeg-turbo, strict: warnings are errors) decides first; what it refuses gets a
-    second, full decode by Pillow, which accepts recoverable oddities but raises on truncation.
-    """
-    if not data:
-        raise Rejected("empty file")
-    if not data.startswith(JPEG_MAGIC):
-        kind = next((k for magic, k in OTHER_MAGIC.items() if data.startswith(magic)), None)
-        raise Rejected(f"not a JPEG ({kind} data)" if kind else "not a JPEG (no SOI marker)")
-    try:
-        return simplejpeg.decode_jpeg(data, colorspace="rgb").shape[:2]
-    except ValueError as first:
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                if image.format != "JPEG" or image.convert("RGB").size[0] < 1:
-                    raise Rejected("not a JPEG")
-                return image.size[::-1]
-        except Rejected:
-            raise
-        except Exception as second:  # Pillow raises many types for bad data
-            raise Rejected(f"does not decode ({first}; {second})") from None
+READ_ERRORS = (Rejected, OSError, zipfile.BadZipFile, zlib.error, EOFError)  # a bad file, not a bug
+COUNTS = ("transcoded", "resized", "reoriented")  # per split, in the manifest
 
 
 _progress = None  # multiprocessing.Value shared with the workers
@@ -88,25 +65,42 @@ def _bump(count: int) -> None:
         _progress.value += count
 
 
-def pack_shard(ref: SourceRef, staging: str, split: str, number: int, items, strict: bool):
-    """Check and write one shard; returns (split, ShardInfo, rejected, (max_h, max_w))."""
+class ShardResult(NamedTuple):
+    split: str
+    info: ShardInfo
+    rejected: list[dict]  # {"path", "reason"}
+    image_px: tuple[int, int]  # largest stored (height, width)
+    counts: dict[str, int]  # COUNTS: how many stored images were transcoded, resized, reoriented
+
+
+def pack_shard(
+    ref: SourceRef, staging: str, split: str, number: int, items, cfg: PackConfig
+) -> ShardResult:
+    """Check, convert where needed (`prepare_image`) and write one shard."""
     source = _sources.get(ref) or _sources.setdefault(ref, Source(ref))
     rejected = []
     max_px = [0, 0]
+    counts = dict.fromkeys(COUNTS, 0)
+    max_bytes = max_file_bytes(cfg.max_pixels)
 
     def samples():
         pending = 0
         for position, rel, label in items:
             try:
-                data = source.read(rel)
-                height, width = check_jpeg(data)
-            except (Rejected, OSError) as e:
-                if strict:
+                if (size := source.size(rel)) > max_bytes:
+                    raise Rejected(f"{size} bytes, more than an image of max_pixels can need")
+                stored = prepare_image(
+                    source.read(rel), cfg.max_side, cfg.jpeg_quality, cfg.transcode, cfg.max_pixels
+                )
+            except READ_ERRORS as e:
+                if cfg.strict:
                     raise UserError(f"{ref.path}: {ref.root}{rel}: {e} (--strict)") from None
                 rejected.append({"path": ref.root + rel, "reason": str(e)})
             else:
-                max_px[0], max_px[1] = max(max_px[0], height), max(max_px[1], width)
-                yield sample_key(position), data, label
+                max_px[0], max_px[1] = max(max_px[0], stored.height), max(max_px[1], stored.width)
+                for name in COUNTS:
+                    counts[name] += getattr(stored, name)
+                yield sample_key(position), stored.jpeg, label
             pending += 1
             if pending == PROGRESS_EVERY:
                 _bump(pending)
@@ -114,7 +108,7 @@ def pack_shard(ref: SourceRef, staging: str, split: str, number: int, items, str
         _bump(pending)
 
     info = write_shard(Path(staging) / shard_name(split, number), samples())
-    return split, info, rejected, tuple(max_px)
+    return ShardResult(split, info, rejected, (max_px[0], max_px[1]), counts)
 
 
 def plan_shards(layout: Layout, cfg: PackConfig) -> list[tuple[str, int, list]]:
@@ -136,13 +130,17 @@ def prepare_out(out: Path, source: dict, cfg: PackConfig) -> bool:
     if (out / MANIFEST).is_file():
         try:
             old = read_manifest(out)
-            same = old.source == source and old.pack == _pack_settings(cfg)
+            changed = _differences({**LEGACY_SOURCE, **old.source}, source)
+            changed += _differences(old.pack, _pack_settings(cfg))
         except UserError:
-            same = False
-        if same and not cfg.overwrite:
+            changed = ["unreadable manifest"]
+        if not changed and not cfg.overwrite:
             return False
         if not cfg.overwrite:
-            raise UserError(f"{out}: holds a different pack; pass --overwrite to replace it")
+            raise UserError(
+                f"{out}: holds a different pack ({'; '.join(changed[:3])}); pass --overwrite to "
+                "replace it"
+            )
     elif out.is_dir():
         foreign = [e.name for e in os.scandir(out) if e.name != STAGING and not PACK_FILE.match(e.name)]
         if foreign:
@@ -157,13 +155,25 @@ def prepare_out(out: Path, source: dict, cfg: PackConfig) -> bool:
     return True
 
 
+LEGACY_SOURCE = {"layout": "tiny-imagenet"}  # what a manifest that names no layout was packed from
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return [f"{key} {old.get(key, 'unset')} -> {new.get(key, 'unset')}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
 def _pack_settings(cfg: PackConfig) -> dict:
-    return {"seed": cfg.seed, "shard_size": cfg.shard_size}
+    """The settings that decide a pack's bytes (with the source): equal ones make a re-run a no-op."""
+    return {"seed": cfg.seed, "shard_size": cfg.shard_size, "max_side": cfg.max_side,
+            "jpeg_quality": cfg.jpeg_quality, "transcode": cfg.transcode,
+            "val_fraction": cfg.val_fraction, "max_pixels": cfg.max_pixels}
 
 
 def describe_source(ref: SourceRef) -> dict:
     path = os.path.abspath(ref.path)
-    entry = {"path": path, "kind": "zip" if ref.is_zip else "dir", "root": ref.root}
+    entry = {"path": path, "kind": "zip" if ref.is_zip else "dir", "root": ref.root,
+             "layout": ref.layout}
     if ref.is_zip:
         entry["bytes"] = os.path.getsize(path)
     return entry
@@ -176,9 +186,7 @@ def pack(
     written (False: `out` already held this very pack, same source and settings, left as it was).
     """
     out = Path(out)
-    layout = read_layout(ref)
-    if not layout.val:
-        raise UserError(f"{ref.path}: val/val_annotations.txt lists no images")
+    layout = read_source(ref, cfg.val_fraction, cfg.seed)
     source = describe_source(ref)
     created = not out.exists()
     if not prepare_out(out, source, cfg):
@@ -211,7 +219,7 @@ def _write_shards(ref: SourceRef, layout: Layout, cfg: PackConfig, staging: Path
         total=len(layout.train) + len(layout.val), unit="img", desc="pack", disable=not progress
     ) as bar:
         pending = [
-            pool.apply_async(pack_shard, (ref, str(staging), split, number, items, cfg.strict))
+            pool.apply_async(pack_shard, (ref, str(staging), split, number, items, cfg))
             for split, number, items in plan
         ]
         for job in pending:
@@ -226,20 +234,22 @@ def _write_shards(ref: SourceRef, layout: Layout, cfg: PackConfig, staging: Path
 def _build_manifest(layout: Layout, source: dict, cfg: PackConfig, results) -> Manifest:
     splits = {}
     for split in ("train", "val"):
-        mine = [r for r in results if r[0] == split]
-        infos = tuple(r[1] for r in mine)
+        mine = [r for r in results if r.split == split]
+        infos = tuple(r.info for r in mine)
         samples = sum(info.samples for info in infos)
         if samples == 0:
             raise UserError(f"{source['path']}: every {split} image was rejected; nothing to pack")
-        image_px = (max(r[3][0] for r in mine), max(r[3][1] for r in mine))
-        splits[split] = SplitInfo(samples, image_px, infos)
+        image_px = (max(r.image_px[0] for r in mine), max(r.image_px[1] for r in mine))
+        counts = {name: sum(r.counts[name] for r in mine) for name in COUNTS}
+        splits[split] = SplitInfo(samples, image_px, infos, **counts)
     skipped = (f"test: {layout.test_images} unlabelled images, not packed",) if layout.test_images else ()
+    skipped += layout.skipped
     return Manifest(
         classes=layout.classes,
         splits=splits,
         source=source,
         pack=_pack_settings(cfg),
-        rejected=tuple(rejection for r in results for rejection in r[2]),
+        rejected=tuple(rejection for r in results for rejection in r.rejected),
         skipped=skipped,
         format_version=FORMAT_VERSION,
     )
@@ -287,7 +297,15 @@ def summarize(manifest: Manifest) -> str:
     lines = []
     for split, info in manifest.splits.items():
         size = sum(s.bytes for s in info.shards) / 1e6
-        lines.append(f"{split}: {info.samples} images in {len(info.shards)} shards ({size:.1f} MB)")
+        done = [f"{info.transcoded} transcoded to JPEG"] if info.transcoded else []
+        if info.resized:
+            done.append(f"{info.resized} downscaled to --max-side {manifest.pack.get('max_side')}")
+        if info.reoriented:
+            done.append(f"{info.reoriented} turned upright (EXIF orientation)")
+        lines.append(
+            f"{split}: {info.samples} images in {len(info.shards)} shards ({size:.1f} MB), up to "
+            f"{info.image_px[1]}x{info.image_px[0]} px" + "".join(f"; {d}" for d in done)
+        )
     lines.append(f"classes: {manifest.num_classes}")
     for note in manifest.skipped:
         lines.append(f"skipped {note}")

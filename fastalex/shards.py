@@ -13,8 +13,9 @@ A pack is one directory::
     ...
     val-000000.tar / .idx
 
-Tar: each sample is two consecutive regular-file members sharing one key, ``<key>.jpg`` (the source
-JPEG's bytes, never re-encoded) and ``<key>.cls`` (the label as ASCII decimal, zero-padded to
+Tar: each sample is two consecutive regular-file members sharing one key, ``<key>.jpg`` (JPEG bytes:
+the source JPEG's, unchanged, unless pack transcoded, downscaled or turned it upright, as counted
+per split in the manifest) and ``<key>.cls`` (the label as ASCII decimal, zero-padded to
 ``LABEL_DIGITS`` so every label member has the same size). The key is the sample's position in its
 split after the pack-time shuffle, ``KEY_DIGITS`` decimal digits. Members carry mode 0644, uid/gid 0,
 empty owner names and mtime 0, so the same inputs give byte-identical tars. Each member is a 512-byte
@@ -26,11 +27,21 @@ line per sample listing, for each member, ``<ext> <data_offset> <size> <member_n
 ``data_offset`` is the byte offset of the member's data (its header's offset + 512). Byte-identical to
 DALI's own ``wds2idx`` output for these tars.
 
-Manifest (JSON): ``format_version``; ``classes`` as ``[wnid, words]`` in label order (sorted wnids);
-per split ``samples``, ``image_px`` (largest height and width seen) and ``shards`` (each with
-``name``, ``samples``, ``bytes``, ``sha256``); ``source``; ``pack`` (seed, shard size); ``rejected``
-(``path``, ``reason``) and ``skipped``. A reader refuses any other ``format_version``: a change to
-anything above bumps it.
+Manifest (JSON): ``format_version``; ``classes`` as ``[wnid, words]`` in label order (sorted wnids,
+or sorted class directory names for an ImageFolder tree; words may be empty); per split ``samples``,
+``image_px`` (the largest stored height and the largest stored width, which need not be one image's),
+``shards`` (each with ``name``, ``samples``, ``bytes``, ``sha256``), and ``transcoded``, ``resized``,
+``reoriented`` (how many stored images were converted from another format, downscaled to
+``max_side``, turned upright from an EXIF orientation; 0 when absent); ``source`` (``path``,
+``kind`` dir|zip, ``root``, ``layout`` tiny-imagenet|imagefolder, which is tiny-imagenet when
+absent, and a zip's ``bytes``); ``pack``, the settings (``seed``, ``shard_size``, ``max_side``: no
+stored image's longer side exceeds it, 0 = no bound; ``jpeg_quality``, ``transcode``,
+``val_fraction``, ``max_pixels``; older packs hold the first two only); ``rejected`` (``path``,
+``reason``) and ``skipped``.
+
+Version policy: a reader refuses any other ``format_version``. A change that a reader of this
+version would misread (the tar, the index, a field's meaning) bumps it; a new manifest field does
+not, and every reader treats a missing one as the default named above.
 """
 
 from __future__ import annotations
@@ -75,8 +86,11 @@ class ShardInfo:
 @dataclass(frozen=True)
 class SplitInfo:
     samples: int
-    image_px: tuple[int, int]  # largest (height, width) of the split's images
+    image_px: tuple[int, int]  # largest stored height and largest stored width of the split
     shards: tuple[ShardInfo, ...]
+    transcoded: int = 0  # stored images converted to JPEG from another format
+    resized: int = 0  # stored images downscaled to the pack's max_side
+    reoriented: int = 0  # stored images turned upright from their EXIF orientation
 
 
 @dataclass(frozen=True)
@@ -234,6 +248,11 @@ def read_manifest(directory: Path) -> Manifest:
     """Load and check a pack's manifest; raise UserError naming the problem otherwise."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
+        if kind := _source_kind(Path(directory)):
+            raise UserError(
+                f"{directory}: {kind}, not a pack; pack it first with `fastalex pack {directory} "
+                "OUT`, then give OUT"
+            )
         raise UserError(
             f"{directory}: no {MANIFEST} (not a finished pack); run `fastalex pack SRC {directory}`"
         )
@@ -250,6 +269,9 @@ def read_manifest(directory: Path) -> Manifest:
                 samples=s["samples"],
                 image_px=tuple(s["image_px"]),
                 shards=tuple(ShardInfo(**shard) for shard in s["shards"]),
+                transcoded=s.get("transcoded", 0),
+                resized=s.get("resized", 0),
+                reoriented=s.get("reoriented", 0),
             )
             for name, s in raw["splits"].items()
         }
@@ -264,6 +286,21 @@ def read_manifest(directory: Path) -> Manifest:
         )
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: malformed manifest ({e})") from None
+
+
+def _source_kind(path: Path) -> str | None:
+    """What a path that is not a pack looks like, when it looks like something pack reads."""
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return "a zip (of a source tree?)"
+    if not path.is_dir():
+        return None
+    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for top in (path, path / "tiny-imagenet-200", *(subdirs if len(subdirs) == 1 else ())):
+        if (top / "wnids.txt").is_file():
+            return "a source tree (Tiny ImageNet layout)"
+        if (top / "train").is_dir():
+            return "a source tree (ImageFolder layout)"
+    return None
 
 
 def check_shard(directory: Path, shard: ShardInfo, rehash: bool = True) -> list[str]:

@@ -44,6 +44,7 @@ class SourceRef:
 
     path: str  # the directory or the zip file
     root: str  # prefix of the tree inside it ("" or "tiny-imagenet-200/"), '/'-separated
+    layout: str = "tiny-imagenet"  # which reader: "tiny-imagenet" or "imagefolder" (imagefolder.py)
 
     @property
     def is_zip(self) -> bool:
@@ -76,6 +77,44 @@ class Source:
                 return False
         return os.path.isfile(os.path.join(self.ref.path, self.ref.root, rel))
 
+    def size(self, rel: str) -> int:
+        """Bytes of file `rel` (uncompressed, in a zip), read from the directory entry."""
+        if self._zip is not None:
+            return self._zip.getinfo(self.ref.root + rel).file_size
+        return os.path.getsize(os.path.join(self.ref.path, self.ref.root, rel))
+
+    def has_dir(self, rel: str) -> bool:
+        """Whether directory `rel` exists (in a zip: whether any member lies below it)."""
+        if self._zip is not None:
+            prefix = self.ref.root + rel.rstrip("/") + "/"
+            return any(n.startswith(prefix) for n in self._zip.namelist())
+        return os.path.isdir(os.path.join(self.ref.path, self.ref.root, rel))
+
+    def walk_files(self, rel: str) -> list[str]:
+        """Paths relative to `rel` of every file below directory `rel`, at any depth, sorted;
+        hidden files and directories left out. The same list for a directory and its zip."""
+        if self._zip is not None:
+            prefix = self.ref.root + rel.rstrip("/") + "/"
+            found = (n[len(prefix) :] for n in self._zip.namelist() if n.startswith(prefix))
+            return sorted(
+                n for n in found
+                if n and not n.endswith("/") and not any(p.startswith(".") for p in n.split("/"))
+            )
+        top = os.path.join(self.ref.path, self.ref.root, rel)
+        found, seen = [], set()
+        for folder, dirs, files in os.walk(top, followlinks=True):  # as torchvision's ImageFolder
+            real = os.path.realpath(folder)
+            if real in seen:  # a symlink loop: each directory once
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            below = os.path.relpath(folder, top).replace(os.sep, "/")
+            below = "" if below == "." else below + "/"
+            found += [below + f for f in files if not f.startswith(".")
+                      and os.path.isfile(os.path.join(folder, f))]
+        return sorted(found)
+
     def list_dir(self, rel: str) -> list[str]:
         """Names of the files directly inside directory `rel`, sorted; hidden files left out."""
         if self._zip is not None:
@@ -90,25 +129,44 @@ class Source:
 
 def open_source(path: str | os.PathLike) -> SourceRef:
     """Locate the layout in a directory or zip: at its top, or in its one subdirectory."""
+    path = check_source_path(path)
+    root = find_tiny_root(path)
+    if root is None:
+        kind = "tree" if os.path.isdir(path) else "zip"
+        raise UserError(f"{path}: not a Tiny ImageNet {kind}: missing wnids.txt")
+    return SourceRef(path, root)
+
+
+def check_source_path(path: str | os.PathLike) -> str:
+    """`path` as a string, once it is known to be a directory or a readable zip."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or directory")
+    if not os.path.isdir(path):
+        zip_names(path)
+    return path
+
+
+def zip_names(path: str) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{path}: not a directory or a readable zip ({e})") from None
+
+
+def find_tiny_root(path: str) -> str | None:
+    """The prefix under which a directory or zip holds wnids.txt, or None."""
     if os.path.isdir(path):
         for root in ("", "tiny-imagenet-200/"):
             if os.path.isfile(os.path.join(path, root, "wnids.txt")):
-                return SourceRef(path, root)
+                return root
         subdirs = [e.name for e in os.scandir(path) if e.is_dir()]
         if len(subdirs) == 1 and os.path.isfile(os.path.join(path, subdirs[0], "wnids.txt")):
-            return SourceRef(path, subdirs[0] + "/")
-        raise UserError(f"{path}: not a Tiny ImageNet tree: missing wnids.txt")
-    try:
-        with zipfile.ZipFile(path) as z:
-            candidates = [n for n in z.namelist() if n.rsplit("/", 1)[-1] == "wnids.txt"]
-    except (zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"{path}: not a directory or a readable zip ({e})") from None
-    if not candidates:
-        raise UserError(f"{path}: not a Tiny ImageNet zip: missing wnids.txt")
-    return SourceRef(path, min(candidates, key=len)[: -len("wnids.txt")])
+            return subdirs[0] + "/"
+        return None
+    candidates = [n for n in zip_names(path) if n.rsplit("/", 1)[-1] == "wnids.txt"]
+    return min(candidates, key=len)[: -len("wnids.txt")] if candidates else None
 
 
 @dataclass(frozen=True)
@@ -117,6 +175,7 @@ class Layout:
     train: tuple[tuple[str, int], ...]  # (relative path, label)
     val: tuple[tuple[str, int], ...]
     test_images: int  # unlabelled, not packed
+    skipped: tuple[str, ...] = ()  # other files not packed, one line each, for the manifest
 
 
 def _read_text(source: Source, rel: str) -> str:
@@ -348,15 +407,27 @@ def synth(
     and scale over a random background with pixel noise, so a CNN can learn it but not from one
     pixel. Deterministic for a seed, whatever the number of workers.
     """
-    from multiprocessing import get_context
-
-    from tqdm import tqdm
-
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose a new directory")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty; choose a new directory")
     if classes < 1 or train_per_class < 1 or val_per_class < 0 or test_images < 0:
         raise UserError("synth needs classes >= 1, train-per-class >= 1 and non-negative counts")
+    try:
+        return _write_synth(out, classes, train_per_class, val_per_class, test_images, seed,
+                            workers, progress)
+    except OSError as e:  # unwritable, read-only or full: the user's to fix, not a bug
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
+        raise UserError(f"{out}: cannot write there: {e.strerror or e}{where}") from None
+
+
+def _write_synth(out: Path, classes: int, train_per_class: int, val_per_class: int,
+                 test_images: int, seed: int, workers: int, progress: bool) -> int:
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
     wnids = synth_wnids(classes)
     for split in ("val", "test"):
         (out / split / "images").mkdir(parents=True, exist_ok=True)

@@ -263,3 +263,82 @@ def launch():
     yield start
     for launched in started:
         launched.kill_group()
+
+
+# --- an ImageFolder tree of every format pack reads (imagefolder tests) ---------------------------
+
+FOLDER_LEVELS = {"zebra": 40, "Cat": 120, "dog": 200}  # class directory -> flat grey level
+FOLDER_NAMES = {"zebra": "striped horse", "Cat": "house cat"}  # classes.txt; dog has no name
+BIG_PX = (1000, 2000)  # (height, width) of the one large JPEG, train/dog/big.JPEG
+
+
+def write_folder_images(folder, level: int) -> list[str]:
+    """One file of each kind pack reads, every one a flat grey `level` at its centre, sizes 20 px
+    to 80 px; returns the names written."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def save(name, image, fmt, **kwargs):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **kwargs)
+        path.write_bytes(buffer.getvalue())
+        return name
+
+    folder.mkdir(parents=True, exist_ok=True)
+    grey = (level,) * 3
+    rgba = Image.new("RGBA", (40, 40), (*grey, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 10, 40))  # left quarter fully transparent
+    palette = Image.new("P", (36, 36), 1)
+    palette.putpalette([0, 0, 0, *grey, 255 - level, 255 - level, 255 - level] + [0] * 759)
+    palette.paste(0, (0, 0, 6, 6))  # index 0 = transparent
+    second = Image.new("P", (36, 36), 2)
+    second.putpalette(palette.getpalette())
+    deep = Image.fromarray(np.full((32, 32), level * 257, np.uint16))  # 16-bit grey
+    return [
+        save("rgb.png", Image.new("RGB", (30, 20), grey), "PNG"),
+        save("alpha.PNG", rgba, "PNG"),
+        save("photo.webp", Image.new("RGB", (64, 48), grey), "WEBP", quality=95),
+        save("scan.bmp", Image.new("RGB", (50, 50), grey), "BMP"),
+        save("gray.jpg", Image.new("L", (20, 20), level), "JPEG", quality=95),
+        save("print.tiff", Image.new("CMYK", (60, 40), (0, 0, 0, 255 - level)), "TIFF"),
+        save("anim.gif", palette, "GIF", transparency=0, save_all=True, append_images=[second]),
+        save("deep.png", deep, "PNG"),
+        save("sub/nested.jpeg", Image.new("RGB", (80, 60), grey), "JPEG", quality=95),
+        save("cmyk.jpg", Image.new("CMYK", (30, 30), (0, 0, 0, 255 - level)), "JPEG", quality=95),
+    ]
+
+
+@pytest.fixture(scope="session")
+def folder_tree(tmp_path_factory):
+    """An ImageFolder tree: train/<class>/ with one file of each format per class (10), plus, in
+    train/dog/, a 2000 x 1000 JPEG, a truncated PNG and a notes.txt; val/<class>/ with 2 images
+    each; classes.txt naming two classes. Returns a namespace: ``path`` (the tree's root,
+    "photos"), ``levels`` ({class: grey level}), ``names`` (classes.txt), ``big_px``."""
+    import io
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder") / "photos"
+    for name, level in FOLDER_LEVELS.items():
+        write_folder_images(root / "train" / name, level)
+        val = root / "val" / name
+        val.mkdir(parents=True)
+        Image.new("RGB", (24, 24), (level,) * 3).save(val / "a.jpg", quality=95)
+        Image.new("L", (28, 20), level).save(val / "b.png")
+    dog = root / "train" / "dog"
+    rows = np.linspace(0, 1, BIG_PX[0])[:, None] * np.linspace(0, 1, BIG_PX[1])[None, :]
+    big = np.full((*BIG_PX, 3), FOLDER_LEVELS["dog"], np.uint8)
+    big[:, :, 0] = np.clip(FOLDER_LEVELS["dog"] - 20 + 40 * rows, 0, 255)  # some detail to resample
+    Image.fromarray(big).save(dog / "big.JPEG", quality=90)
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(buffer, "PNG")
+    (dog / "broken.png").write_bytes(buffer.getvalue()[:60])  # truncated inside the pixel data
+    (dog / "notes.txt").write_text("not an image\n")
+    (root / "classes.txt").write_text("".join(f"{k}\t{v}\n" for k, v in FOLDER_NAMES.items()))
+    return types.SimpleNamespace(path=root, levels=FOLDER_LEVELS, names=FOLDER_NAMES, big_px=BIG_PX)

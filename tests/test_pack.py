@@ -156,7 +156,8 @@ def corrupt_tree(synth_tree, tmp_path):
 
 def test_corrupt_files_are_rejected_with_reasons_and_the_rest_packed(corrupt_tree, tmp_path):
     tree, wnid = corrupt_tree
-    manifest, _ = pack(open_source(tree), tmp_path / "out", PackConfig(shard_size=64), False)
+    config = PackConfig(shard_size=64, transcode=False)  # the PNG is rejected, not transcoded
+    manifest, _ = pack(open_source(tree), tmp_path / "out", config, False)
     reasons = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in manifest.rejected}
     assert set(reasons) == {f"{wnid}_1.JPEG", f"{wnid}_2.JPEG", f"{wnid}_3.JPEG", "notes.txt"}
     assert "does not decode" in reasons[f"{wnid}_1.JPEG"]
