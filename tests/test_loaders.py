@@ -5,6 +5,7 @@ same pixels and the same augmentation statistics, and that a tampered pack is re
 from __future__ import annotations
 
 import math
+import random
 import shutil
 
 import numpy as np
@@ -129,6 +130,25 @@ def test_ranks_get_disjoint_covering_shares(coded_pack, backend, world):
     assert len(set(np.concatenate(train_seen))) == sum(map(len, train_seen))  # disjoint
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_ranks_draw_their_own_crops_and_flips(ramp_pack, backend):
+    """ramp_pack's images are all alike, so two ranks' first batches differ only by their crops
+    and flips: ranks seeded alike would train on identical batches."""
+    needs(backend)
+    first = []
+    for rank in range(2):
+        loader = make(ramp_pack.path, backend, "train", rank, 2, batch_size=50)
+        first.append(ramp_crops(next(iter(loader)).images, ramp_pack.slope))
+        loader.close()
+    for key in ("w", "h", "flipped"):
+        assert not np.allclose(first[0][key], first[1][key]), key
+
+
+def test_epoch_seed_is_distinct_for_each_seed_epoch_and_rank():
+    seeds = {augment.epoch_seed(s, e, r) for s in range(4) for e in range(4) for r in range(4)}
+    assert len(seeds) == 64 and all(0 <= seed < 2**63 for seed in seeds)
+
+
 @pytest.mark.parametrize("image_size", [64, 227])
 @pytest.mark.parametrize("backend", ["dali", "resident"])
 def test_val_pixels_agree_with_the_cpu_reference(synth_pack, backend, image_size):
@@ -170,6 +190,76 @@ def crop_summary(w: np.ndarray, h: np.ndarray) -> np.ndarray:
     """Mean and sd of the area fraction and of log(w/h) for 64 x 64 sources."""
     area, log_ratio = w * h / 64**2, np.log(w / h)
     return np.array([area.mean(), area.std(), log_ratio.mean(), log_ratio.std()])
+
+
+def reference_crop_size(height: int, width: int, scale, ratio, rng: random.Random) -> tuple[int, int]:
+    """(w, h) of one random-resized-crop window by its definition (augment.py's docstring, after
+    DALI's RandomCropGenerator), written apart from the code under test: scalar, plain Python."""
+    (area_lo, area_hi), (ratio_lo, ratio_hi) = scale, ratio
+    widest = max(1, math.floor(height * ratio_hi))  # the widest allowed crop is full height
+    tallest = max(1, math.floor(width / ratio_lo))  # the tallest allowed crop is full width
+    if height * widest < area_lo * height * width:  # too wide for any allowed crop
+        return widest, height
+    if width * tallest < area_lo * height * width:  # too tall for any allowed crop
+        return width, tallest
+    for _ in range(augment.CROP_ATTEMPTS):
+        area = rng.uniform(area_lo, area_hi) * height * width
+        aspect = math.exp(rng.uniform(math.log(ratio_lo), math.log(ratio_hi)))
+        w = max(1, math.floor(math.sqrt(area * aspect) + 0.5))  # round half up: C's roundf
+        h = max(1, math.floor(math.sqrt(area / aspect) + 0.5))
+        if w <= width and h <= height and ratio_lo <= w / h <= ratio_hi:
+            return w, h
+    # Every attempt failed: the whole image, its aspect clamped into range, shrunk to fit the area.
+    w = widest if width / height > ratio_hi else width
+    h = tallest if width / height < ratio_lo else height
+    shrink = math.sqrt(min(1.0, area_hi * height * width / (w * h)))
+    return max(1, math.floor(w * shrink)), max(1, math.floor(h * shrink))
+
+
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    values = np.union1d(a, b)
+    cdf_a = np.searchsorted(np.sort(a), values, side="right") / len(a)
+    cdf_b = np.searchsorted(np.sort(b), values, side="right") / len(b)
+    return float(np.abs(cdf_a - cdf_b).max())
+
+
+KS_C_001 = 1.95  # two-sample KS critical coefficient at alpha = 0.001: D > 1.95 sqrt((n+m)/nm)
+DEFAULT_SCALE, DEFAULT_RATIO = (0.35, 1.0), (3 / 4, 4 / 3)  # TrainConfig's crop_* defaults
+
+
+@pytest.mark.parametrize("height, width, scale, ratio", [
+    (64, 64, DEFAULT_SCALE, DEFAULT_RATIO),  # Tiny ImageNet
+    (24, 64, DEFAULT_SCALE, DEFAULT_RATIO),  # wide: ~10 % of draws take the clamped fallback
+    (64, 24, DEFAULT_SCALE, DEFAULT_RATIO),  # tall
+    (12, 17, DEFAULT_SCALE, DEFAULT_RATIO),  # small: rounding moves many aspects
+    (10, 200, DEFAULT_SCALE, DEFAULT_RATIO),  # too wide for any allowed crop: 13 x 10
+    (200, 10, DEFAULT_SCALE, DEFAULT_RATIO),  # too tall: 10 x 13
+    (2, 2, (0.3, 0.4), (1.2, 1.3)),  # no rounded attempt in range: fallback 2 x 1 shrunk to 1 x 1
+])
+def test_crop_boxes_follow_the_random_resized_crop_definition(height, width, scale, ratio):
+    """sample_crop_boxes against a reference sampler written from the definition: the same
+    distribution of area fraction and aspect (KS test), whole-pixel boxes inside the image, the
+    anchor uniform over every whole-pixel position."""
+    n = 20_000
+    heights, widths = torch.full((n,), height), torch.full((n,), width)
+    boxes = sample_crop_boxes(heights, widths, scale, ratio, torch.Generator().manual_seed(0))
+    x0, y0, w, h = boxes.double().numpy().T
+    assert all(np.array_equal(v, np.round(v)) for v in (x0, y0, w, h))
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (w >= 1).all() and (h >= 1).all()
+    assert (x0 + w <= width).all() and (y0 + h <= height).all()
+    rng = random.Random(1)
+    ref_w, ref_h = np.array([reference_crop_size(height, width, scale, ratio, rng)
+                             for _ in range(n)], dtype=np.float64).T
+    bound = KS_C_001 * math.sqrt(2 / n)
+    assert ks_distance(w * h, ref_w * ref_h) < bound, "crop area"
+    assert ks_distance(np.log(w / h), np.log(ref_w / ref_h)) < bound, "crop aspect"
+    assert ks_distance(w, ref_w) < bound and ks_distance(h, ref_h) < bound
+    # Anchor uniform over 0..(side - size): spread over [0, 1) by a uniform jitter, it is U(0, 1).
+    jitter = np.random.default_rng(2).random((2, n))
+    for start, size, side, noise in ((x0, w, width, jitter[0]), (y0, h, height, jitter[1])):
+        spread = (start + noise) / (side - size + 1)
+        assert ks_distance(spread, np.random.default_rng(3).random(n)) < bound, "anchor"
 
 
 @pytest.mark.dali
@@ -246,13 +336,14 @@ def test_crop_resize_matches_dali_resize():
 
 def test_train_augmentation_statistics_agree(ramp_pack):
     """Crop area, aspect and flip rate, read back from each backend's training batches, agree with
-    each other and with sample_crop_boxes' distribution (which matches DALI's generator)."""
+    the distribution the definition gives (reference_crop_size, not the code under test)."""
     cfg = TrainConfig()
-    side = torch.full((200_000,), 64)
     scale = (cfg.crop_scale_min, cfg.crop_scale_max)
     ratio = (cfg.crop_ratio_min, cfg.crop_ratio_max)
-    boxes = sample_crop_boxes(side, side, scale, ratio, torch.Generator().manual_seed(1))
-    expected = crop_summary(boxes[:, 2].double().numpy(), boxes[:, 3].double().numpy())
+    rng = random.Random(1)
+    w, h = np.array([reference_crop_size(64, 64, scale, ratio, rng) for _ in range(50_000)],
+                    dtype=np.float64).T
+    expected = crop_summary(w, h)
     for backend in BACKENDS:
         if backend == "dali":
             pytest.importorskip("nvidia.dali")
