@@ -3,12 +3,11 @@ deterministic, bad files rejected with reasons, atomic under SIGKILL, tampering 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tarfile
 import time
@@ -21,17 +20,29 @@ from PIL import Image
 from fastalex.config import PackConfig
 from fastalex.errors import UserError
 from fastalex.pack import pack, verify_pack
-from fastalex.shards import MANIFEST, decode_label, read_index, read_manifest
-from fastalex.tinyimagenet import open_source, read_layout, synth
+from fastalex.shards import (MANIFEST, check_shard, decode_label, iter_shard, read_index,
+                             read_manifest, write_manifest, write_shard)
+from fastalex.tinyimagenet import open_source, synth
 
 
 def source_images(tree: Path) -> dict[str, int]:
-    """sha256 of every labelled source image -> label, from the layout reader."""
-    layout = read_layout(open_source(tree))
-    return {
-        hashlib.sha256((tree / rel).read_bytes()).hexdigest(): label
-        for rel, label in layout.train + layout.val
-    }
+    """sha256 of every labelled image of a Tiny ImageNet tree -> its label, read from the tree's
+    own files (not the layout reader the packer uses): a label is the class's position in the
+    sorted wnids.txt; train images take their folder's class, val images their annotation's."""
+    wnids = sorted((tree / "wnids.txt").read_text().split())
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    labels = {}
+    for label, wnid in enumerate(wnids):
+        for path in (tree / "train" / wnid / "images").iterdir():
+            labels[digest(path)] = label
+    for line in (tree / "val" / "val_annotations.txt").read_text().splitlines():
+        name, wnid = line.split("\t")[:2]
+        labels[digest(tree / "val" / "images" / name)] = wnids.index(wnid)
+    assert len(labels) == 300  # the synth tree's 240 + 60 images, all distinct
+    return labels
 
 
 def packed_samples(pack_dir: Path, split: str) -> list[tuple[str, bytes, int]]:
@@ -196,8 +207,16 @@ def test_out_holding_another_pack_is_refused_unless_overwrite(synth_tree, synth_
     assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_out_is_a_clear_error(synth_tree, tmp_path):
+    """OUT where nobody, root included, can make a directory: under a regular file."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot write"):
+        pack(open_source(synth_tree), tmp_path / "file" / "out", PackConfig(), False)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_out_is_a_clear_error(synth_tree, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     with pytest.raises(UserError, match="cannot write"):
@@ -210,23 +229,25 @@ def test_out_on_a_file_is_a_clear_error(synth_tree, tmp_path):
         pack(open_source(synth_tree), tmp_path / "file", PackConfig(), False)
 
 
-def test_sigkill_part_way_leaves_no_manifest_and_a_rerun_completes(tmp_path):
+def test_sigkill_part_way_leaves_no_manifest_and_a_rerun_completes(tmp_path, launch):
     tree = tmp_path / "tree"
     synth(tree, classes=4, train_per_class=1500, val_per_class=50, workers=2, progress=False)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "fastalex", "pack", str(tree), str(out), "--shard-size", "200",
+    command = [sys.executable, "-m", "fastalex", "pack", tree, out, "--shard-size", "200",
                "--workers", "1"]
-    process = subprocess.Popen(command, start_new_session=True, stderr=subprocess.DEVNULL)
+    first = launch(command)  # its own process group: the pack and its pool die together
     deadline = time.monotonic() + 60
     while not list(out.glob(".staging/*.tar")) and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert list(out.glob(".staging/*.tar")), "the pack finished before it could be killed"
+    first.kill_group()  # SIGKILL to the whole group
+    stdout, stderr = first.communicate(timeout=10)
+    assert list(out.glob(".staging/*.tar")), f"no shard staged, or none left:\n{stdout}{stderr}"
     assert not (out / MANIFEST).exists()
     with pytest.raises(UserError, match="no manifest.json"):
         read_manifest(out)
-    subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
+    rerun = launch(command)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stdout + stderr
     assert verify_pack(out) == []
     assert read_manifest(out).splits["train"].samples == 6000
     assert not (out / ".staging").exists()
@@ -249,3 +270,44 @@ def test_verify_catches_a_flipped_byte_a_truncated_tar_and_a_deleted_shard(synth
     assert any(second in p and "bytes" in p for p in problems)
     assert any(second.replace(".tar", ".idx") in p and "beyond the end" in p for p in problems)
     assert any(third in p and "missing" in p for p in problems)
+
+
+def rewrite_shard(pack_dir: Path, split: str, number: int, change) -> str:
+    """Rewrite shard `number` of `split` with change(jpeg, label) -> (jpeg, label) applied to every
+    sample, and make the manifest agree (bytes, sha256): a fault only verify's decode and label
+    checks can find. Returns the shard's name."""
+    manifest = read_manifest(pack_dir)
+    shard = manifest.splits[split].shards[number]
+    index = read_index(pack_dir / shard.index_name)
+    samples = [(key, *change(jpeg, label))
+               for key, (jpeg, label) in zip(index.names, iter_shard(pack_dir / shard.name, index))]
+    info = write_shard(pack_dir / shard.name, samples)
+    shards = list(manifest.splits[split].shards)
+    shards[number] = info
+    splits = {**manifest.splits,
+              split: dataclasses.replace(manifest.splits[split], shards=tuple(shards))}
+    write_manifest(pack_dir, dataclasses.replace(manifest, splits=splits))
+    assert check_shard(pack_dir, info) == []  # size, sha256 and index all agree
+    return shard.name
+
+
+def test_verify_decodes_every_sampled_image_in_full(synth_pack, tmp_path):
+    """JPEGs whose headers are intact but whose image data stops two thirds of the way, behind a
+    correct sha256: only a full decode finds them."""
+    bad = tmp_path / "bad"
+    shutil.copytree(synth_pack, bad)
+    name = rewrite_shard(bad, "train", 1, lambda jpeg, label: (jpeg[: len(jpeg) * 2 // 3], label))
+    problems = verify_pack(bad)
+    assert len(problems) == 32, problems  # each of the 32 images sampled from that shard
+    assert all(p.startswith(f"{name}: sample ") and "does not decode" in p for p in problems)
+
+
+def test_verify_finds_labels_outside_the_class_range(synth_pack, tmp_path):
+    """Labels one past the last class (6 of 6), behind a correct sha256."""
+    bad = tmp_path / "bad"
+    shutil.copytree(synth_pack, bad)
+    classes = read_manifest(bad).num_classes
+    name = rewrite_shard(bad, "val", 0, lambda jpeg, label: (jpeg, classes))
+    problems = verify_pack(bad)
+    assert len(problems) == 32, problems
+    assert all(p.startswith(f"{name}: sample ") and p.endswith(f"label {classes}") for p in problems)
