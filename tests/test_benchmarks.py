@@ -1,6 +1,8 @@
-"""The benchmarks cannot rot: throughput.py runs end to end in --quick mode, render_results.py turns
-recorded rows into RESULTS.md tables, plot_runs draws a PNG, and the reference pipeline behaves as
-torchvision's transforms do."""
+"""The benchmarks cannot rot: throughput.py runs end to end in --quick mode, its harness interleaves
+rows and judges spreads as documented (on given numbers and a fake clock: no timing is asserted),
+render_results.py turns recorded rows into RESULTS.md tables, plot_runs draws a PNG, the reference
+pipeline behaves as torchvision's transforms do, and the FFCV row's loader keeps fastalex's batch
+contract where ffcv is installed."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from PIL import Image
 from fastalex.errors import UserError
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-ROW_KEYS = {"group", "name", "image_size", "device", "images_per_s", "min", "max", "repeats", "note"}
+ROW_KEYS = {"group", "name", "image_size", "device", "images_per_s", "min", "max", "spread_pct",
+            "repeats", "note"}
 MACHINE_KEYS = {"cpu", "cores", "gpu", "driver", "torch", "cuda", "dali", "git_sha", "git_dirty",
                 "date_utc"}
 
@@ -37,15 +40,15 @@ def load_script(name: str):
 
 
 @pytest.mark.slow
-def test_quick_throughput_reports_every_group_and_explains_skips(tmp_path):
+def test_quick_throughput_reports_every_group_and_explains_skips(tmp_path, launch):
     out = tmp_path / "out.json"
     record = BENCHMARKS / "results" / "throughput.jsonl"
     before = record.read_bytes() if record.exists() else None
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "throughput.py"), "--quick", "--device", "cpu",
-         "--json", str(out), "--no-record"],
-        capture_output=True, text=True, timeout=240,
-    )
+    # In its own process group: on a timeout its loader workers and pack pool die with it.
+    throughput = launch([sys.executable, BENCHMARKS / "throughput.py", "--quick", "--device", "cpu",
+                         "--json", out, "--no-record"])
+    stdout, stderr = throughput.communicate(timeout=240)
+    done = subprocess.CompletedProcess(throughput.command, throughput.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SYNTHETIC stand-in" in done.stdout + done.stderr  # it says it made up its data
     assert "images/s" in done.stdout and "reference" in done.stdout
@@ -58,7 +61,7 @@ def test_quick_throughput_reports_every_group_and_explains_skips(tmp_path):
     names = {(row["group"], row["name"]) for row in rows}
     from fastalex.loaders import BACKENDS
 
-    assert {("loader", "reference")} | {("loader", b) for b in BACKENDS} <= names
+    assert {("loader", "reference"), ("loader", "ffcv")} | {("loader", b) for b in BACKENDS} <= names
     assert {("model", n) for n in ("eager-fp32", "channels-last", "amp", "compiled")} <= names
     assert {("e2e", "reference"), ("e2e", "fastalex"), ("pack", "pack")} <= names
     for row in rows:
@@ -68,8 +71,9 @@ def test_quick_throughput_reports_every_group_and_explains_skips(tmp_path):
             assert row["note"].startswith(("skipped: ", "failed: ")) and len(row["note"]) > 12, row
             assert row["min"] is None and row["max"] is None
         else:
-            assert row["repeats"] >= 3
+            assert row["repeats"] >= 3 and len(row["rates"]) == row["repeats"]
             assert 0 < row["min"] <= row["images_per_s"] <= row["max"], row
+            assert row["spread_pct"] >= 0
     assert not [row for row in rows if row["status"] == "failed"], rows
     reference = next(r for r in rows if (r["group"], r["name"]) == ("loader", "reference"))
     assert reference["images_per_s"] and "torchvision" in reference["note"]
@@ -78,6 +82,11 @@ def test_quick_throughput_reports_every_group_and_explains_skips(tmp_path):
     assert "bf16" in amp["note"]  # measured with bf16 where the CPU has it, else skipped saying so
     compiled = next(r for r in rows if (r["group"], r["name"]) == ("model", "compiled"))
     assert compiled["images_per_s"] is None and "--quick" in compiled["note"]
+    for row in (r for r in rows if r["group"] == "e2e"):
+        assert 0 <= row["wait_pct"] <= 100, row  # how long the step waited on its loader
+    ffcv = next(r for r in rows if (r["group"], r["name"]) == ("loader", "ffcv"))
+    assert ffcv["images_per_s"] or "ffcv" in ffcv["note"]  # measured, or skipped saying why
+    assert "spread" in done.stdout  # the table quotes each row's spread
     after = record.read_bytes() if record.exists() else None
     assert after == before  # --no-record appends nothing
 
@@ -217,11 +226,11 @@ def test_reference_loader_reads_an_image_folder_in_class_order(synth_tree):
 
 
 def test_unpacked_pack_is_a_source_tree_with_the_same_samples(synth_pack, tmp_path):
-    throughput = load_script("throughput")
+    bench_data = load_script("bench_data")
     from fastalex.shards import read_manifest
     from fastalex.tinyimagenet import open_source, read_layout
 
-    tree = throughput.unpack_shards(synth_pack, tmp_path / "tree")
+    tree = bench_data.unpack_shards(synth_pack, tmp_path / "tree")
     layout = read_layout(open_source(tree))
     manifest = read_manifest(synth_pack)
     assert [wnid for wnid, _ in layout.classes] == [wnid for wnid, _ in manifest.classes]
@@ -235,3 +244,201 @@ def test_training_table_marks_a_synthetic_run_as_such():
     data = {"synthetic": True, "classes": 10, "train_images": 1000, "val_images": 200, "source": "/x/s"}
     assert render.describe_data(data).startswith("**synthetic stand-in**, 10 classes")
     assert render.describe_data(dict(data, synthetic=False)).startswith("s, 10 classes")
+
+
+# --- the harness: interleaving, spread and significance, on given numbers and a fake clock -------
+
+
+def test_schedule_rotates_the_order_and_runs_every_row_once_per_round():
+    harness = load_script("harness")
+    rounds = harness.schedule(["a", "b", "c"], 7)
+    assert rounds[:4] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert all(sorted(order) == ["a", "b", "c"] for order in rounds)
+    six = harness.schedule(["a", "b", "c"], 6)  # over n rounds each row holds each place once
+    assert all(sorted(order[place] for order in six[:3]) == ["a", "b", "c"] for place in range(3))
+    assert harness.schedule(["only"], 3) == [["only"]] * 3
+    assert harness.schedule([], 3) == []
+
+
+def test_summary_gives_median_min_max_and_spread_of_given_rates():
+    spread = load_script("spread")
+    row = spread.summarize([10.0, 12.0, 11.0, 40.0, 11.5])
+    assert (row["images_per_s"], row["min"], row["max"]) == (11.5, 10.0, 40.0)
+    assert row["spread_pct"] == pytest.approx(100 * 30 / 11.5)
+    assert row["repeats"] == 5 and row["rates"] == [10.0, 12.0, 11.0, 40.0, 11.5]
+    assert spread.summarize([20.0, 20.0])["spread_pct"] == 0
+    with pytest.raises(ValueError):
+        spread.summarize([])
+    # Rows recorded before spread_pct existed: computed from their min, max and median.
+    assert spread.row_spread({"images_per_s": 50.0, "min": 45.0, "max": 55.0}) == pytest.approx(20)
+    assert spread.row_spread({"images_per_s": None, "min": None, "max": None}) is None
+
+
+def test_a_ratio_is_significant_only_when_the_ranges_are_apart():
+    spread = load_script("spread")
+    base = {"min": 100.0, "max": 110.0}
+    assert spread.significant({"min": 111.0, "max": 130.0}, base) is True
+    assert spread.significant({"min": 80.0, "max": 99.0}, base) is True
+    assert spread.significant({"min": 105.0, "max": 130.0}, base) is False  # overlap
+    assert spread.significant({"min": 110.0, "max": 130.0}, base) is False  # touching
+    assert spread.significant({"min": 90.0, "max": 120.0}, base) is False  # one holds the other
+    assert spread.significant({"min": None, "max": None}, base) is None
+
+
+class FakeClock:
+    """A clock that moves only when a fake row works: run_group's arithmetic on known times."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def fake_subject(harness, clock, calls, name, seconds=0.25, images=10, fail_at=None, **fields):
+    def advance():
+        calls.append(name)
+        if fail_at is not None and calls.count(name) == fail_at:
+            raise RuntimeError(f"{name} broke")
+        clock.now += seconds
+        return images
+
+    return harness.Subject(advance=advance, info={"note": f"fake {name}"}, **fields)
+
+
+def test_run_group_interleaves_rows_in_rotating_windows_and_summarises_them():
+    harness = load_script("harness")
+    clock, calls, resets, closed = FakeClock(), [], [], []
+    waited = [0.0]
+
+    def waiting(advance):  # 0.1 s of each 0.25 s call blocked on the loader
+        def wrapped():
+            waited[0] += 0.1
+            return advance()
+        return wrapped
+
+    def build(name, **fields):
+        subject = fake_subject(harness, clock, calls, name, close=lambda: closed.append(name),
+                               **fields)
+        if name == "b":
+            subject.advance = waiting(subject.advance)
+            subject.waited_s = lambda: waited[0]
+            subject.reset = lambda: resets.append(name)
+        return subject
+
+    timing = harness.Timing(repeats=4, warmup=2, window_calls=1, window_s=1.0, lead_in=1,
+                            lead_in_s=0.5)
+    rows = harness.run_group("loader", 64, torch.device("cpu"),
+                             {n: (lambda n=n: build(n)) for n in ("a", "b", "c")}, timing,
+                             clock=clock)
+    assert [r["name"] for r in rows] == ["a", "b", "c"] and sorted(closed) == ["a", "b", "c"]
+    # Each row is warmed up (2 calls) as it is built; then per window 2 lead-in calls (0.5 s of
+    # 0.25 s calls) and 4 timed ones (1 s): in rounds whose order rotates.
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
+    runs = [calls[i] for i in range(6, len(calls), 6)]
+    assert all(calls[i:i + 6] == [calls[i]] * 6 for i in range(6, len(calls), 6))
+    assert runs == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert resets == ["b"] * 4  # before each of b's windows, untimed
+    for row in rows:
+        assert row["status"] == "ok" and row["repeats"] == 4
+        assert row["note"] == f"fake {row['name']}"
+        assert row["window_calls"] == [4] * 4 and row["window_seconds"] == [1.0] * 4
+        assert row["images_per_s"] == row["min"] == row["max"] == 40.0 and row["spread_pct"] == 0
+        assert row["warmup_s"] == 0.5 and row["setup_s"] == 0.0
+    assert rows[1]["wait_pct"] == pytest.approx(40.0)  # 0.4 s of each 1 s window
+    assert "wait_pct" not in rows[0]  # only rows that report waiting
+
+
+def test_run_group_keeps_going_past_rows_that_skip_or_fail_and_says_why():
+    harness = load_script("harness")
+    clock, calls, closed = FakeClock(), [], []
+
+    def skip():
+        raise harness.Skip("no DALI here")
+
+    def missing():
+        raise ImportError("No module named 'ffcv'")
+
+    builders = {
+        "skips": skip,
+        "missing": missing,
+        "breaks": lambda: fake_subject(harness, clock, calls, "breaks", fail_at=5,
+                                       close=lambda: closed.append("breaks")),
+        "works": lambda: fake_subject(harness, clock, calls, "works", compiles=True),
+    }
+    timing = harness.Timing(repeats=3, warmup=1, window_calls=2, window_s=0.0)
+    rows = {r["name"]: r for r in harness.run_group("model", 64, torch.device("cpu"), builders,
+                                                      timing, clock=clock)}
+    assert (rows["skips"]["status"], rows["skips"]["note"]) == ("skipped", "skipped: no DALI here")
+    assert rows["missing"]["status"] == "skipped"
+    assert "not importable here" in rows["missing"]["note"]
+    assert rows["breaks"]["status"] == "failed"
+    assert rows["breaks"]["note"] == "failed: RuntimeError: breaks broke"
+    assert closed == ["breaks"] and calls.count("breaks") == 5  # out of the rotation once broken
+    for name in ("skips", "missing", "breaks"):
+        assert rows[name]["images_per_s"] is None and rows[name]["repeats"] == 0
+    assert rows["works"]["status"] == "ok" and rows["works"]["repeats"] == 3
+    assert rows["works"]["window_calls"] == [2, 2, 2] and rows["works"]["compile_s"] == 0.25
+
+
+def test_quick_settings_time_loader_rows_with_a_lead_in_and_model_rows_without():
+    throughput = load_script("throughput")
+    args = throughput.parse_args(["--quick", "--device", "cpu"])
+    assert args.repeats == 3 and args.window_s == 0
+    loader, model = throughput.timing_for(args, "loader"), throughput.timing_for(args, "model")
+    assert loader.lead_in == 1 and model.lead_in == 0 and model.lead_in_s == 0
+    full = throughput.parse_args(["--device", "cpu", "--only", "loader", "--repeats", "9"])
+    assert full.repeats == 9 and full.window_s == 1.0
+    assert throughput.timing_for(full, "loader").lead_in_s == 0.5
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--device", "cpu", "--repeats", "2"])
+
+
+def test_table_marks_a_ratio_whose_ranges_overlap_as_not_significant():
+    report = load_script("report")
+
+    def row(name, median, low, high, **extra):
+        return {"group": "loader", "name": name, "image_size": 64, "images_per_s": median,
+                "min": low, "max": high, "status": "ok", "note": "", **extra}
+
+    rows = [row("reference", 100.0, 95.0, 105.0), row("cpu", 300.0, 290.0, 320.0),
+            row("dali", 104.0, 100.0, 130.0, wait_pct=12.0)]
+    table = report.format_table(rows)
+    cpu_line = next(line for line in table.splitlines() if line.startswith("loader  cpu"))
+    dali_line = next(line for line in table.splitlines() if line.startswith("loader  dali"))
+    assert "3.00" in cpu_line and "n.s." not in cpu_line and "10.0%" in cpu_line
+    assert "1.04 n.s." in dali_line and "28.8%" in dali_line and "12%" in dali_line
+    ratios = report.format_ratios(rows)
+    assert "cpu is 3.00x reference (ranges apart)" in ratios
+    assert "dali is 1.04x reference (NOT SIGNIFICANT" in ratios
+
+
+def test_ffcv_row_loader_keeps_the_batch_contract(synth_pack, tmp_path):
+    pytest.importorskip("ffcv")  # the optional peer row: README, Benchmarks, says how to get it
+    ffcv_loader = load_script("ffcv_loader")
+    from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
+
+    path = ffcv_loader.beton_path(synth_pack, "train", tmp_path)
+    assert path.parent == synth_pack.parent / f"{synth_pack.name}.ffcv"  # cached beside the pack
+    assert ffcv_loader.write_beton(synth_pack, "train", path, workers=2) == path
+    written = path.stat().st_mtime_ns
+    assert ffcv_loader.write_beton(synth_pack, "train", path, workers=2) == path  # reused
+    assert path.stat().st_mtime_ns == written and not list(path.parent.glob("*.part"))
+    cfg = TrainConfig(shards=str(synth_pack), image_size=48, batch_size=16, loader="cpu",
+                      device="cpu")
+    loader = ffcv_loader.FfcvLoader(cfg, path, torch.device("cpu"), workers=2)
+    try:
+        assert loader.backend == "ffcv" and len(loader) == 240 // 16
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        images, labels = batches[0]
+        assert images.shape == (16, 3, 48, 48) and images.dtype == torch.float32
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert labels.dtype == torch.int64 and labels.shape == (16,)
+        seen = torch.cat([batch.labels for batch in batches])
+        assert seen.min() >= 0 and seen.max() < 6
+        low = (0 - max(IMAGE_MEAN)) / min(IMAGE_STD)
+        high = (1 - min(IMAGE_MEAN)) / min(IMAGE_STD)
+        assert low - 1e-3 <= images.min() and images.max() <= high + 1e-3  # normalised pixels
+    finally:
+        loader.close()

@@ -1,0 +1,104 @@
+"""The loader group: images/s out of each loader, no model, all rows timed side by side.
+
+Rows: ``reference`` (the blog's pipeline rebuilt in reference.py: ImageFolder + PIL + DataLoader
+with 2 workers); one row per entry of ``fastalex.loaders.BACKENDS``, each built by `build_loader`
+from a TrainConfig; and ``ffcv``, FFCV's own writer and loader doing the same work (ffcv_loader.py),
+skipped with the reason where ffcv does not import. Each row is one continuous stream of batches:
+epoch restarts count where they fall. Imports fastalex's loaders and the benchmark's own modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from bench_data import Data, base_config, need
+from harness import Skip, Subject, endless, plural, log
+
+
+def rows(args, data: Data, size: int, device) -> dict:
+    """name -> builder of the row's Subject, in table order."""
+    from fastalex.loaders import BACKENDS
+
+    builders = {"reference": lambda: reference_row(args, data, size, device)}
+    for name in BACKENDS:
+        builders[name] = lambda name=name: backend_row(args, data, name, size, device)
+    builders["ffcv"] = lambda: ffcv_row(args, data, size, device)
+    return builders
+
+
+def stream_subject(loader, note: str, args, cfg=None) -> Subject:
+    """A Subject that takes the loader's next batch per call; --batches 0 = one epoch a window."""
+    stream = endless(loader)
+
+    def close() -> None:
+        stream.close()
+        loader.close()
+
+    window = args.batches or len(loader)
+    note += (f"; >= {plural(window, 'batch')} of {args.batch_size} per window, "
+             f"{len(loader)} per epoch")
+    return Subject(advance=lambda: len(next(stream).labels), close=close, window_calls=window,
+                   info={"batch_size": args.batch_size, "note": note,
+                         "config": dataclasses.asdict(cfg) if cfg else None})
+
+
+def reference_row(args, data: Data, size: int, device) -> Subject:
+    from reference import ReferenceLoader
+
+    loader = ReferenceLoader(need(data, "tree") / "train", size, args.batch_size, device)
+    note = ("blog pipeline (reference.py): ImageFolder + PIL decode, RandomResizedCrop(64)"
+            f"{'' if size == 64 else f' + Resize({size})'} + flip + ToTensor + Normalize, "
+            "DataLoader(2 workers), .to(device); torchvision transforms re-implemented with "
+            "PIL + torch (torchvision not installable beside this torch)")
+    return stream_subject(loader, note, args)
+
+
+def backend_row(args, data: Data, name: str, size: int, device) -> Subject:
+    from fastalex.loaders import Placement, build_loader
+
+    cfg = base_config(args, data, size, loader=name, batch_size=args.batch_size)
+    need(data, "shards")
+    loader = build_loader(cfg, "train", Placement(device))
+    if loader.backend != name:
+        loader.close()
+        raise Skip(f"build_loader(loader={name!r}) ran {loader.backend!r}")
+    note = f"build_loader(loader={name!r})"
+    if name == "dali":
+        note += ", DALI " + ("GPU (mixed decode)" if device.type == "cuda" else "CPU-only mode")
+    return stream_subject(loader, note, args, cfg)
+
+
+def ffcv_row(args, data: Data, size: int, device) -> Subject:
+    try:
+        import ffcv_loader
+    except ImportError as e:
+        raise Skip(f"ffcv is not installed here ({e}); README, Benchmarks, says how to get "
+                   "this row") from None
+    from fastalex.config import default_workers
+    from fastalex.loaders import Placement, loader_workers
+
+    shards = need(data, "shards")
+    # The fastalex rows' config: same crop ranges, batch, seed and worker count.
+    cfg = base_config(args, data, size, loader="cpu", batch_size=args.batch_size)
+    workers = loader_workers(cfg, Placement(device))
+    path = ffcv_loader.beton_path(shards, "train", data.scratch or shards.parent)
+    if not path.exists():
+        log(f"[loader] ffcv: writing {path} with FFCV's DatasetWriter")
+        start = time.perf_counter()
+        ffcv_loader.write_beton(shards, "train", path, default_workers())
+        log(f"[loader] ffcv: wrote it in {time.perf_counter() - start:.1f} s")
+    loader = ffcv_loader.FfcvLoader(cfg, path, device, workers)
+    note = (f"FFCV {ffcv_version()} Loader over {path.name} (FFCV's writer, JPEG quality "
+            f"{ffcv_loader.JPEG_QUALITY}), {workers} workers; RandomResizedCrop decoder at the "
+            f"config's ranges + flip; normalised by {loader.normalised_by}")
+    return stream_subject(loader, note, args, cfg)
+
+
+def ffcv_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("ffcv")
+    except metadata.PackageNotFoundError:
+        return "?"

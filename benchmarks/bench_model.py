@@ -1,0 +1,96 @@
+"""The model group: train steps on synthetic tensors already on the device, no loader.
+
+Rows, each adding one thing to the one before: ``eager-fp32`` (NCHW, fp32, eager: the reference's
+set-up), ``channels-last``, ``amp`` (plus channels-last) and ``compiled`` (the defaults of
+`fastalex train` on this device). Every row's model, optimizer, schedule and step are built by
+fastalex.train itself (`build_step`), never copied. Also home to `build_step` and
+`describe_runtime`, which the e2e group shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from bench_data import Data, base_config
+from harness import Skip, Subject, plural
+
+EPOCH_IMAGES = 100_000  # Tiny ImageNet's train split: the LR schedule's epoch, the e2e epoch time
+NUM_CLASSES = 200  # Tiny ImageNet; the model rows' fc8 width
+MODEL_ROWS = {  # name -> TrainConfig fields; each adds one thing to the one before
+    "eager-fp32": dict(channels_last="off", amp="off", compile=False),
+    "channels-last": dict(channels_last="on", amp="off", compile=False),
+    "amp": dict(channels_last="on", amp="auto", compile=False),
+    "compiled": dict(channels_last="auto", amp="auto", compile=True),  # the defaults: `fastalex train`
+}
+
+
+def build_step(cfg, num_classes: int, steps_per_epoch: int):
+    """fastalex.train's own model, optimizer, schedule and step for `cfg` (never a copy of the
+    loop): returns (advance(images, labels), runtime); advance runs one step and steps the LR
+    schedule, leaving the results on the device."""
+    try:
+        from fastalex import train
+        from fastalex.runtime import resolve_runtime
+    except ImportError as e:
+        raise Skip(f"fastalex.train not available ({e})") from None
+    runtime = resolve_runtime(cfg)
+    training = train.build_training(cfg, num_classes, runtime, steps_per_epoch)
+    step = train.make_train_step(training.model, training.optimizer, training.scaler, cfg, runtime)
+
+    def advance(images: torch.Tensor, labels: torch.Tensor) -> None:
+        step(images, labels)
+        training.schedule.step()
+
+    return advance, runtime
+
+
+def describe_runtime(runtime) -> str:
+    compiled = "off"
+    if runtime.compile:
+        compiled = "whole step" if getattr(runtime, "compile_whole_step", False) else "model"
+    return (f"amp {runtime.amp}, {'channels_last' if runtime.channels_last else 'NCHW'}, "
+            f"compile {compiled}")
+
+
+def forget_compiled() -> None:
+    """Drop dynamo's caches, so a compiled row's graphs do not outlive it."""
+    torch._dynamo.reset()
+
+
+def rows(args, size: int, device) -> dict:
+    """name -> builder of the row's Subject, in table order."""
+    return {name: lambda name=name: model_row(args, name, size, device) for name in MODEL_ROWS}
+
+
+def model_row(args, name: str, size: int, device) -> Subject:
+    fields = dict(MODEL_ROWS[name])
+    note = ""
+    if name == "amp" and device.type == "cpu":
+        from fastalex.runtime import cpu_has_native_bf16
+
+        if not cpu_has_native_bf16():
+            raise Skip("this CPU has no native bf16 (AVX512-BF16/AMX): autocast would only emulate "
+                       "it; amp=auto is off on the CPU")
+        fields["amp"] = "bf16"
+        note = "bf16 autocast on the CPU (native here, so amp=auto picks it too); "
+    if name == "compiled" and args.quick:
+        raise Skip("compile skipped in --quick (compiling the step takes 35-60 s on a 2-core CPU)")
+    cfg = base_config(args, Data(), size, batch_size=args.model_batch_size, **fields)
+    step, runtime = build_step(cfg, NUM_CLASSES, EPOCH_IMAGES // cfg.batch_size)
+    generator = torch.Generator(device).manual_seed(0)
+    images = torch.randn(cfg.batch_size, 3, size, size, device=device, generator=generator)
+    images = images.contiguous(memory_format=runtime.memory_format)  # (N, 3, S, S) float32
+    labels = torch.randint(0, NUM_CLASSES, (cfg.batch_size,), device=device, generator=generator)
+
+    def advance() -> int:
+        step(images, labels)
+        return cfg.batch_size
+
+    return Subject(
+        advance=advance, compiles=cfg.compile,
+        close=forget_compiled if cfg.compile else lambda: None,
+        info={"batch_size": cfg.batch_size, "config": dataclasses.asdict(cfg),
+              "note": f"{note}{cfg.arch}, >= {plural(args.steps, 'step')} per window; "
+                      f"{describe_runtime(runtime)}"})
