@@ -6,14 +6,16 @@
 
 Throughput: every ``benchmarks/results/*.jsonl`` line written by ``throughput.py`` (a row with its
 ``run_id`` and ``machine``); for each machine (GPU, CPU model, usable cores) one table, images/s
-median (min-max) per image size, with the versions and git sha it ran on. Each (group, image size)
+median (min-max, spread) per image size, with the versions and git sha it ran on. A speed-up over
+the group's reference row is bold only when the two rows' min-max ranges are apart; where they
+overlap it is marked "n.s.", not significant (spread.py). Each (group, image size)
 shows the rows of the latest run that measured it, so every ratio compares rows measured side by
 side in one run, while runs limited with ``--only`` / ``--image-size`` still add up to one table.
 Training: each ``summary.json`` named on the command line (a file or a run directory holding one),
 or else the copies in ``benchmarks/results/runs/*.json``; one row per run beside the reference
 blog's published result, which is quoted, not measured here.
 
-Imports only the standard library: it runs anywhere the results are.
+Imports only the standard library (and spread.py beside it): it runs anywhere the results are.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # spread.py sits beside this script
+
+from spread import row_spread, significant  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GROUP_ORDER = ("loader", "model", "e2e", "pack")
@@ -85,16 +91,23 @@ def number(value: float | None, digits: int = 0) -> str:
 
 
 def cell(row: dict | None, base: dict | None) -> str:
-    """'median (min–max)', with the speed-up over the group's reference row at that size."""
+    """'median (min–max, spread n %)', e2e rows' epoch time and loader wait, and the speed-up
+    over the group's reference row at that size: bold when the two rows' ranges are apart,
+    '(n.s.)' when they overlap."""
     if row is None:
         return ""
     if row.get("images_per_s") is None:
         return row.get("status", "skipped")
-    text = f"{number(row['images_per_s'])} ({number(row.get('min'))}–{number(row.get('max'))})"
+    spread = row_spread(row)
+    text = (f"{number(row['images_per_s'])} ({number(row.get('min'))}–{number(row.get('max'))}"
+            + (f", spread {spread:.0f} %)" if spread is not None else ")"))
     if row.get("epoch_s_100k"):
         text += f", {number(row['epoch_s_100k'])} s/epoch"
+    if row.get("wait_pct") is not None:
+        text += f", wait {row['wait_pct']:.0f} %"
     if base is not None and base is not row and base.get("images_per_s"):
-        text += f", **{row['images_per_s'] / base['images_per_s']:.1f}×**"
+        x = f"{row['images_per_s'] / base['images_per_s']:.1f}×"
+        text += f", {x} (n.s.)" if significant(row, base) is False else f", **{x}**"
     return text
 
 
@@ -121,7 +134,8 @@ def machine_table(rows: list[dict]) -> list[str]:
             f"- run `{run_id}` ({', '.join(measured)}): git {sha}; {first['machine'].get('date_utc')}; "
             f"data: {run_settings.get('source') or 'not recorded'}; settings: "
             + ", ".join(f"{key} {run_settings[key]}" for key in ("batch_size", "batches", "steps",
-                                                                  "warmup", "repeats")
+                                                                  "warmup", "repeats",
+                                                                  "window_s")
                         if key in run_settings) + "."
         )
     lines.append("")
@@ -149,9 +163,13 @@ def machine_table(rows: list[dict]) -> list[str]:
             where = f" @ {row['image_size']} px" if row.get("image_size") else ""
             reason = row.get("note") or row.get("status")
             lines.append(f"- {row['group']} {row['name']}{where}: {reason}")
-    lines += ["", "Median images/s of the timed repeats (min–max); e2e rows add the implied epoch "
-              "time for 100,000 images; **n×** is the speed-up over the group's reference row at "
-              "that size (loader/e2e: `reference`, the blog's pipeline; model: `eager-fp32`).", ""]
+    lines += ["", "Median images/s of the timed repeats (min–max, spread = (max − min) / median); "
+              "e2e rows add the implied epoch time for 100,000 images and, where recorded, the "
+              "share of the timed windows the step waited on the loader; **n×** is the speed-up "
+              "over the group's reference row at that size (loader/e2e: `reference`, the blog's "
+              "pipeline; model: `eager-fp32`), bold when the two rows' min–max ranges are apart, "
+              "(n.s.) when they overlap: not significant. Runs with `window_s` in their settings "
+              "timed the rows of a group interleaved, round-robin.", ""]
     return lines
 
 
