@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import sys
+import time
 import zipfile
 
+import pytest
 from click.testing import CliRunner
 
 from fastalex.cli import main
@@ -54,9 +55,44 @@ def test_pack_options_match_pack_config_fields():
     assert {f.name for f in dataclasses.fields(PackConfig)} <= options
 
 
-def test_python_dash_m_runs_the_cli():
-    result = subprocess.run([sys.executable, "-m", "fastalex", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "pack" in result.stdout
+def test_python_dash_m_runs_the_cli(launch):
+    cli = launch([sys.executable, "-m", "fastalex", "--help"])
+    stdout, stderr = cli.communicate(timeout=120)
+    assert cli.returncode == 0 and "pack" in stdout, stdout + stderr
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie (killed, waiting for a parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_launch_past_its_timeout_is_killed_with_its_children_and_fails_saying_so(launch, tmp_path):
+    """What every process-starting test relies on (conftest's `launch`): a hung command dies with
+    the processes it started, and the test fails with what they printed."""
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "  # the child holds no pipe: nothing waits on it
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
+              "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+              "print('started', flush=True); "
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(600)")
+    hung = launch([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and hung.process.poll() is None, "the script never started"
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    with pytest.raises(pytest.fail.Exception, match=r"ran past 0.5 s; killed its process group"
+                       r"(.|\n)*--- stdout\nstarted"):
+        hung.communicate(timeout=0.5)
+    assert hung.returncode is not None
+    deadline = time.monotonic() + 10
+    while not process_gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process_gone(child), "the launched command's own child outlived the timeout"
 
 
 def test_pack_download_fetches_checks_and_packs(synth_tree, server, tmp_path):
