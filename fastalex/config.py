@@ -94,11 +94,11 @@ class TrainConfig:
     crop_ratio_max: float = 4 / 3  # random-resized-crop aspect ratio (w/h), upper bound
     flip_tta: bool = True  # average logits of the image and its mirror at eval
     loader: Literal["auto", "dali", "cpu", "resident"] = "auto"  # data backend
-    loader_workers: int = 0  # decode processes (cpu) or threads (dali); 0 = per-device default
+    loader_workers: int = 0  # decode processes (cpu, resident) or threads (dali); 0 = this process's share of the cores
     prefetch: int = 2  # batches prepared ahead of the step
     resident_max_gb: float = 0.0  # cap on the resident loader's decoded split; 0 = free memory
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 (fp16 if unsupported) on CUDA; on CPU bf16 where native (AVX512-BF16/AMX), else off
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 where native (CUDA capability >= 8.0, AVX512-BF16/AMX CPUs), else fp16 + loss scaling on CUDA, off on CPU
     compile: bool = True  # torch.compile the train step
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on for CUDA, off for CPU
     seed: int = 0  # model init, shuffling and augmentation

@@ -618,6 +618,8 @@ class _Run:
             where = f"epoch {epoch + 1}, step {sums.steps}"
         else:
             where = f"the end of epoch {epoch}"
+        if rt.world_size > 1:  # no rank exits (and has torchrun stop the others) before rank 0
+            dist.barrier()  # has written the checkpoint
         received = self.signals.received
         name = signal.Signals(received).name if received else "a signal to another process"
         message = (f"{name}: stopped at {where}; saved {self.last_path}. Continue with the same "

@@ -9,10 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -22,7 +20,7 @@ from click.testing import CliRunner
 from fastalex.cli import main
 from fastalex.config import TrainConfig
 from fastalex.plot import read_metrics
-from fastalex.train import cpu_has_native_bf16
+from fastalex.runtime import cpu_has_native_bf16
 
 # hue_pack (conftest): 4 classes, 256 train / 128 val. Batch 32 -> 8 steps per epoch.
 TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1")
@@ -34,7 +32,7 @@ METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1"
 SUMMARY_KEYS = {"top1", "top5", "best_top1", "epochs", "epoch_s", "images_per_s", "compile_s",
                 "device", "loader", "amp", "compile", "arch", "image_size", "batch_size",
                 "world_size", "git_sha", "versions"}
-TIMING_KEYS = {"epoch_s", "train_s", "eval_s", "images_per_s"}
+TIMING_KEYS = {"epoch_s", "train_s", "eval_s", "images_per_s", "loader_wait_s", "loader_wait_pct"}
 
 
 def invoke(*args):
@@ -126,27 +124,6 @@ def test_resume_gives_the_metrics_of_an_uninterrupted_run(hue_pack, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_share_the_data_and_rank0_writes(hue_pack, tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "fastalex", "train", str(hue_pack), "--out", str(out),
-         *TINY, "--loader", "cpu", "--no-compile", "--epochs", "1"],
-        capture_output=True, text=True, timeout=300, env=env)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    summary = json.loads((out / "summary.json").read_text())
-    rows = read_metrics(out)
-    assert summary["world_size"] == 2 and summary["val_samples"] == 128
-    assert len(rows) == 1 and rows[0]["val_samples"] == 128
-    assert rows[0]["train_samples"] == 256 and rows[0]["steps"] == 4  # 128 per rank, batch 32
-    assert result.stdout.count("epoch 1/1:") == 1  # only rank 0 reports
-    assert sorted(p.name for p in out.rglob("*")) == sorted(
-        ["checkpoints", "config.json", "metrics.jsonl", "summary.json", "last.pt", "best.pt"])
-
-
-@pytest.mark.slow
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(hue_pack, tmp_path):
     out = tmp_path / "run"
     common = ("--loader", "cpu", "--no-compile")
@@ -165,21 +142,16 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(hue_pack, tmp
 
 
 @pytest.mark.slow
-def test_sigint_finishes_the_step_saves_and_exits_130(hue_pack, tmp_path):
+def test_sigint_finishes_the_step_saves_and_exits_130(hue_pack, tmp_path, launch):
     out = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fastalex", "train", str(hue_pack), "--out", str(out), *TINY,
-         "--loader", "cpu", "--no-compile", "--epochs", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in process.stdout:  # the first epoch's line: a checkpoint exists, epoch 2 runs
-            if line.startswith("epoch 1/3:"):
-                break
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 130, stdout + stderr
+    job = launch([sys.executable, "-m", "fastalex", "train", hue_pack, "--out", out, *TINY,
+                  "--loader", "cpu", "--no-compile", "--epochs", "3"])
+    for line in job.process.stdout:  # the first epoch's line: a checkpoint exists, epoch 2 runs
+        if line.startswith("epoch 1/3:"):
+            break
+    job.process.send_signal(signal.SIGINT)
+    stdout, stderr = job.communicate(120)
+    assert job.returncode == 130, stdout + stderr
     assert "SIGINT: stopped at" in stdout and "--resume" in stdout, stdout
     assert "Traceback" not in stderr
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
@@ -245,7 +217,6 @@ def test_bad_input_exits_2_with_one_line(synth_pack, hue_pack, tmp_path):
         ("train", tmp_path / "no-pack", *TINY),
         ("train", synth_pack, *TINY, "--epochs", 0),
         ("train", synth_pack, "--device", "cpu", "--batch-size", 100000),
-        ("train", synth_pack, *TINY, "--amp", "fp16"),
         ("train", synth_pack, *TINY, "--resume"),  # no --out
         ("train", hue_pack, *TINY, "--out", run),  # holds a run, no --resume
         ("train", hue_pack, *TINY, "--out", run, "--resume", "--arch", "alexnet",

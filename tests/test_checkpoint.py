@@ -1,0 +1,116 @@
+"""Checkpoints: exact resume in fp16 on the CPU, resuming under another AMP setting, the partial
+epoch's global totals, and the model card inference reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastalex.checkpoint import PartialEpoch, load_checkpoint, model_card
+from fastalex.cli import main
+from fastalex.config import IMAGE_MEAN, IMAGE_STD
+from fastalex.errors import UserError
+from fastalex.plot import read_metrics
+
+TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1", "--loader", "cpu",
+        "--no-compile")
+TIMING_KEYS = {"epoch_s", "train_s", "eval_s", "images_per_s", "loader_wait_s", "loader_wait_pct"}
+
+
+def train_cli(pack, out, *args):
+    result = CliRunner().invoke(main, ["train", str(pack), "--out", str(out), *TINY,
+                                       *[str(a) for a in args]])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+# fp16 convolutions' backward has no fast CPU kernel (~1.5 s per step of batch 8 at 32 px on the
+# 2-core box, against ~0.02 s in fp32): the fp16 tests take few, small steps.
+FP16 = ("--amp", "fp16", "--batch-size", "8", "--image-size", "32")
+
+
+@pytest.mark.slow
+def test_fp16_on_the_cpu_trains_and_resumes_exactly(hue_pack, tmp_path):
+    """The CUDA fp16 path (autocast fp16, GradScaler, fused SGD taking the scale) on the CPU:
+    stopped after 2 steps and resumed to 4, it gives the rows of a run straight to 4 steps."""
+    train_cli(hue_pack, tmp_path / "straight", *FP16, "--max-steps", 4)
+    train_cli(hue_pack, tmp_path / "parts", *FP16, "--max-steps", 2)
+    state = load_checkpoint(tmp_path / "parts" / "checkpoints" / "last.pt")
+    assert state["scaler"]["scale"] > 0 and state["config"]["amp"] == "fp16"
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
+    train_cli(hue_pack, tmp_path / "parts", *FP16, "--max-steps", 4, "--resume")
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "parts")
+    assert len(resumed) == 1 and resumed[0]["steps"] == 4
+    assert without_timing(resumed) == without_timing(straight)
+    final = load_checkpoint(tmp_path / "parts" / "checkpoints" / "last.pt")
+    assert final["scaler"] == load_checkpoint(
+        tmp_path / "straight" / "checkpoints" / "last.pt")["scaler"]
+
+
+def test_resuming_with_another_amp_setting_starts_a_fresh_loss_scale(hue_pack, tmp_path):
+    out = tmp_path / "run"
+    train_cli(hue_pack, out, *FP16, "--amp", "off", "--max-steps", 2)
+    result = train_cli(hue_pack, out, *FP16, "--max-steps", 3, "--resume")
+    assert "fresh loss scale" in result.output
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["global_step"] == 3 and state["scaler"]["scale"] > 0
+
+
+def test_a_partial_epoch_carries_global_totals_and_reads_old_checkpoints():
+    legacy = {"totals": {"loss_sum": 3.0, "correct": 2.0, "samples": 64, "steps": 2},
+              "train_s": 1.5, "timed_s": 1.0, "timed_samples": 32}
+    carried = PartialEpoch.from_state(legacy)
+    assert (carried.loss_sum, carried.correct, carried.samples, carried.steps) == (3.0, 2.0, 64, 2)
+    assert carried.loader_wait_s == 0.0 and PartialEpoch.from_state(None) == PartialEpoch()
+    assert PartialEpoch.from_state(carried.state()) == carried
+
+
+def test_a_checkpoint_carries_what_inference_needs(hue_pack, tmp_path):
+    out = tmp_path / "run"
+    train_cli(hue_pack, out, "--max-steps", 1)
+    path = out / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    card = model_card(state, path)
+    assert (card["arch"], card["image_size"], card["flip_tta"]) == ("alexnet64", 64, True)
+    assert card["mean"] == list(IMAGE_MEAN) and card["std"] == list(IMAGE_STD)
+    assert len(card["classes"]) == 4 and all(len(c) == 2 for c in card["classes"])
+    del state["normalisation"]
+    with pytest.raises(UserError, match="lacks normalisation"):
+        model_card(state, path)
+
+
+def test_fp16_step_with_an_inf_gradient_is_skipped_not_applied():
+    """An overflowing fp16 gradient leaves weights and momentum as they were and halves the
+    scale; the step still reports its finite loss, so the run does not call it divergence."""
+    from fastalex.config import TrainConfig
+    from fastalex.runtime import resolve_runtime
+    from fastalex.train import build_training, make_train_step
+
+    cfg = TrainConfig(device="cpu", amp="fp16", compile=False, batch_size=8, image_size=32)
+    runtime = resolve_runtime(cfg)
+    training = build_training(cfg, 4, runtime, steps_per_epoch=10)
+    training.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # no overflow of its own
+    step = make_train_step(training.model, training.optimizer, training.scaler, cfg, runtime)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    step(images, labels)  # momentum buffers exist from here on
+    weights = [p.detach().clone() for p in training.module.parameters()]
+    momentum = [training.optimizer.state[p]["momentum_buffer"].clone()
+                for p in training.module.parameters() if p in training.optimizer.state]
+    scale = training.scaler.get_scale()
+    first = next(training.module.parameters())
+    hook = first.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    loss_sum, _ = step(images, labels)
+    hook.remove()
+    assert torch.isfinite(loss_sum)
+    assert all(torch.equal(w, p) for w, p in zip(weights, training.module.parameters()))
+    assert all(torch.equal(m, training.optimizer.state[p]["momentum_buffer"])
+               for m, p in zip(momentum, [p for p in training.module.parameters()
+                                          if p in training.optimizer.state]))
+    assert momentum and training.scaler.get_scale() == scale / 2
+    step(images, labels)  # the next step applies again
+    assert not torch.equal(weights[0], first)
