@@ -114,3 +114,30 @@ def test_fp16_step_with_an_inf_gradient_is_skipped_not_applied():
     assert momentum and training.scaler.get_scale() == scale / 2
     step(images, labels)  # the next step applies again
     assert not torch.equal(weights[0], first)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("loader", ["cpu", pytest.param("dali", marks=pytest.mark.dali),
+                                    "resident"])
+def test_cuda_training_compiled_resumes_with_each_amp_and_loader(hue_pack, tmp_path, amp, loader):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    if amp == "bf16" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("no native bf16 on this GPU")
+    out = tmp_path / "run"
+    args = ("--device", "cuda", "--amp", amp, "--loader", loader, "--compile",
+            "--batch-size", "32", "--loader-workers", "2", "--epochs", "2")
+    invoke = CliRunner().invoke
+    first = invoke(main, ["train", str(hue_pack), "--out", str(out), *args, "--max-steps", "3"])
+    assert first.exit_code == 0, first.output
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["config"]["amp"] == amp and bool(state["scaler"]) == (amp == "fp16")
+    second = invoke(main, ["train", str(hue_pack), "--out", str(out), *args, "--resume"])
+    assert second.exit_code == 0, second.output
+    summary = read_metrics(out)
+    assert [row["epoch"] for row in summary] == [1, 2]
+    assert all(row["train_samples"] == 256 for row in summary)

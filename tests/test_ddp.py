@@ -45,6 +45,33 @@ def without_timing(rows):
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
+def agree_on_two_ranks(rank: int, store_path: str, views: list, results) -> None:
+    """Spawned rank: join a 2-process gloo group and call `agree` with this rank's view."""
+    import torch.distributed as dist
+
+    from fastalex.runtime import Runtime
+    from fastalex.train import agree
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    runtime = Runtime(torch.device("cpu"), None, False, False, rank, 2)
+    results[rank] = [agree(runtime, *view) for view in views[rank]]
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_stopping_and_on_the_earliest_bad_step(tmp_path):
+    """One rank signalled or one rank's non-finite loss: both ranks take the same decision."""
+    import torch.multiprocessing as mp
+
+    views = [[(False, None), (False, 7), (False, None), (True, 5)],  # rank 0's own views
+             [(True, None), (False, 3), (False, None), (False, None)]]  # rank 1's
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(agree_on_two_ranks, (str(tmp_path / "store"), views, results), nprocs=2)
+        decided = dict(results)
+    expected = [(True, None), (False, 3), (False, None), (True, 5)]
+    assert decided[0] == decided[1] == expected
+
+
 @pytest.mark.slow
 def test_ddp_resumed_mid_epoch_gives_the_uninterrupted_rows(hue_pack, tmp_path, launch):
     """Train and val rows of a 2-rank run stopped at step 3 of 4 and resumed equal those of an
@@ -133,3 +160,19 @@ def test_ddp_val_metrics_equal_a_single_process_eval(hue_pack, tmp_path, launch,
     assert single["top1"] == row["val_top1"] and single["top5"] == row["val_top5"]
     # per-batch float32 loss sums differ with the batch boundaries of 1 vs 2 ranks
     assert single["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_nccl_two_gpus_share_the_data_and_rank0_writes(hue_pack, tmp_path, launch):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    out = tmp_path / "ddp"
+    job = launch([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node", "2", "-m", "fastalex", "train", hue_pack, "--out", out,
+                  "--device", "cuda", "--batch-size", "32", "--loader", "cpu", "--epochs", "1"])
+    stdout, stderr = job.communicate(TIMEOUT_S)
+    assert job.returncode == 0, stdout + stderr
+    (row,) = read_metrics(out)
+    assert row["train_samples"] == 256 and row["val_samples"] == 128
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2

@@ -428,3 +428,124 @@ def test_compiled_and_eager_crop_resize_agree(image_size):
     assert augment._compiled_passes not in (None, False)  # the compiled path really ran
     assert fast.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast, eager, atol=1e-5, rtol=0)
+
+
+# --- several processes on one machine, and the GPU hand-off -------------------------------------
+
+
+def test_default_workers_are_this_processes_share_of_the_cores(monkeypatch):
+    from fastalex.loaders import loader_workers
+
+    monkeypatch.setattr("fastalex.loaders.default_workers", lambda: 16)
+    cfg = TrainConfig()
+    assert loader_workers(cfg, Placement(CPU)) == 16
+    assert loader_workers(cfg, Placement(CPU, 3, 8, local_world_size=8)) == 2
+    assert loader_workers(cfg, Placement(CPU, 0, 32, local_world_size=32)) == 1
+    assert loader_workers(TrainConfig(loader_workers=5), Placement(CPU, 0, 8, 8)) == 5
+
+
+@pytest.mark.dali
+def test_dali_threads_are_this_processes_share_of_the_cores(monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    from fastalex.loaders.dali import pipeline_device
+
+    monkeypatch.setattr("fastalex.loaders.default_workers", lambda: 16)
+    _, device_id, threads = pipeline_device(TrainConfig(), Placement(CPU, 1, 4, 4))
+    assert device_id is None and threads == 4
+
+
+def test_the_shared_memory_ring_shrinks_to_fit_or_names_the_fix(coded_pack, monkeypatch):
+    from fastalex.loaders import cpu
+
+    monkeypatch.setattr("fastalex.loaders.default_workers", lambda: 8)
+    batch_bytes = 10 * 24 * 24 * 3  # batch 10 of coded_pack's largest (24 x 24) images
+    # room for (prefetch 2 * 3 workers + 2) = 8 slots of each of 2 ranks' train rings
+    monkeypatch.setattr(cpu, "free_shared_memory",
+                        lambda: int(8 * batch_bytes * 2 * 2 / cpu.SHM_HEADROOM) + 1)
+    two_ranks = Placement(CPU, 0, 2, local_world_size=2)
+    cfg = TrainConfig(shards=str(coded_pack.path), loader="cpu", batch_size=10)
+    assert cpu.fit_ring(cfg, two_ranks, batch_bytes, train=True) == 3  # 4 would not fit
+    loader = build_loader(cfg, "train", two_ranks)
+    assert loader._loader.num_workers == 3
+    loader.close()
+    monkeypatch.setattr(cpu, "free_shared_memory", lambda: 64 << 10)
+    with pytest.raises(UserError, match=r"shared-memory ring needs .*--shm-size"):
+        cpu.fit_ring(cfg, two_ranks, batch_bytes, train=True)
+    explicit = TrainConfig(shards=str(coded_pack.path), loader="cpu", batch_size=10,
+                           loader_workers=8)
+    with pytest.raises(UserError, match="--loader-workers"):  # an explicit count is not shrunk
+        build_loader(explicit, "train", Placement(CPU))
+
+
+def test_decode_workers_start_by_forkserver_once_a_process_group_exists(coded_pack):
+    one = make(coded_pack.path, "cpu", "val")
+    two = make(coded_pack.path, "cpu", "val", rank=1, world=2)
+    assert one._loader.multiprocessing_context is None  # fork: no process group's threads
+    assert two._loader.multiprocessing_context.get_start_method() == "forkserver"
+    ids, _ = run_epoch(two, coded_pack)
+    start, stop = rank_share(len(coded_pack.ids["val"]), 1, 2)
+    np.testing.assert_array_equal(ids, coded_pack.ids["val"][start:stop])
+    one.close()
+    two.close()
+
+
+class FakeEvent:
+    """A CUDA event stand-in: done once `finish` is called; synchronize finishes it."""
+
+    def __init__(self):
+        self.done = False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.done = True
+
+
+@pytest.mark.dali
+def test_gpu_batches_are_kept_until_the_work_that_reads_them_has_run():
+    pytest.importorskip("nvidia.dali")
+    from fastalex.loaders.dali import HELD_MAX, KeepUntilDone
+
+    events = []
+
+    def new_event():
+        events.append(FakeEvent())
+        return events[-1]
+
+    kept = KeepUntilDone(new_event)
+    kept.keep("batch 0")
+    kept.keep("batch 1")
+    assert [outputs for _, outputs in kept.held] == ["batch 0", "batch 1"]  # still being read
+    events[0].done = True
+    kept.keep("batch 2")
+    assert [outputs for _, outputs in kept.held] == ["batch 1", "batch 2"]  # 0 let go, no wait
+    for number in range(3, 3 + HELD_MAX):
+        kept.keep(f"batch {number}")
+    assert len(kept.held) == HELD_MAX and events[1].done  # waited for the oldest only
+    assert not any(event.done for event in events[2 + 1:])
+    kept.release_all()
+    assert not kept.held and all(event.done for event in events)
+    nothing = KeepUntilDone(None)  # the CPU: batches are read synchronously
+    nothing.keep("batch")
+    assert not nothing.held
+
+
+@pytest.mark.gpu
+@pytest.mark.dali
+def test_dali_gpu_batches_read_late_equal_batches_read_at_once(coded_pack):
+    """DALI's zero-copy GPU outputs must not be recycled while queued work still reads them:
+    checksums taken behind a long GPU delay (the trainer runs ahead like this) equal those taken
+    at once. Val is in a fixed order, so both passes see the same batches."""
+    pytest.importorskip("nvidia.dali")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device = torch.device("cuda", 0)
+    loader = make(coded_pack.path, "dali", "val", device=device, batch_size=8)
+    at_once = [images.double().sum().item() for images, _ in loader]
+    late = []
+    for images, _ in loader:
+        torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time queued before the read
+        late.append(images.double().sum())  # queued behind the sleep; no host sync here
+    assert [value.item() for value in late] == at_once
+    loader.close()
