@@ -42,7 +42,8 @@ def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
                           **MODEL_ROWS["eager-fp32"])
     else:
         cfg = base_config(args, data, size, batch_size=batch_size, compile=not args.quick)
-    step, runtime = build_step(cfg, num_classes, EPOCH_IMAGES // batch_size)
+    step, runtime = build_step(cfg, num_classes, EPOCH_IMAGES // batch_size,
+                               baseline=name == "reference")
     if name == "reference":
         loader = ReferenceLoader(need(data, "tree") / "train", size, batch_size, device)
         note = ("blog loader (reference.py) + eager fp32 NCHW steps of fastalex's model (the blog's "

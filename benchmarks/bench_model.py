@@ -26,20 +26,36 @@ MODEL_ROWS = {  # name -> TrainConfig fields; each adds one thing to the one bef
 }
 
 
-def build_step(cfg, num_classes: int, steps_per_epoch: int):
+def build_step(cfg, num_classes: int, steps_per_epoch: int, baseline: bool = False):
     """fastalex.train's own model, optimizer, schedule and step for `cfg` (never a copy of the
     loop): returns (advance(images, labels), runtime); advance runs one step and steps the LR
-    schedule, leaving the results on the device."""
+    schedule, leaving the results on the device.
+
+    CUDA backend flags are process-wide and the rows of a group interleave, so each advance sets
+    its own: a `baseline` row (eager-fp32, the reference stack) runs with TF32 and cuDNN
+    autotuning off, as PyTorch's defaults for a plain script, every other row with what
+    `fastalex train` sets (runtime.configure_backends)."""
     try:
         from fastalex import train
-        from fastalex.runtime import resolve_runtime
+        from fastalex.runtime import configure_backends, resolve_runtime
     except ImportError as e:
         raise Skip(f"fastalex.train not available ({e})") from None
     runtime = resolve_runtime(cfg)
     training = train.build_training(cfg, num_classes, runtime, steps_per_epoch)
     step = train.make_train_step(training.model, training.optimizer, training.scaler, cfg, runtime)
 
+    def set_backends() -> None:
+        if runtime.device.type != "cuda":
+            return
+        if baseline:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.benchmark = False
+        else:
+            configure_backends(runtime)
+
     def advance(images: torch.Tensor, labels: torch.Tensor) -> None:
+        set_backends()
         step(images, labels)
         training.schedule.step()
 
@@ -78,7 +94,10 @@ def model_row(args, name: str, size: int, device) -> Subject:
     if name == "compiled" and args.quick:
         raise Skip("compile skipped in --quick (compiling the step takes 35-60 s on a 2-core CPU)")
     cfg = base_config(args, Data(), size, batch_size=args.model_batch_size, **fields)
-    step, runtime = build_step(cfg, NUM_CLASSES, EPOCH_IMAGES // cfg.batch_size)
+    step, runtime = build_step(cfg, NUM_CLASSES, EPOCH_IMAGES // cfg.batch_size,
+                               baseline=name == "eager-fp32")
+    if name == "eager-fp32" and device.type == "cuda":
+        note += "TF32 and cuDNN autotuning off (PyTorch's defaults for a plain script); "
     generator = torch.Generator(device).manual_seed(0)
     images = torch.randn(cfg.batch_size, 3, size, size, device=device, generator=generator)
     images = images.contiguous(memory_format=runtime.memory_format)  # (N, 3, S, S) float32

@@ -3,13 +3,21 @@
 #
 #     benchmarks/gpu_check.sh OUTDIR
 #
+# In order, most telling first, so a short lease still answers the first questions:
 # 1. records the machine (nvidia-smi, versions of torch/DALI/simplejpeg/...) and says what is missing;
 # 2. installs this checkout with `pip install --no-deps -e .` (nothing is downloaded; if pip cannot
 #    build offline the package is used from the source tree through PYTHONPATH instead);
-# 3. runs `pytest -m gpu`;
-# 4. runs `benchmarks/throughput.py --device cuda` on a synthetic stand-in, writing
-#    OUTDIR/throughput.json (rewritten after every row) and OUTDIR/throughput.jsonl (the rows as
-#    throughput.py records them: append it to benchmarks/results/throughput.jsonl to keep them).
+# 3. smoke (benchmarks/gpu_smoke.py): 3 training steps on CUDA for each AMP mode (fp16, and bf16
+#    where native) and each loader, compile off, in one process: one line each;
+# 4. `benchmarks/throughput.py --device cuda` on a synthetic stand-in, one run per slice in this
+#    order: model + e2e at 64 px (model and e2e rows use the same batch of 256, so the e2e row's
+#    compile is served by inductor's on-disk cache of the model row's), loader at 64 px, everything
+#    at 227 px, then pack. Each slice appends its rows to OUTDIR/throughput.jsonl (as
+#    throughput.py records them: append it to benchmarks/results/throughput.jsonl to keep them)
+#    and writes OUTDIR/throughput-<slice>.json;
+# 5. `pytest -m gpu` with the time left (CUDA train + resume per AMP mode and loader, DALI's GPU
+#    hand-off lifetime, NCCL when 2 GPUs are visible). The gpu tests collect without simplejpeg:
+#    those that need a pack skip, saying why.
 #
 # Runs unchanged without DALI (its rows are skipped, with the reason) and says so when simplejpeg
 # is missing. Every step has a timeout inside the overall budget (GPU_CHECK_BUDGET_S, default 470 s);
@@ -86,6 +94,33 @@ if ! step install 120 "$PY" -m pip install --no-deps --no-input -e .; then
 fi
 
 limit=$(left)
+[ "$limit" -gt 90 ] && limit=90
+step smoke "$limit" "$PY" benchmarks/gpu_smoke.py || FAILED=1
+grep '^smoke' "$OUT/smoke.log" | tee -a "$OUT/gpu_check.log"
+
+# GPU_CHECK_THROUGHPUT_ARGS: extra options for every slice, e.g. "--repeats 3" (later ones win).
+throughput_slice() {  # throughput_slice NAME SECONDS ARGS...
+    local name=$1 limit=$2
+    shift 2
+    # shellcheck disable=SC2086
+    step "throughput-$name" "$limit" "$PY" benchmarks/throughput.py --device cuda "$@" \
+        --json "$OUT/throughput-$name.json" --record-to "$OUT/throughput.jsonl" \
+        ${GPU_CHECK_THROUGHPUT_ARGS:-} || FAILED=1
+    [ -f "$OUT/throughput-$name.json" ] || return 0
+    "$PY" - "$OUT/throughput-$name.json" <<'EOF' | tee -a "$OUT/gpu_check.log"
+import json, sys
+result = json.load(open(sys.argv[1]))
+for row in result["rows"]:
+    rate = f"{row['images_per_s']:.0f} img/s" if row["images_per_s"] else row["note"]
+    print(f"  {row['group']:<7} {row['name']:<14} {row['image_size'] or '':>4} {rate}")
+EOF
+}
+throughput_slice model-e2e-64 $(($(left) * 2 / 5)) --only model --only e2e --image-size 64
+throughput_slice loader-64 $(($(left) / 4)) --only loader --image-size 64
+throughput_slice all-227 $(($(left) / 3)) --only model --only e2e --only loader --image-size 227
+throughput_slice pack $(($(left) / 4)) --only pack
+
+limit=$(($(left) - 5))
 [ "$limit" -gt "$PYTEST_S" ] && limit=$PYTEST_S
 step pytest-gpu "$limit" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider
 case $? in
@@ -93,21 +128,6 @@ case $? in
     5) log "pytest-gpu: no test is marked gpu (nothing ran)" ;;
     *) FAILED=1 ;;
 esac
-
-# GPU_CHECK_THROUGHPUT_ARGS: extra options, e.g. "--repeats 3" or "--only model" (later ones win).
-# shellcheck disable=SC2086
-step throughput $(($(left) - 5)) "$PY" benchmarks/throughput.py --device cuda \
-    --json "$OUT/throughput.json" --record-to "$OUT/throughput.jsonl" ${GPU_CHECK_THROUGHPUT_ARGS:-} || FAILED=1
-if [ -f "$OUT/throughput.json" ]; then
-    "$PY" - "$OUT/throughput.json" <<'EOF' | tee -a "$OUT/gpu_check.log"
-import json, sys
-result = json.load(open(sys.argv[1]))
-print(f"throughput.json: {len(result['rows'])} rows, complete={result['complete']}")
-for row in result["rows"]:
-    rate = f"{row['images_per_s']:.0f} img/s" if row["images_per_s"] else row["note"]
-    print(f"  {row['group']:<7} {row['name']:<14} {row['image_size'] or '':>4} {rate}")
-EOF
-fi
 
 log "done in $((SECONDS - START))s: $([ $FAILED -eq 0 ] && echo 'every step passed' || echo 'SOME STEPS FAILED')"
 exit $FAILED

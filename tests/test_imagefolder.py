@@ -16,6 +16,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+
+pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
+
 from fastalex.cli import main
 from fastalex.config import PackConfig
 from fastalex.errors import UserError

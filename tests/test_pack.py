@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+
+pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
+
 from fastalex.config import PackConfig
 from fastalex.errors import UserError
 from fastalex.pack import pack, verify_pack

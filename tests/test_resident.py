@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("simplejpeg", reason="the resident loader decodes with the cpu loader's simplejpeg")
+
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
 from fastalex.loaders import Placement, build_loader
