@@ -278,7 +278,7 @@ def model_info(arch, image_size, classes) -> None:
               show_default=True, help="PNG to write.")
 def plot(runs, out_png) -> None:
     """Draw loss, top-1/top-5 and images/s per epoch of one or more RUN directories (written by
-    `fastalex train`), overlaid in one PNG. Needs matplotlib (pip install matplotlib)."""
+    `fastalex train`), overlaid in one PNG; the images/s axis starts at zero."""
     from fastalex.plot import plot_runs
 
     click.echo(f"wrote {plot_runs(list(runs), out_png)}")

@@ -191,6 +191,25 @@ def test_plot_runs_overlays_runs_into_a_png(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
 
 
+def test_plot_throughput_axis_starts_at_zero(tmp_path):
+    from fastalex.plot import draw_runs, read_metrics
+
+    run = write_run(tmp_path / "a", 4, 0.3)  # 9001..9004 images/s: zoomed, a wobble looks huge
+    figure = draw_runs([("a", read_metrics(run))])
+    bottom, top = figure.axes[2].get_ylim()
+    assert figure.axes[2].get_title() == "throughput" and bottom == 0 and top > 9004
+    import matplotlib.pyplot
+
+    matplotlib.pyplot.close(figure)
+
+
+def test_plotting_works_after_the_quickstart_install():
+    """`pip install -e .` (the Quickstart's) brings matplotlib: fastalex plot and tools/ need it."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = tomllib.loads((BENCHMARKS.parent / "pyproject.toml").read_text())
+    assert any(dep.startswith("matplotlib") for dep in pyproject["project"]["dependencies"])
+
+
 def test_plot_runs_names_a_directory_without_metrics(tmp_path):
     from fastalex.plot import plot_runs
 
