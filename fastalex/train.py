@@ -425,8 +425,8 @@ class _Run:
                  f"{self.train_loader.samples * rt.world_size} train / "
                  f"{manifest.splits['val'].samples} val images; "
                  f"{steps_per_epoch} steps per epoch of {cfg.batch_size} x {rt.world_size}; "
-                 f"{describe_device(rt)}, loader {self.train_loader.backend}, amp {rt.amp}, "
-                 f"compile {'on' if rt.compile else 'off'}")
+                 f"{describe_device(rt)}, amp {rt.amp}, compile {'on' if rt.compile else 'off'}; "
+                 f"loader {self.train_loader.summary}")
         with StopSignals() as self.signals:
             while epoch < cfg.epochs and not (cfg.max_steps and self.global_step >= cfg.max_steps):
                 outcome = self.train_epoch(epoch, skip, carried)

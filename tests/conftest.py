@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from fastalex.config import PackConfig
-from fastalex.tinyimagenet import open_source, synth
+from fastalex.tinyimagenet import synth
 
 # Small enough that the whole suite stays fast on 2 cores, big enough for several shards per split.
 TREE = dict(classes=6, train_per_class=40, val_per_class=10, test_images=5, seed=0)
@@ -19,9 +19,10 @@ def pack_tree(root, out, **fields) -> None:
     without it (a GPU box that lacks the wheel) the tests that need a pack skip, saying so, and
     every test module still collects."""
     pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
+    from fastalex.imagefolder import detect_source
     from fastalex.pack import pack
 
-    pack(open_source(root), out, PackConfig(**fields), progress=False)
+    pack(detect_source(root), out, PackConfig(**fields), progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -352,3 +353,12 @@ def folder_tree(tmp_path_factory):
     (dog / "notes.txt").write_text("not an image\n")
     (root / "classes.txt").write_text("".join(f"{k}\t{v}\n" for k, v in FOLDER_NAMES.items()))
     return types.SimpleNamespace(path=root, levels=FOLDER_LEVELS, names=FOLDER_NAMES, big_px=BIG_PX)
+
+
+@pytest.fixture(scope="session")
+def mixed_pack(folder_tree, tmp_path_factory):
+    """folder_tree packed with --max-side 0: its 2000 x 1000 photo stored as it is, beside images
+    of 20-40 px (loader memory tests)."""
+    out = tmp_path_factory.mktemp("mixedpack") / "shards"
+    pack_tree(folder_tree.path, out, shard_size=16, workers=1, max_side=0)
+    return out

@@ -382,8 +382,8 @@ def test_dali_decode_split_matches_cpu_decoder(coded_pack, world):
     from fastalex.loaders.dali import decode_split
 
     manifest = read_manifest(coded_pack.path)
-    table = SampleTable(coded_pack.path, manifest, "train")
     cfg = TrainConfig(shards=str(coded_pack.path), batch_size=32, loader_workers=1)
+    table = SampleTable(coded_pack.path, manifest, "train", cfg.image_size)
     rank = world - 1
     start, stop = rank_share(len(table.labels), rank, world)
     placement = Placement(CPU, rank, world)
@@ -549,3 +549,55 @@ def test_dali_gpu_batches_read_late_equal_batches_read_at_once(coded_pack):
         late.append(images.double().sum())  # queued behind the sleep; no host sync here
     assert [value.item() for value in late] == at_once
     loader.close()
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_a_mixed_size_pack_trains_with_memory_bounded_by_the_batch(mixed_pack, backend, tmp_path):
+    """The stated bound: every image is decoded onto a canvas of at most (2 * image_size)^2 pixels
+    (loaders.canvas_px), so a batch holds at most batch * 4 * image_size^2 * 3 bytes of decoded
+    pixels, however large the pack's images (here one of 2000 x 1000 among 20-40 px ones)."""
+    needs(backend)
+    from click.testing import CliRunner
+
+    from fastalex.cli import main
+    from fastalex.loaders import canvas_px
+
+    info = read_manifest(mixed_pack).splits["train"]
+    assert max(info.image_px) >= 2000  # stored as it is: the loaders must bound it
+    bound = (128, 128)
+    assert canvas_px(tuple(info.image_px), 64) == bound
+    train = make(mixed_pack, backend, "train", batch_size=8)
+    if backend == "cpu":
+        assert tuple(train._loader.dataset.canvases.shape[2:4]) == bound
+    elif backend == "resident":
+        assert tuple(train.images.shape[1:3]) == bound
+    seen = 0
+    for images, labels in train:
+        assert images.shape == (8, 3, 64, 64) and torch.isfinite(images).all()
+        seen += len(labels)
+    assert seen == train.samples
+    train.close()
+    result = CliRunner().invoke(main, [
+        "train", str(mixed_pack), "--out", str(tmp_path / "run"), "--loader", backend,
+        "--device", "cpu", "--no-compile", "--batch-size", "8", "--epochs", "1",
+        "--loader-workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/1:" in result.output
+
+
+def test_an_image_larger_than_the_canvas_is_scaled_to_fit_as_it_is_decoded():
+    from PIL import Image
+
+    from fastalex.loaders.cpu import decode_to_fit, exceeds
+    import io
+
+    rows = np.linspace(0, 255, 1000)[:, None] * np.ones((1, 2000))
+    photo = np.stack([rows, rows[::-1], np.full_like(rows, 90)], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    assert exceeds(data, 128, 128) and not exceeds(data, 1000, 2000)
+    fitted = decode_to_fit(data, 128, 128)
+    assert fitted.shape == (64, 128, 3) and fitted.dtype == np.uint8  # aspect kept
+    expected = np.asarray(Image.fromarray(photo).resize((128, 64), Image.BILINEAR)).astype(int)
+    assert np.abs(fitted.astype(int) - expected).mean() < 3  # the same picture, smaller

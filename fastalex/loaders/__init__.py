@@ -36,6 +36,10 @@ from fastalex.loaders.augment import Augment
 from fastalex.shards import Manifest, check_pack, read_manifest
 
 BACKENDS = ("dali", "cpu", "resident")
+# Decoded images are kept at most twice the output size a side: a random-resized crop of the
+# fast recipe's smallest area (0.35) of such an image is still ~1.2x the output, so scaling a
+# larger photo down to it loses no detail the model sees at full-area crops and little below.
+CANVAS_SIDE_FACTOR = 2
 
 
 class Batch(NamedTuple):
@@ -46,6 +50,7 @@ class Batch(NamedTuple):
 class Loader(Protocol):
     backend: str  # "dali", "cpu" or "resident": the one actually running
     samples: int  # samples this rank yields per epoch (train: after dropping the short batch)
+    summary: str  # one line for the run's log: workers or threads, what it holds
 
     def __iter__(self) -> Iterator[Batch]: ...
 
@@ -100,6 +105,16 @@ def plan_share(total: int, batch_size: int, placement: Placement, train: bool) -
     start, stop = rank_share(total, placement.rank, placement.world_size)
     steps = steps_per_epoch(total, batch_size, placement, train)
     return Share(start, stop, steps, steps * batch_size if train else stop - start)
+
+
+def canvas_px(image_px: tuple[int, int], image_size: int) -> tuple[int, int]:
+    """(height, width) of the canvas a decoded image is placed on: the split's largest image
+    (manifest image_px), capped at CANVAS_SIDE_FACTOR * image_size a side. An image larger than
+    the canvas is scaled down to fit (aspect kept) as it is decoded, so a batch's memory is
+    bounded by batch * canvas * 3 bytes whatever the pack holds; Tiny ImageNet (64 x 64 at every
+    image_size) is never scaled."""
+    bound = CANVAS_SIDE_FACTOR * image_size
+    return min(image_px[0], bound), min(image_px[1], bound)
 
 
 def augment_for(cfg: TrainConfig, split: str) -> Augment:

@@ -14,10 +14,14 @@ How a batch is made:
 - Worker processes (a torch DataLoader, one batch of ids per task, persistent across epochs) read
   the JPEGs by random access through an mmap of each tar (no tar streaming) and decode them with
   simplejpeg straight into a uint8 (N, H, W, 3) canvas, one of a small ring of them in shared
-  memory (``prefetch * workers + 2`` batches; 19 MB for Tiny ImageNet at the defaults). H x W is
-  the split's largest image (``image_px``, 64 x 64 for Tiny ImageNet); a smaller image sits
-  top-left and its (h, w) travels with the batch. Workers never resize or convert to float, so
-  their cost per image does not depend on image_size.
+  memory (``prefetch * workers + 2`` batches; 19 MB for Tiny ImageNet at the defaults, checked
+  against free /dev/shm: `fit_ring`). H x W is the split's largest image (``image_px``, 64 x 64
+  for Tiny ImageNet) capped at twice image_size a side (``loaders.canvas_px``): a larger image
+  (a user's photo packed with --max-side 0, say) is scaled down to fit as it is decoded
+  (`decode_to_fit`: libjpeg-turbo's DCT scaling, then an antialiased resize), so memory is
+  bounded by the batch, not by the largest image. A smaller image sits top-left and its (h, w)
+  travels with the batch. Workers never crop or convert to float, so their cost per image does
+  not depend on image_size.
 - The main process reads the canvas in place, pins it (CUDA only) and copies it ``non_blocking``
   to the device, draws the crop boxes and flips for the whole batch from a torch.Generator seeded
   by (seed, epoch, rank), and runs augment.crop_resize there: crop + resize + flip + normalise in
@@ -47,7 +51,8 @@ from torch.utils.data import DataLoader
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, augment_for, loader_workers, plan_share
+from fastalex.loaders import (Batch, Placement, augment_for, canvas_px, loader_workers,
+                              plan_share)
 from fastalex.loaders.augment import (
     epoch_generator,
     keep_large_blocks_in_heap,
@@ -66,9 +71,10 @@ def decode_labels(digits: np.ndarray) -> np.ndarray:
 
 
 class SampleTable:
-    """Where every sample of a split lies in its shards, and its label, in global order."""
+    """Where every sample of a split lies in its shards, and its label, in global order; and the
+    canvas its images are decoded onto (loaders.canvas_px for `image_size`)."""
 
-    def __init__(self, directory: Path, manifest: Manifest, split: str):
+    def __init__(self, directory: Path, manifest: Manifest, split: str, image_size: int):
         info = manifest.splits[split]
         self.paths = [str(directory / shard.name) for shard in info.shards]
         shard_ids, offsets, sizes, labels = [], [], [], []
@@ -89,7 +95,8 @@ class SampleTable:
         self.offsets = np.concatenate(offsets)
         self.sizes = np.concatenate(sizes)
         self.labels = torch.from_numpy(np.concatenate(labels))
-        self.canvas_px = tuple(info.image_px)  # (height, width)
+        self.canvas_px = canvas_px(tuple(info.image_px), image_size)  # (height, width)
+        self.may_exceed = self.canvas_px != tuple(info.image_px)  # some image is scaled to fit
         if len(self.labels) != info.samples:
             raise UserError(
                 f"{directory}: the {split} indices list {len(self.labels)} samples, "
@@ -120,6 +127,7 @@ class ShardDecoder(torch.utils.data.Dataset):
         self.offsets = table.offsets
         self.sizes = table.sizes
         self.canvas_px = table.canvas_px
+        self.may_exceed = table.may_exceed
         self.canvases = canvases
         self._maps: list[memoryview] | None = None  # opened in the worker, never pickled
 
@@ -150,6 +158,12 @@ class ShardDecoder(torch.utils.data.Dataset):
         for k in range(len(ids)):
             data = maps[shard_ids[k]][offsets[k] : ends[k]]
             row = pixels[k]
+            if self.may_exceed and exceeds(data, height, width):
+                image = decode_to_fit(data, height, width)
+                h, w = image.shape[:2]
+                row[:h, :w] = image
+                hw[k] = h, w
+                continue
             try:
                 # (h, w, 3) written contiguously at the start of the canvas row. Positional:
                 # colorspace, fastdct, fastupsample, min_height, min_width, min_factor, buffer,
@@ -168,6 +182,40 @@ class ShardDecoder(torch.utils.data.Dataset):
 
     def __len__(self) -> int:  # tasks are addressed by sample ids, not by position
         return len(self.offsets)
+
+
+def exceeds(data, height: int, width: int) -> bool:
+    """Whether the JPEG's header says it is larger than the height x width canvas."""
+    try:
+        h, w = simplejpeg.decode_jpeg_header(data)[:2]
+    except ValueError:  # what libjpeg-turbo refuses: ask Pillow, which reads only the header
+        with Image.open(io.BytesIO(data)) as source:
+            w, h = source.size
+    return h > height or w > width
+
+
+def decode_to_fit(data, height: int, width: int) -> np.ndarray:
+    """(h, w, 3) uint8 RGB of a JPEG larger than the canvas, scaled down (aspect kept) to fit in
+    height x width. libjpeg-turbo first decodes at the largest of 1/2, 1/4, 1/8 that still covers
+    the canvas (DCT scaling: most of a large JPEG's pixels are never computed), then Pillow's
+    antialiased bilinear resize makes up the rest."""
+    with Image.open(io.BytesIO(data)) as source:
+        full_w, full_h = source.size
+        factor = max(full_h / height, full_w / width)
+        reduce = next(r for r in (8, 4, 2, 1) if r <= factor)
+        try:
+            image = Image.fromarray(simplejpeg.decode_jpeg(
+                data, "RGB", False, False, -(-full_h // reduce), -(-full_w // reduce), 1, None,
+                False))
+        except ValueError:  # what libjpeg-turbo refuses: Pillow's own DCT scaling
+            source.draft("RGB", (-(-full_w // reduce), -(-full_h // reduce)))
+            image = source.convert("RGB")
+    scale = min(height / image.height, width / image.width, 1.0)
+    if scale < 1.0:
+        size = (max(1, min(width, round(image.width * scale))),
+                max(1, min(height, round(image.height * scale))))
+        image = image.resize(size, Image.BILINEAR)
+    return np.asarray(image)
 
 
 def ring_slots(workers: int, prefetch: int) -> int:
@@ -257,13 +305,15 @@ class CpuLoader:
         self.batch_size = cfg.batch_size
         self.seed = cfg.seed
         self.epoch = first_epoch
-        self.table = SampleTable(Path(cfg.shards), manifest, split)
+        self.table = SampleTable(Path(cfg.shards), manifest, split, cfg.image_size)
         self.share = plan_share(manifest.splits[split].samples, cfg.batch_size, placement,
                                 self.augment.train)
         self.samples = self.share.samples
         height, width = self.table.canvas_px
         batch_bytes = cfg.batch_size * height * width * 3
         workers = fit_ring(cfg, placement, batch_bytes, self.augment.train)
+        self.summary = (f"cpu: {workers} decode workers, {height} x {width} canvases, "
+                        f"{ring_slots(workers, cfg.prefetch)}-batch shared-memory ring")
         canvases = torch.empty((ring_slots(workers, cfg.prefetch), cfg.batch_size, height, width, 3),
                                dtype=torch.uint8)
         self._tasks = _EpochBatches()

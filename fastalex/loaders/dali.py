@@ -68,12 +68,14 @@ from pathlib import Path
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 from nvidia.dali.backend import GetCUDADeviceCount
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, augment_for, loader_workers, plan_share, rank_share
+from fastalex.loaders import (Batch, Placement, augment_for, canvas_px, loader_workers, plan_share,
+                              rank_share)
 from fastalex.loaders.augment import (
     CROP_ATTEMPTS,
     epoch_generator,
@@ -197,28 +199,42 @@ def process_images(jpegs, train: bool, cfg: TrainConfig, device: str):
     )
 
 
-def decode_to_canvas(jpegs, canvas_px: tuple[int, int], device: str):
-    """Decoded images padded (bottom/right, zeros) to the canvas, and each one's (h, w) before."""
+def fit_to_canvas(images, canvas_px: tuple[int, int]):
+    """Images larger than the canvas scaled down (aspect kept, antialiased) to fit in it; the
+    others resized to their own size. Only built for packs that hold such images (loaders.
+    canvas_px): the same bound the cpu backend applies as it decodes."""
+    shape = images.shape(dtype=types.FLOAT, device="cpu")  # (h, w, 3) per sample
+    height, width = shape[0], shape[1]
+    scale = dmath.min(dmath.min(canvas_px[0] / height, canvas_px[1] / width), 1.0)
+    return fn.resize(images, resize_y=dmath.min(height * scale, float(canvas_px[0])),
+                     resize_x=dmath.min(width * scale, float(canvas_px[1])), antialias=True)
+
+
+def decode_to_canvas(jpegs, canvas_px: tuple[int, int], device: str, fit: bool):
+    """Decoded images padded (bottom/right, zeros) to the canvas, and each one's (h, w) before;
+    with `fit`, those larger than the canvas scaled down to fit first."""
     images = decode_images(jpegs, device)
+    if fit:
+        images = fit_to_canvas(images, canvas_px)
     sizes = images.shape(dtype=types.INT32, device=device)[0:2]  # (h, w) of the HWC image
     return fn.pad(images, axes=(0, 1), shape=list(canvas_px), fill_value=0), sizes
 
 
 @pipeline_def(enable_conditionals=False)
-def shard_pipeline(tars, indices, shard_id, num_shards, train, fill, cfg, canvas_px, device):
+def shard_pipeline(tars, indices, shard_id, num_shards, train, fill, cfg, canvas_px, fit, device):
     """GPU: (images (N, S, S, 3) float32, label digits), all on the GPU. CPU-only mode: (canvases
     (N, H, W, 3) uint8, (h, w) (N, 2), label digits), augmented afterwards by augment.py."""
     jpegs, labels = read_shards(tars, indices, shard_id, num_shards, train, fill)
     if device == "gpu":
         return process_images(jpegs, train, cfg, device), labels.gpu()
-    return *decode_to_canvas(jpegs, canvas_px, device), labels
+    return *decode_to_canvas(jpegs, canvas_px, device, fit), labels
 
 
 @pipeline_def(enable_conditionals=False)
-def decode_pipeline(tars, indices, shard_id, num_shards, canvas_px, device):
+def decode_pipeline(tars, indices, shard_id, num_shards, canvas_px, fit, device):
     """This rank's share in order, decoded once onto the canvas, with each image's (h, w)."""
     jpegs, _ = read_shards(tars, indices, shard_id, num_shards, shuffle=False, fill=1)
-    return decode_to_canvas(jpegs, canvas_px, device)
+    return decode_to_canvas(jpegs, canvas_px, device, fit)
 
 
 def decode_split(
@@ -241,6 +257,7 @@ def decode_split(
         placement.rank,
         placement.world_size,
         tuple(canvas_px),
+        tuple(canvas_px) != tuple(info.image_px),
         "gpu" if device_id is not None else "cpu",
         batch_size=cfg.batch_size,
         num_threads=threads,
@@ -315,8 +332,8 @@ class DaliLoader:
         self.rank = placement.rank
         self.seed = cfg.seed
         self.on_gpu = device_id is not None  # else DALI decodes and augment.py does the rest
-        canvas_px = tuple(manifest.splits[split].image_px)
         info = manifest.splits[split]
+        canvas = canvas_px(tuple(info.image_px), cfg.image_size)
         tars, indices = shard_paths(Path(cfg.shards), manifest, split)
         start, stop, self.steps, self.samples = plan_share(
             info.samples, cfg.batch_size, placement, self.train
@@ -329,7 +346,8 @@ class DaliLoader:
             self.train,
             max(1, min(stop - start, SHUFFLE_BUFFER)),
             cfg,
-            canvas_px,
+            canvas,
+            canvas != tuple(info.image_px),
             "gpu" if self.on_gpu else "cpu",
             batch_size=cfg.batch_size,
             num_threads=threads,
@@ -346,6 +364,8 @@ class DaliLoader:
             auto_reset=False,
         )
         self._kept = KeepUntilDone(cuda_event_now if self.on_gpu else None)
+        self.summary = (f"dali: {'GPU (nvJPEG)' if self.on_gpu else 'CPU-only mode'}, {threads} "
+                        "threads" + ("" if self.on_gpu else f", {canvas[0]} x {canvas[1]} canvases"))
         self._passes = 0  # epochs started on this pipeline
         self._mid_epoch = False  # the last pass stopped before DALI's epoch ended
         powers = 10 ** torch.arange(LABEL_DIGITS - 1, -1, -1, dtype=torch.int64)

@@ -7,7 +7,9 @@ decoding delivers; decoded, Tiny ImageNet's train split is 100,000 x 64 x 64 x 3
 any training GPU (the approach of airbench on CIFAR-10).
 
 - First use: this rank's share of the split (``rank_share``: under DDP each rank holds only its
-  own) is decoded into one uint8 (N, H, W, 3) canvas tensor on the device, plus each image's
+  own) is decoded into one uint8 (N, H, W, 3) canvas tensor on the device (H x W: the split's
+  largest image, capped at twice image_size a side, ``loaders.canvas_px``; larger images are
+  scaled down to fit as they are decoded; `summary` says what is held), plus each image's
   (h, w) and label. On CUDA with DALI installed, DALI's ``mixed`` decoder (nvJPEG) does it
   (dali.decode_split); otherwise the `cpu` backend's worker processes do (simplejpeg; on the
   2-core box it is several times faster than DALI's CPU decoder). Before decoding, the bytes needed
@@ -125,7 +127,7 @@ class ResidentLoader:
         self.batch_size = cfg.batch_size
         self.seed = cfg.seed
         self.epoch = first_epoch
-        table = SampleTable(Path(cfg.shards), manifest, split)
+        table = SampleTable(Path(cfg.shards), manifest, split, cfg.image_size)
         start, stop, self.steps, self.samples = plan_share(
             manifest.splits[split].samples, cfg.batch_size, placement, self.augment.train
         )
@@ -136,6 +138,9 @@ class ResidentLoader:
         self.heights, self.widths = sizes[:, 0], sizes[:, 1]
         self.labels = table.labels[ids].to(self.device)
         self.sizes = ragged_sizes(sizes, table.canvas_px)  # None: every image fills the canvas
+        self.summary = (f"resident: {len(ids)} images held on {self.device} as {height} x {width} "
+                        f"uint8 canvases ({self.images.numel() / 2**30:.2f} GiB)"
+                        + (", larger ones scaled down to fit" if table.may_exceed else ""))
 
     def _decode(self, cfg, table, ids, manifest, split, placement):
         if self.device.type == "cuda":
