@@ -282,3 +282,69 @@ def plot(runs, out_png) -> None:
     from fastalex.plot import plot_runs
 
     click.echo(f"wrote {plot_runs(list(runs), out_png)}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--top", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Classes shown per image.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image instead.")
+@click.option("--csv", "as_csv", is_flag=True,
+              help="CSV instead: path,rank,index,class,name,probability (a header, then a row per "
+                   "class).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per forward pass.")
+@click.option("--device", type=click.Choice(typing.get_args(typing.get_type_hints(TrainConfig)
+                                                             ["device"])),
+              default=TrainConfig.device, show_default=True, help="auto = cuda when available.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Decode threads; 0 = every core.")
+@click.option("--max-side", default=PackConfig.max_side, show_default=True,
+              type=click.IntRange(min=0),
+              help="Downscale larger images to this longer side first, as pack stores them; "
+                   "0 = full size.")
+def predict(checkpoint, paths, top, as_json, as_csv, batch_size, device, workers,
+            max_side) -> None:
+    """Top classes of images: PATHS are image files, directories (searched recursively) and glob
+    patterns (quote them; ** recurses): JPEG, PNG, WebP, BMP, TIFF, GIF or PPM.
+
+    Each image gets the run's val transform (the whole image resized to the model's size) and, when
+    the run used it, flip TTA. Files that cannot be read are named on stderr and skipped: exit
+    status 1 if any were.
+    """
+    from fastalex.predict import predict_paths
+
+    if as_json and as_csv:
+        raise UserError("choose one of --json and --csv")
+    skipped = predict_paths(
+        checkpoint, paths, top=top, output="json" if as_json else "csv" if as_csv else "text",
+        batch_size=batch_size, device=device, workers=workers, max_side=max_side,
+        write=click.echo, warn=lambda line: click.echo(line, err=True),
+        progress=sys.stderr.isatty())
+    if skipped:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["pt2", "onnx"]), default="pt2",
+              show_default=True,
+              help="pt2: a torch.export program; onnx: ONNX (needs pip install 'fastalex[onnx]').")
+@click.option("--layout", type=click.Choice(["nhwc", "nchw"]), default="nhwc", show_default=True,
+              help="Input layout: (N, S, S, 3) as numpy/PIL give it, or (N, 3, S, S).")
+@click.option("--flip-tta/--no-flip-tta", default=None,
+              help="Average with the mirror's logits inside the program  [default: as the run "
+                   "evaluated]")
+def export(checkpoint, out, fmt, layout, flip_tta) -> None:
+    """Write CHECKPOINT's model to OUT as a program that needs only torch (or onnxruntime): uint8
+    RGB images of the model's size in, logits out, normalisation inside; plus OUT's .json sidecar
+    with the class names and the preprocessing."""
+    from fastalex.export import export_model
+
+    program, sidecar, info = export_model(checkpoint, out, fmt, layout, flip_tta)
+    shape = ", ".join(str(side) for side in info["input"]["shape"])
+    click.echo(f"wrote {program}: uint8 RGB ({shape}) in, logits (N, {len(info['classes'])}) out"
+               f"{', flip TTA inside' if info['flip_tta'] else ''}; classes and preprocessing in "
+               f"{sidecar}")

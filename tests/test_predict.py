@@ -1,0 +1,424 @@
+"""predict and export: the val transform of a checkpoint's own run, files/dirs/globs with bad files
+in the mix, header bombs refused undecoded, and exported programs that agree with the eager model
+and load with torch (or onnxruntime) alone; the README's "Using the trained model" commands.
+
+Tolerances:
+- predict's input against the val loader's, per normalised pixel: PIXEL_TOL, one grey level
+  (1 / 255 / std ~ 0.015; measured 0). Both decode the same JPEG bytes with libjpeg-turbo
+  (predict through Pillow, the loader through simplejpeg: wheels may bundle other builds) and
+  resize with the same crop_resize (eager here, inductor-compiled in the loader: equal to ~1e-6).
+- Top-1 and loss against `fastalex eval`: exact and 1e-5 relative. Predict runs the batches eval
+  runs (the run's batch size, the val order), under the run's autocast, so the logits are the same
+  computation; on this CPU that is bf16 (--amp auto), measured bit-identical.
+- float32 logits (amp off: export's precision) of one computation done two ways (batch size,
+  canvas, exported graph): LOGIT_TOL = 1e-4 relative to the largest logit. The inputs agree to
+  ~1e-6, so what is left is float32 summation order (oneDNN picks kernels by batch size) through
+  eight layers; measured <= 1e-6.
+- ONNX Runtime against eager float32: its own convolution kernels, ONNX_TOL = 1e-3 relative.
+- PIL's BILINEAR resize (the sidecar's advice) against crop_resize, per grey level: <= 1 (PIL
+  rounds to uint8 and uses fixed-point weights; measured <= 0.98) except in the outermost output
+  pixels of a downscaled image, where PIL renormalises the filter and crop_resize replicates the
+  edge (up to ~13 levels on noise), as the sidecar says.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from fastalex.cli import main
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1", "--loader", "cpu",
+        "--no-compile")
+PIXEL_TOL = 1 / 255 / 0.2691 + 1e-5  # one grey level of the channel with the smallest std
+LOGIT_TOL = 1e-4
+ONNX_TOL = 1e-3
+# Python run with fastalex unimportable: sys.modules[name] = None makes `import fastalex` raise.
+WITHOUT_FASTALEX = ("import sys; sys.modules['fastalex'] = None; "
+                    "sys.path[:] = [p for p in sys.path if 'fastalex' not in p and p]; ")
+
+
+def cli(*args, **kwargs):
+    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(hue_pack, tmp_path_factory):
+    """One epoch (8 steps) of alexnet64 on the hue pack, flip TTA on (the fast recipe)."""
+    out = tmp_path_factory.mktemp("predict") / "run"
+    result = cli("train", hue_pack, "--out", out, *TINY, "--epochs", 1)
+    assert result.exit_code == 0, result.output
+    return out / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def val_files(hue_pack, tmp_path_factory):
+    """The pack's val images as JPEG files (the stored bytes), in the val loader's order; returns
+    (paths, labels)."""
+    from fastalex.shards import iter_shard, read_index, read_manifest
+
+    folder = tmp_path_factory.mktemp("valfiles")
+    paths, labels = [], []
+    for shard in read_manifest(hue_pack).splits["val"].shards:
+        index = read_index(hue_pack / shard.index_name)
+        for jpeg, label in iter_shard(hue_pack / shard.name, index):
+            paths.append(folder / f"{len(paths):04d}.jpg")
+            paths[-1].write_bytes(jpeg)
+            labels.append(label)
+    return paths, np.array(labels)
+
+
+def val_loader_batches(checkpoint, hue_pack):
+    """(images, labels) of the whole val split as the cpu loader hands them to evaluate."""
+    from fastalex.checkpoint import load_checkpoint
+    from fastalex.config import TrainConfig
+    from fastalex.loaders import Placement, build_loader
+
+    saved = load_checkpoint(checkpoint)["config"]
+    cfg = TrainConfig(**{**saved, "shards": str(hue_pack), "device": "cpu", "loader": "cpu",
+                         "loader_workers": 1, "compile": False, "resume": False})
+    loader = build_loader(cfg, "val", Placement(torch.device("cpu")))
+    try:
+        batches = list(loader)
+    finally:
+        loader.close()
+    return torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches])
+
+
+def test_predict_sees_the_val_transform_and_matches_eval(checkpoint, hue_pack, val_files):
+    from fastalex.checkpoint import load_checkpoint
+    from fastalex.predict import load_model, read_image
+    from fastalex.train import evaluate_checkpoint
+
+    model = load_model(checkpoint, "cpu")
+    paths, labels = val_files
+    batches = range(0, len(paths), load_checkpoint(checkpoint)["config"]["batch_size"])
+    pixels = [read_image(str(p)) for p in paths]
+    images = torch.cat([model.preprocess(pixels[i: i + 32]) for i in batches])
+    loader_images, loader_labels = val_loader_batches(checkpoint, hue_pack)
+    assert loader_labels.tolist() == labels.tolist()
+    assert images.shape == loader_images.shape == (128, 3, 64, 64)
+    assert (images - loader_images).abs().max() <= PIXEL_TOL
+
+    logits = torch.cat([model.predict(pixels[i: i + 32]) for i in batches])  # eval's batches
+    evaluated = evaluate_checkpoint(checkpoint, str(hue_pack), "cpu", "cpu", 1)
+    assert evaluated["samples"] == len(labels)
+    assert 100 * (logits.argmax(1).numpy() == labels).mean() == evaluated["top1"]
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item()
+    assert loss == pytest.approx(evaluated["loss"], rel=1e-5)
+
+
+def bomb_jpeg(height: int = 60000, width: int = 60000) -> bytes:
+    """A valid 16 x 16 JPEG whose SOF0 header is patched to claim `height` x `width` pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 90, 90)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")  # FFC0, length (2), precision (1), height (2), width (2)
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def predicted_paths(stdout: str) -> list[str]:
+    """The image paths of predict's text output: the lines that are not indented class lines."""
+    return [line for line in stdout.splitlines() if line and not line.startswith(" ")]
+
+
+def test_predict_names_each_bad_file_and_predicts_the_rest(checkpoint, val_files, tmp_path):
+    paths, _ = val_files
+    photos = tmp_path / "photos"
+    (photos / "nested" / "deeper").mkdir(parents=True)
+    for i in range(3):
+        shutil.copy(paths[i], photos / f"val{i}.jpg")
+    Image.open(paths[3]).convert("RGBA").save(photos / "nested" / "alpha.PNG")
+    Image.open(paths[4]).resize((150, 90)).save(photos / "nested" / "deeper" / "wide.webp")
+    data = paths[5].read_bytes()
+    (photos / "broken.jpg").write_bytes(data[: len(data) // 2])  # truncated in the pixel data
+    (photos / "bomb.jpg").write_bytes(bomb_jpeg())
+    (photos / "notes.txt").write_text("no image extension: a directory does not offer it\n")
+    more = tmp_path / "more"
+    more.mkdir()
+    for i in (6, 7):
+        shutil.copy(paths[i], more / f"more{i}.jpg")
+    Image.open(paths[8]).convert("L").save(more / "grey.png")  # not matched by *.jpg
+    result = cli("predict", checkpoint, photos, more / "*.jpg", paths[9], photos / "val0.jpg",
+                 tmp_path / "missing.jpg", "--top", 2)
+    assert result.exit_code == 1, result.output
+    skipped = result.stderr.strip().splitlines()
+    assert len(skipped) == 3, result.stderr
+    reasons = {line.split(": ", 1)[0]: line for line in skipped}
+    assert "does not decode" in reasons[f"skipped {photos / 'broken.jpg'}"]
+    assert "60000x60000 pixels" in reasons[f"skipped {photos / 'bomb.jpg'}"]
+    assert "no such file" in reasons[f"skipped {tmp_path / 'missing.jpg'}"]
+    expected = [photos / "nested" / "alpha.PNG", photos / "nested" / "deeper" / "wide.webp",
+                photos / "val0.jpg", photos / "val1.jpg", photos / "val2.jpg",
+                more / "more6.jpg", more / "more7.jpg", paths[9]]  # val0.jpg once
+    assert predicted_paths(result.stdout) == [str(p) for p in expected]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 * len(expected)  # the path and its top 2
+    assert all(re.fullmatch(r"  [ \d]{3}\.\d\d %  n\d{8}", line)  # the pack has no class names
+               for line in lines if line.startswith(" "))
+
+
+def test_a_header_bomb_is_refused_before_any_pixel_is_decoded(checkpoint, tmp_path, monkeypatch):
+    import simplejpeg
+
+    from fastalex.predict import predict_paths
+
+    (tmp_path / "bomb.jpg").write_bytes(bomb_jpeg())
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a pixel was decoded")
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", no_decoding)
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr(Image.Image, "draft", no_decoding)
+    out, err = [], []
+    assert predict_paths(checkpoint, [str(tmp_path)], device="cpu", write=out.append,
+                         warn=err.append) == 1
+    assert out == [] and len(err) == 1 and "over the limit" in err[0] and "not decoded" in err[0]
+
+
+def test_json_and_csv_carry_ids_names_and_probabilities(checkpoint, val_files):
+    import csv
+
+    from fastalex.checkpoint import load_checkpoint, model_card
+
+    classes = model_card(load_checkpoint(checkpoint), checkpoint)["classes"]
+    files = [str(p) for p in val_files[0][:5]]
+    as_json = cli("predict", checkpoint, *files, "--json", "--top", 3)
+    assert as_json.exit_code == 0, as_json.output
+    records = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["path"] for r in records] == files
+    for record in records:
+        top = record["top"]
+        assert [t["rank"] for t in top] == [1, 2, 3]
+        assert all([t["class"], t["name"]] == classes[t["index"]] for t in top)
+        probabilities = [t["probability"] for t in top]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert sum(probabilities) <= 1 + 1e-6
+    as_csv = cli("predict", checkpoint, *files, "--csv", "--top", 3)
+    assert as_csv.exit_code == 0, as_csv.output
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert len(rows) == 15 and list(rows[0]) == ["path", "rank", "index", "class", "name",
+                                                   "probability"]
+    for row, (record, top) in zip(rows, ((r, t) for r in records for t in r["top"])):
+        assert (row["path"], int(row["index"]), row["name"]) == (record["path"], top["index"],
+                                                                 top["name"])
+        assert float(row["probability"]) == pytest.approx(top["probability"], abs=1e-6)
+
+
+def test_images_of_any_size_predict_in_one_batch_as_they_would_alone(checkpoint, val_files):
+    from fastalex.predict import load_model
+
+    model = load_model(checkpoint, "cpu", amp="off")  # float32: differences are not bf16 rounding
+    rng = np.random.default_rng(0)
+    sizes = [(64, 64), (90, 150), (40, 30), (700, 300), (64, 64), (13, 97)]
+    pixels = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    together = model.predict(pixels)
+    alone = torch.cat([model.predict([image]) for image in pixels])
+    assert together.shape == (len(sizes), 4)
+    assert (together - alone).abs().max() <= LOGIT_TOL * alone.abs().max()
+
+
+def test_read_image_is_upright_rgb_with_alpha_on_white(tmp_path):
+    from fastalex.predict import read_image
+
+    rgba = Image.new("RGBA", (40, 20), (10, 20, 30, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 10, 20))  # left quarter transparent
+    rgba.save(tmp_path / "alpha.png")
+    pixels = read_image(str(tmp_path / "alpha.png"))
+    assert pixels.shape == (20, 40, 3) and pixels.dtype == np.uint8
+    assert (pixels[:, :10] == 255).all() and (pixels[:, 10:] == (10, 20, 30)).all()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: rotate 90 degrees clockwise to view
+    Image.new("RGB", (40, 20), "red").save(tmp_path / "side.jpg", exif=exif)
+    assert read_image(str(tmp_path / "side.jpg")).shape == (40, 20, 3)
+    Image.new("L", (900, 600), 128).save(tmp_path / "big.png")
+    assert read_image(str(tmp_path / "big.png")).shape == (341, 512, 3)  # pack's max_side
+    assert read_image(str(tmp_path / "big.png"), max_side=0).shape == (600, 900, 3)
+
+
+def test_user_errors_are_one_line_and_exit_2(checkpoint, val_files, tmp_path):
+    old = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    del old["normalisation"], old["classes"]
+    torch.save(old, tmp_path / "old.pt")
+    image = val_files[0][0]
+    for args, message in (
+        (("predict", tmp_path / "old.pt", image), "lacks classes, normalisation"),
+        (("export", tmp_path / "old.pt", tmp_path / "m.pt2"), "lacks classes, normalisation"),
+        (("predict", tmp_path / "none.pt", image), "no checkpoint there"),
+        (("predict", checkpoint, image, "--json", "--csv"), "one of --json and --csv"),
+        (("export", checkpoint, tmp_path / "m.onnx"), "--format onnx"),
+    ):
+        result = cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def val_pixels(val_files):
+    """The first 40 val images, decoded: (40, 64, 64, 3) uint8, the model's size."""
+    from fastalex.predict import read_image
+
+    return np.stack([read_image(str(p)) for p in val_files[0][:40]])
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model"  # the suffix is added
+    result = cli("export", checkpoint, out)
+    assert result.exit_code == 0, result.output
+    assert "(N, 64, 64, 3) in, logits (N, 4) out, flip TTA inside" in result.output
+    return out.with_name("model.pt2")
+
+
+def test_exported_program_agrees_with_the_eager_model(checkpoint, exported, val_pixels):
+    from fastalex.checkpoint import load_checkpoint, model_card
+    from fastalex.predict import load_model
+
+    eager = load_model(checkpoint, "cpu", amp="off").predict(list(val_pixels))  # (40, 4), TTA
+    program = torch.export.load(exported).module()
+    for batch in (1, 7, 40):  # the batch dimension is dynamic
+        logits = program(torch.from_numpy(val_pixels[:batch]))
+        assert logits.dtype == torch.float32 and logits.shape == (batch, 4)
+        assert (logits - eager[:batch]).abs().max() <= LOGIT_TOL * eager.abs().max()
+    card = model_card(load_checkpoint(checkpoint), checkpoint)
+    sidecar = json.loads(exported.with_name("model.pt2.json").read_text())
+    assert sidecar["program"] == "model.pt2" and sidecar["program_format"] == "torch.export"
+    assert sidecar["input"]["shape"] == ["N", 64, 64, 3] and sidecar["input"]["dtype"] == "uint8"
+    assert [[c["id"], c["name"]] for c in sidecar["classes"]] == card["classes"]
+    assert sidecar["preprocessing"]["mean"] == card["mean"] and sidecar["flip_tta"] is True
+
+
+def test_nchw_export_without_tta_is_the_single_pass_model(checkpoint, val_pixels, tmp_path):
+    from fastalex.predict import load_model
+
+    result = cli("export", checkpoint, tmp_path / "plain.pt2", "--layout", "nchw",
+                 "--no-flip-tta")
+    assert result.exit_code == 0, result.output
+    model = load_model(checkpoint, "cpu", amp="off")
+    model.card = {**model.card, "flip_tta": False}
+    eager = model.predict(list(val_pixels))
+    program = torch.export.load(tmp_path / "plain.pt2").module()
+    logits = program(torch.from_numpy(val_pixels).permute(0, 3, 1, 2).contiguous())
+    assert (logits - eager).abs().max() <= LOGIT_TOL * eager.abs().max()
+    assert json.loads((tmp_path / "plain.pt2.json").read_text())["flip_tta"] is False
+
+
+def run_without_fastalex(launch, code: str, *args, cwd) -> str:
+    """Run `code` in a fresh python in which `import fastalex` fails; its stdout."""
+    process = launch([sys.executable, "-c", WITHOUT_FASTALEX + code, *args], cwd=cwd)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stdout + stderr
+    return stdout
+
+
+def test_the_exported_program_loads_with_torch_alone(exported, val_pixels, checkpoint, tmp_path,
+                                                     launch):
+    from fastalex.predict import load_model
+
+    np.save(tmp_path / "pixels.npy", val_pixels)
+    run_without_fastalex(launch, (
+        "import numpy as np, torch; "
+        "program = torch.export.load(sys.argv[1]).module(); "
+        "np.save(sys.argv[3], program(torch.from_numpy(np.load(sys.argv[2]))).detach().numpy()); "
+        "assert sys.modules['fastalex'] is None"),
+        exported, tmp_path / "pixels.npy", tmp_path / "logits.npy", cwd=tmp_path)
+    eager = load_model(checkpoint, "cpu", amp="off").predict(list(val_pixels)).numpy()
+    logits = np.load(tmp_path / "logits.npy")
+    assert np.abs(logits - eager).max() <= LOGIT_TOL * np.abs(eager).max()
+
+
+def test_onnx_export_agrees_with_the_eager_model_in_onnxruntime(checkpoint, val_pixels, tmp_path,
+                                                                launch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from fastalex.predict import load_model
+
+    result = cli("export", checkpoint, tmp_path / "model.onnx", "--format", "onnx")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "model.onnx.json").read_text())["program_format"] == "onnx"
+    np.save(tmp_path / "pixels.npy", val_pixels)
+    run_without_fastalex(launch, (
+        "sys.modules['torch'] = None; import numpy as np, onnxruntime; "
+        "session = onnxruntime.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
+        "pixels = np.load(sys.argv[2]); "
+        "outs = [session.run(None, {'images': pixels[i:i + n]})[0] for i, n in ((0, 1), (1, 39))]; "
+        "np.save(sys.argv[3], np.concatenate(outs))"),
+        tmp_path / "model.onnx", tmp_path / "pixels.npy", tmp_path / "logits.npy", cwd=tmp_path)
+    eager = load_model(checkpoint, "cpu", amp="off").predict(list(val_pixels)).numpy()
+    logits = np.load(tmp_path / "logits.npy")
+    assert logits.shape == eager.shape
+    assert np.abs(logits - eager).max() <= ONNX_TOL * np.abs(eager).max()
+
+
+def test_pil_bilinear_resize_is_the_val_filter_the_sidecar_says(checkpoint):
+    """The caller's half of the export contract: PIL's BILINEAR resize of any image gives the
+    pixels predict's crop_resize computes, up to PIL's rounding to uint8, but for the outermost
+    pixels of a downscaled image (the border rule the sidecar states)."""
+    from fastalex.predict import load_model
+
+    model = load_model(checkpoint, "cpu")
+    mean, std = torch.tensor(model.card["mean"]), torch.tensor(model.card["std"])
+    rng = np.random.default_rng(1)
+    for height, width in ((300, 200), (64, 64), (40, 90), (500, 499), (33, 64)):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        resized = np.array(Image.fromarray(pixels).resize((64, 64), Image.Resampling.BILINEAR))
+        ours = model.preprocess([pixels])[0].permute(1, 2, 0) * std + mean  # (64, 64, 3) 0..1
+        gap = (ours * 255 - torch.from_numpy(resized).float()).abs()
+        assert gap[1:-1, 1:-1].max() <= 1.0, (height, width)
+        if height <= 64 and width <= 64:  # upsampled: the border rules agree
+            assert gap.max() <= 1.0, (height, width)
+
+
+# --- the README ----------------------------------------------------------------------------------
+
+
+def readme_blocks(language: str) -> list[str]:
+    section = README.read_text().split("## Using the trained model", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+
+
+def test_readme_using_the_trained_model_runs(checkpoint, val_files, tmp_path, monkeypatch, launch):
+    commands = [line.split("  #", 1)[0].strip() for block in readme_blocks("bash")
+                for line in block.splitlines() if line.strip()]
+    assert commands and all(c.startswith("fastalex ") for c in commands)
+    assert any(" predict " in c for c in commands) and any(" export " in c for c in commands)
+    (tmp_path / "runs/fast/checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint, tmp_path / "runs/fast/checkpoints/best.pt")
+    (tmp_path / "photos" / "trip").mkdir(parents=True)
+    paths = val_files[0]
+    shutil.copy(paths[0], tmp_path / "photos" / "cat.jpg")
+    Image.open(paths[1]).save(tmp_path / "photos" / "dog.png")
+    Image.open(paths[2]).resize((300, 200)).save(tmp_path / "photos" / "trip" / "beach.jpg")
+    monkeypatch.chdir(tmp_path)
+    onnx = all(__import__("importlib").util.find_spec(m) for m in ("onnxscript", "onnxruntime"))
+    for command in commands:
+        if "onnx" in command and not onnx:
+            continue
+        command, _, redirect = command.partition(" > ")
+        result = CliRunner().invoke(main, shlex.split(command)[1:])
+        assert result.exit_code == 0, (command, result.output)
+        if redirect:
+            Path(redirect.strip()).write_text(result.stdout)
+    for block in readme_blocks("python"):
+        if "onnxruntime" in block and not onnx:
+            continue
+        stdout = run_without_fastalex(launch, block, cwd=tmp_path)
+        assert "%" in stdout, stdout
