@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
 from fastalex.loaders import Batch, Placement, augment_for, loader_workers, plan_share
-from fastalex.loaders.augment import epoch_generator, one_thread_on_cpu, ragged_sizes
+from fastalex.loaders.augment import epoch_generator, ragged_sizes
 from fastalex.loaders.cpu import SampleTable, ShardDecoder, worker_start_method
 from fastalex.shards import Manifest
 
@@ -166,14 +166,15 @@ class ResidentLoader:
             order = torch.arange(count, device=self.device)
         for step in range(self.steps):
             ids = order[step * self.batch_size : (step + 1) * self.batch_size]
-            with one_thread_on_cpu(self.device):  # on the CPU: see augment.one_thread_on_cpu
-                boxes, flips = self.augment.draw(self.heights[ids], self.widths[ids], generator)
-                images = self.augment.apply(
-                    self.images[ids],  # (B, H, W, 3) uint8 gathered on the device
-                    boxes,
-                    flips,
-                    None if self.sizes is None else self.sizes[ids],
-                )
+            # On the CPU every core is this op's: no decode workers compete once the split is
+            # resident (unlike cpu and dali: augment.one_thread_on_cpu).
+            boxes, flips = self.augment.draw(self.heights[ids], self.widths[ids], generator)
+            images = self.augment.apply(
+                self.images[ids],  # (B, H, W, 3) uint8 gathered on the device
+                boxes,
+                flips,
+                None if self.sizes is None else self.sizes[ids],
+            )
             yield Batch(images, self.labels[ids])
 
     def close(self) -> None:
