@@ -50,6 +50,7 @@ BLOG_ROW = {
     "epochs": "~30",
     "epoch_s": "~105 (90,000 images)",
     "images_per_s": "~860 (derived)",
+    "loader_wait": "not reported",
     "top1": "31.75",
     "top5": "58.76",
 }
@@ -217,14 +218,23 @@ def describe_data(data: dict | None) -> str:
     return f"{kind}, {data.get('classes')} classes, {data.get('train_images')} train / {data.get('val_images')} val"
 
 
+def loader_wait(summary: dict) -> str:
+    """'n s (p %)': how long the run's model waited on its loader (runs before this was
+    recorded: 'not recorded')."""
+    if summary.get("loader_wait_s") is None:
+        return "not recorded"
+    return f"{summary['loader_wait_s']:.1f} s ({summary['loader_wait_pct']:.0f} %)"
+
+
 def training_table(summaries: list[tuple[str, dict]]) -> list[str]:
     lines = ["| run | data | recipe | arch | px | device | epochs | epoch time (s) | images/s "
-             "| top-1 % | top-5 % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| waited on the loader | top-1 % | top-5 % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summaries:
         cells = [name, describe_data(s.get("data")), find(s, "recipe") or "?", find(s, "arch") or "?", find(s, "image_size") or "?",
                  find(s, "device") or "?", find(s, "epochs") or "?",
                  number(epoch_time(find(s, "epoch_s")), 1), number(find(s, "images_per_s")),
-                 number(find(s, "top1"), 2), number(find(s, "top5"), 2)]
+                 loader_wait(s), number(find(s, "top1"), 2), number(find(s, "top5"), 2)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines.append("| " + " | ".join(str(value) for value in BLOG_ROW.values()) + " |")
     return lines

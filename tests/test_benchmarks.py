@@ -135,7 +135,8 @@ def test_render_results_makes_one_table_per_machine_and_quotes_the_blog(tmp_path
     assert "20,000" in text and "227 px" in text and "2 s/epoch" in text
     assert "DALI not installed" in text  # skipped rows keep their reason
     assert ("| fast-16 | not recorded | fast | alexnet64 | 64 | cuda:0 (NVIDIA H100) | 16 | 12.5 "
-            "| 8,000 | 43.21 | 67.89 |") in text  # epoch time: the median after the first epoch
+            "| 8,000 | not recorded | 43.21 | 67.89 |") in text  # epoch time: the median after
+    # the first epoch; a summary from before the loader wait was recorded says so
     blog = next(line for line in text.splitlines() if "31.75" in line)
     assert "quoted, not measured here" in blog and "58.76" in blog and "~860" in blog and "T4" in blog
     assert "1,234 (1,111–1,357, spread 20 %) |" in text  # the reference row: no speed-up
@@ -281,6 +282,14 @@ def test_training_table_marks_a_synthetic_run_as_such():
     data = {"synthetic": True, "classes": 10, "train_images": 1000, "val_images": 200, "source": "/x/s"}
     assert render.describe_data(data).startswith("**synthetic stand-in**, 10 classes")
     assert render.describe_data(dict(data, synthetic=False)).startswith("s, 10 classes")
+
+
+def test_training_table_shows_how_long_each_run_waited_on_its_loader():
+    render = load_script("render_results")
+    summaries = [("new", {"loader_wait_s": 12.34, "loader_wait_pct": 23.6}), ("old", {})]
+    table = render.training_table(summaries)
+    assert "waited on the loader" in table[0]
+    assert "| 12.3 s (24 %) |" in table[2] and "| not recorded |" in table[3]
 
 
 # --- the harness: interleaving, spread and significance, on given numbers and a fake clock -------
