@@ -49,8 +49,10 @@ Choices where the issue is silent (so the next reader need not guess):
   and eval run with the host RNG forked (`next_batch`), so their draws cannot shift the dropout
   stream of a resumed process.
 - Loader wait (metrics.LoaderWait): per epoch, how long the device had nothing to do because the
-  next batch was not ready, in seconds and % of the epoch's train time, in the log line,
-  metrics.jsonl and summary.json; an epoch over LOADER_BOUND_PCT says so once, with remedies.
+  next batch was not ready, in seconds and % of the epoch's train time, over the same steps as
+  images/s (the warm-up steps, which hold compilation and the loader's start-up, are left out),
+  in the log line, metrics.jsonl and summary.json; an epoch over LOADER_BOUND_PCT says so once,
+  with remedies.
 - Eval uses the un-compiled model (a second and third compile, for eval mode and the short last
   val batch, would cost more than eager eval saves).
 - Timing: the first WARMUP_STEPS steps a process runs are left out of images/s; compile_s is their
@@ -474,10 +476,11 @@ class _Run:
                 window.add(loss_sum, correct)
                 self.global_step += 1
                 bar.update()
-                if done == warm:  # compile and first-step allocations end here
+                if done == warm:  # compile, first allocations and worker start-up end here
                     synchronize(device)
                     warm_end = time.perf_counter()
                     self.warmup_s = warm_end - started
+                    wait = LoaderWait(device)  # the wait of the timed steps, as images/s
                 signalled = self.signals.received is not None and rt.world_size == 1
                 if window.full or done == planned or signalled:
                     stop = self.flush(window, totals, epoch, bar)
@@ -544,10 +547,11 @@ class _Run:
             "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
             "val_samples": val["samples"],
             "epoch_s": sums.train_s + eval_s, "train_s": sums.train_s, "eval_s": eval_s,
+            "timed_s": sums.timed_s,  # train_s less the warm-up steps: images/s, loader wait
             "images_per_s": (sums.timed_samples * rt.world_size / sums.timed_s
                              if sums.timed_samples else None),
             "loader_wait_s": sums.loader_wait_s,
-            "loader_wait_pct": percent(sums.loader_wait_s, sums.train_s),
+            "loader_wait_pct": percent(sums.loader_wait_s, sums.timed_s),
         }
         self.history.append(row)
         improved = row["val_top1"] > self.best_top1
@@ -640,7 +644,7 @@ class _Run:
             "images_per_s": median(rates) if rates else None,
             "loader_wait_s": sum(r.get("loader_wait_s", 0.0) for r in self.history),
             "loader_wait_pct": percent(sum(r.get("loader_wait_s", 0.0) for r in self.history),
-                                       sum(r["train_s"] for r in self.history)),
+                                       sum(r.get("timed_s", 0.0) for r in self.history)),
             "compile_s": self.compile_s, "warmup_s": self.warmup_s,
             "val_samples": last.get("val_samples"), "data": self.data,
             "device": describe_device(rt), "loader": self.train_loader.backend, "amp": rt.amp,

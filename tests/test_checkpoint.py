@@ -15,7 +15,8 @@ from fastalex.plot import read_metrics
 
 TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1", "--loader", "cpu",
         "--no-compile")
-TIMING_KEYS = {"epoch_s", "train_s", "eval_s", "images_per_s", "loader_wait_s", "loader_wait_pct"}
+TIMING_KEYS = {"epoch_s", "train_s", "eval_s", "images_per_s", "loader_wait_s", "loader_wait_pct",
+               "timed_s"}
 
 
 def train_cli(pack, out, *args):

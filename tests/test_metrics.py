@@ -36,3 +36,20 @@ def test_count_topk_counts_every_sample_when_k_exceeds_the_classes():
 def test_percent_is_a_ratio_of_counts():
     assert percent(3, 12) == 25.0
     assert percent(0, 0) != percent(0, 0)  # nan: no samples, no rate
+
+
+def test_loader_wait_counts_the_time_spent_fetching_on_the_cpu():
+    import time
+
+    from fastalex.metrics import LoaderWait
+
+    wait = LoaderWait(torch.device("cpu"))
+    for _ in range(3):
+        with wait:
+            time.sleep(0.05)  # a loader that makes the model wait
+    slow = wait.seconds()
+    assert slow >= 0.15
+    quick = LoaderWait(torch.device("cpu"))
+    with quick:
+        pass  # a batch that was ready
+    assert quick.seconds() < slow

@@ -32,7 +32,8 @@ METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1"
 SUMMARY_KEYS = {"top1", "top5", "best_top1", "epochs", "epoch_s", "images_per_s", "compile_s",
                 "device", "loader", "amp", "compile", "arch", "image_size", "batch_size",
                 "world_size", "git_sha", "versions"}
-TIMING_KEYS = {"epoch_s", "train_s", "eval_s", "images_per_s", "loader_wait_s", "loader_wait_pct"}
+TIMING_KEYS = {"epoch_s", "train_s", "eval_s", "images_per_s", "loader_wait_s", "loader_wait_pct",
+               "timed_s"}
 
 
 def invoke(*args):
@@ -336,3 +337,49 @@ def test_peak_lr_scales_with_the_global_batch_of_all_processes():
 
     cfg = TrainConfig(lr=0.02, batch_size=128)  # per 256 images
     assert [peak_lr(cfg, world) for world in (1, 2, 8)] == pytest.approx([0.01, 0.02, 0.08])
+
+
+def test_a_slow_loader_is_reported_as_waiting_and_a_ready_one_is_not(hue_pack, tmp_path,
+                                                                    monkeypatch):
+    """A train loader that takes 1 s per batch: the epoch's row, summary and log say the model
+    waited at least the delays of the 8 - WARMUP_STEPS timed steps, and the run is called
+    loader-bound; the same run without the delay waits far less and is not."""
+    import time
+
+    import fastalex.train
+
+    real_build = fastalex.train.build_loader
+
+    class Slow:
+        def __init__(self, loader):
+            self.loader = loader
+            self.backend, self.samples, self.summary = loader.backend, loader.samples, "slow"
+
+        def __iter__(self):
+            for batch in self.loader:
+                time.sleep(1.0)
+                yield batch
+
+        def __len__(self):
+            return len(self.loader)
+
+        def close(self):
+            self.loader.close()
+
+    def build_slow(cfg, split, *args):
+        loader = real_build(cfg, split, *args)
+        return Slow(loader) if split == "train" else loader
+
+    ready = train_cli(hue_pack, tmp_path / "ready", "--loader", "cpu", "--no-compile",
+                      "--epochs", 1)
+    monkeypatch.setattr(fastalex.train, "build_loader", build_slow)
+    slow = train_cli(hue_pack, tmp_path / "slow", "--loader", "cpu", "--no-compile",
+                     "--epochs", 1)
+    (slow_row,), (ready_row,) = read_metrics(tmp_path / "slow"), read_metrics(tmp_path / "ready")
+    assert slow_row["loader_wait_s"] >= (8 - fastalex.train.WARMUP_STEPS) * 1.0
+    assert slow_row["loader_wait_pct"] > 20 and "loader-bound" in slow.output
+    assert ready_row["loader_wait_s"] < slow_row["loader_wait_s"] - 3
+    assert "loader-bound" not in ready.output
+    summary = json.loads((tmp_path / "slow" / "summary.json").read_text())
+    assert summary["loader_wait_s"] == slow_row["loader_wait_s"]
+    assert "waited on the loader" in slow.output
