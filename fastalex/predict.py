@@ -3,8 +3,9 @@ with its eval transform that export.py wraps.
 
 Imports torch, numpy, the checkpoint's model card, the model, the val transform
 (`loaders.augment.crop_resize`, `full_boxes`, `ragged_sizes`), images.py (header check and decode,
-shared with pack) and runtime.py; never a loader backend, the shard reader or the trainer. Needs no
-pack: a checkpoint carries arch, image size, normalisation, flip-TTA setting and class names
+shared with pack), imagefolder's IMAGE_EXTENSIONS (which files of a directory are images, as pack
+decides) and runtime.py; never a loader backend, the shard reader or the trainer. Needs no pack:
+a checkpoint carries arch, image size, normalisation, flip-TTA setting and class names
 (`checkpoint.model_card`).
 
 What predict does to an image is what validation does to a packed one:
