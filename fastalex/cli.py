@@ -21,8 +21,9 @@ from fastalex.config import PackConfig, TrainConfig
 from fastalex.errors import UserError
 
 
-class Group(click.Group):
-    """Turns a UserError (bad input) or a config ValueError into one clean line and exit 2."""
+class OneLineErrors:
+    """A click command or group mixin: a UserError (bad input) ends it with one clean line on
+    stderr and exit status 2 (tools/ commands use it too)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -30,6 +31,10 @@ class Group(click.Group):
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+
+
+class Group(OneLineErrors, click.Group):
+    """The fastalex command group."""
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from fastalex.errors import UserError
+from fastalex.model import eval_logits
 from fastalex.predict import load_model
 
 SIDECAR_FORMAT = "fastalex-export/1"
@@ -75,10 +76,7 @@ class PixelModel(nn.Module):
         if self.layout == "nhwc":
             images = images.permute(0, 3, 1, 2)  # (N, S, S, 3) -> (N, 3, S, S) view
         normalised = images.float() * self.scale + self.shift  # (N, 3, S, S) float32
-        logits = self.model(normalised)
-        if self.flip_tta:  # mirror along the width axis, average the logits
-            logits = (logits + self.model(normalised.flip(3))) / 2
-        return logits
+        return eval_logits(self.model, normalised, self.flip_tta)
 
 
 def pixel_model(checkpoint: Path, layout: str = "nhwc",

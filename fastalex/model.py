@@ -285,6 +285,16 @@ def format_model_info(info: dict) -> str:
     return "\n".join(lines)
 
 
+def eval_logits(model: nn.Module, images: torch.Tensor, flip_tta: bool) -> torch.Tensor:
+    """(N, classes) float32 logits of `images` ((N, 3, S, S)); with flip_tta the mean of the
+    image's and its left-right mirror's (flipped along the width axis, dim 3). The eval transform
+    of train.evaluate, predict and the exported program alike."""
+    logits = model(images).float()
+    if flip_tta:
+        logits = (logits + model(images.flip(3)).float()) / 2
+    return logits
+
+
 def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> list[dict]:
     """SGD parameter groups: conv/linear weights decay; biases and other 1-d params only if asked.
 

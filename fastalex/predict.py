@@ -56,7 +56,7 @@ from fastalex.errors import UserError
 from fastalex.imagefolder import IMAGE_EXTENSIONS
 from fastalex.images import Rejected, decode_image, max_file_bytes
 from fastalex.loaders.augment import crop_resize, full_boxes, ragged_sizes
-from fastalex.model import build_model
+from fastalex.model import build_model, eval_logits
 from fastalex.runtime import Runtime, configure_backends, resolve_runtime
 
 BATCH_SIZE = 64  # images per forward: 64 canvases of pack's max_side (512 px) are 48 MiB of uint8
@@ -79,10 +79,7 @@ class InferenceModel:
         with the mirror's when the run evaluated with flip TTA (as train.evaluate does)."""
         images = images.contiguous(memory_format=self.runtime.memory_format)
         with self.runtime.autocast():
-            logits = self.model(images).float()
-            if self.card["flip_tta"]:  # mirror along the width axis, average the logits
-                logits = (logits + self.model(images.flip(3)).float()) / 2
-        return logits
+            return eval_logits(self.model, images, self.card["flip_tta"])
 
     def preprocess(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
         """Decoded images, each (H, W, 3) uint8 RGB of any size, -> (N, 3, S, S) float32,

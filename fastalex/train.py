@@ -88,7 +88,7 @@ from fastalex.errors import UserError
 from fastalex.loaders import Placement, build_loader
 from fastalex.metrics import (LoaderWait, StepWindow, TrainTotals, all_reduce_sum, append_jsonl,
                               count_topk, median, percent, write_json, write_jsonl)
-from fastalex.model import build_model, param_groups
+from fastalex.model import build_model, eval_logits, param_groups
 from fastalex.runtime import (Runtime, configure_backends, describe_device, git_sha,
                               resolve_runtime, synchronize, versions)
 from fastalex.shards import Manifest, read_manifest
@@ -212,9 +212,7 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, flip_tta: bool) -> dict
     for images, labels in loader:
         images = images.contiguous(memory_format=runtime.memory_format)
         with runtime.autocast():
-            logits = model(images).float()  # (N, classes)
-            if flip_tta:  # mirror along the width axis, average the logits
-                logits = (logits + model(images.flip(3)).float()) / 2
+            logits = eval_logits(model, images, flip_tta)  # (N, classes) float32
         totals[0] += F.cross_entropy(logits, labels, reduction="sum")
         totals[1:3] += count_topk(logits, labels, (1, 5))
         totals[3] += labels.shape[0]

@@ -362,3 +362,22 @@ def mixed_pack(folder_tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("mixedpack") / "shards"
     pack_tree(folder_tree.path, out, shard_size=16, workers=1, max_side=0)
     return out
+
+
+@pytest.fixture
+def bomb_jpeg():
+    """bomb_jpeg(height=60000, width=60000) -> bytes: a valid 16 x 16 JPEG whose SOF0 header is
+    patched to claim height x width pixels (a decompression bomb in 600-odd bytes)."""
+    import io
+
+    from PIL import Image
+
+    def make(height: int = 60000, width: int = 60000) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (90, 90, 90)).save(buffer, "JPEG")
+        data = bytearray(buffer.getvalue())
+        sof = data.index(b"\xff\xc0")  # FFC0, length (2), precision (1), height (2), width (2)
+        data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+        return bytes(data)
+
+    return make

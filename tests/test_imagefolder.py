@@ -166,17 +166,8 @@ def test_val_fraction_holds_out_each_class_seeded(folder_tree, tmp_path):
     assert manifest.splits["val"].samples == 2 + 2 + 2 and manifest.pack["val_fraction"] == 0.2
 
 
-def bomb_jpeg(height: int = 60000, width: int = 60000) -> bytes:
-    """A valid 16 x 16 JPEG whose SOF0 header is patched to claim `height` x `width` pixels."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (90, 90, 90)).save(buffer, "JPEG")
-    data = bytearray(buffer.getvalue())
-    sof = data.index(b"\xff\xc0")  # FFC0, length (2), precision (1), height (2), width (2)
-    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    return bytes(data)
-
-
-def test_a_header_bomb_is_rejected_without_decoding(monkeypatch, tmp_path, folder_tree):
+def test_a_header_bomb_is_rejected_without_decoding(monkeypatch, tmp_path, folder_tree,
+                                                    bomb_jpeg):
     data = bomb_jpeg()
     assert len(data) < 1000
 

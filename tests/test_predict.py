@@ -120,22 +120,13 @@ def test_predict_sees_the_val_transform_and_matches_eval(checkpoint, hue_pack, v
     assert loss == pytest.approx(evaluated["loss"], rel=1e-5)
 
 
-def bomb_jpeg(height: int = 60000, width: int = 60000) -> bytes:
-    """A valid 16 x 16 JPEG whose SOF0 header is patched to claim `height` x `width` pixels."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (90, 90, 90)).save(buffer, "JPEG")
-    data = bytearray(buffer.getvalue())
-    sof = data.index(b"\xff\xc0")  # FFC0, length (2), precision (1), height (2), width (2)
-    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    return bytes(data)
-
-
 def predicted_paths(stdout: str) -> list[str]:
     """The image paths of predict's text output: the lines that are not indented class lines."""
     return [line for line in stdout.splitlines() if line and not line.startswith(" ")]
 
 
-def test_predict_names_each_bad_file_and_predicts_the_rest(checkpoint, val_files, tmp_path):
+def test_predict_names_each_bad_file_and_predicts_the_rest(checkpoint, val_files, tmp_path,
+                                                          bomb_jpeg):
     paths, _ = val_files
     photos = tmp_path / "photos"
     (photos / "nested" / "deeper").mkdir(parents=True)
@@ -171,7 +162,8 @@ def test_predict_names_each_bad_file_and_predicts_the_rest(checkpoint, val_files
                for line in lines if line.startswith(" "))
 
 
-def test_a_header_bomb_is_refused_before_any_pixel_is_decoded(checkpoint, tmp_path, monkeypatch):
+def test_a_header_bomb_is_refused_before_any_pixel_is_decoded(checkpoint, tmp_path, monkeypatch,
+                                                              bomb_jpeg):
     import simplejpeg
 
     from fastalex.predict import predict_paths

@@ -7,7 +7,6 @@ Imports fastalex (never the other way round: fastalex imports nothing from tools
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import click
 from click.core import ParameterSource
 
 from fastalex import config
-from fastalex.cli import config_options
+from fastalex.cli import OneLineErrors, config_options
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
 
@@ -77,12 +76,5 @@ def build_trainer(cfg: TrainConfig, model=None) -> Trainer:
     return Trainer(cfg, runtime, loader, training, step, class_count)
 
 
-class Tool(click.Command):
+class Tool(OneLineErrors, click.Command):
     """A tool's command: a UserError ends it with one line on stderr and exit status 2."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
