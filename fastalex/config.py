@@ -98,7 +98,7 @@ class TrainConfig:
     prefetch: int = 2  # batches prepared ahead of the step
     resident_max_gb: float = 0.0  # cap on the resident loader's decoded split; 0 = free memory
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 where native (CUDA capability >= 8.0, AVX512-BF16/AMX CPUs), else fp16 + loss scaling on CUDA, off on CPU
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 where native and fast (CUDA capability >= 8.0, AMX CPUs), else fp16 + loss scaling on CUDA, off on CPU
     compile: bool = True  # torch.compile the train step
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on for CUDA, off for CPU
     seed: int = 0  # model init, shuffling and augmentation

@@ -5,11 +5,12 @@ Imports torch and the config; never data, model or trainer code. ``resolve_runti
 place that turns ``--device``/``--amp``/``--channels-last``/``--compile`` into decisions, and it
 refuses impossible combinations with a UserError.
 
-AMP. ``--amp auto`` is bf16 where the hardware computes bf16 natively, else fp16 with a GradScaler
-on CUDA and fp32 on a CPU. Natively means: a CUDA device of compute capability >= 8.0 (Ampere
-on; ``torch.cuda.is_bf16_supported()`` also says yes for older GPUs that only emulate bf16, where
-cuDNN falls back to slow kernels and inductor skips bf16 graphs), or a CPU with AVX512-BF16 or
-AMX-BF16. ``--amp bf16`` on a GPU without it is an error; ``--amp fp16`` runs anywhere, on the CPU
+AMP. ``--amp auto`` is bf16 where the hardware computes bf16 natively and fast, else fp16 with a
+GradScaler on CUDA and fp32 on a CPU. That means: a CUDA device of compute capability >= 8.0
+(Ampere on; ``torch.cuda.is_bf16_supported()`` also says yes for older GPUs that only emulate
+bf16, where cuDNN falls back to slow kernels and inductor skips bf16 graphs), or a CPU with
+AMX-BF16 (`cpu_bf16_pays`: on a CPU with AVX512-BF16 but no AMX the bf16 step measured slower
+than fp32; `--amp bf16` still runs there). ``--amp bf16`` on a GPU without it is an error; ``--amp fp16`` runs anywhere, on the CPU
 through the very code the CUDA fp16 path uses (``GradScaler("cpu")``, fused SGD taking the scale
 and the inf flag), so CI exercises it.
 """
@@ -65,16 +66,27 @@ class Runtime:
                               enabled=self.amp_dtype is not None)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): there bf16 autocast
-    pays (alexnet64, 64 px: 470 ms per compiled step against 682 in fp32 on one core of the dev
-    box); without it bf16 is emulated and slower, so `--amp auto` stays off."""
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return set(next((line for line in f if line.startswith("flags")), "").split()[2:])
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): `--amp bf16` runs
+    there without emulation."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 autocast makes this CPU's train step faster, so `--amp auto` picks it: with
+    AMX-BF16 (tile matrix units) it does, the compiled alexnet64 step at 64 px 470 ms against 682
+    in fp32 on one core of an AMX Xeon; with AVX512-BF16 alone it does not, 155 against 220 img/s
+    on a Xeon that has no AMX (benchmarks/results: the model group of each machine)."""
+    return "amx_bf16" in cpu_flags()
 
 
 def cuda_has_native_bf16(device: torch.device) -> bool:
@@ -113,7 +125,7 @@ def resolve_runtime(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
         native_bf16 = cuda_has_native_bf16(device)
     else:
         device = torch.device("cpu")
-        native_bf16 = cpu_has_native_bf16()
+        native_bf16 = cpu_bf16_pays()
     amp = choose_amp(cfg.amp, device, native_bf16)
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"

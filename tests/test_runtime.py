@@ -58,3 +58,13 @@ def test_fp16_runs_on_the_cpu_with_a_grad_scaler_and_the_model_compiled_alone():
 def test_local_world_size_is_kept_for_the_loaders():
     runtime = resolve_runtime(TrainConfig(device="cpu"), 1, 4, 1, local_world_size=2)
     assert (runtime.rank, runtime.world_size, runtime.local_world_size) == (1, 4, 2)
+
+
+@pytest.mark.parametrize("flags, auto", [({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "bf16"),
+                                         ({"avx512f", "avx512_bf16"}, "off"),
+                                         ({"avx2"}, "off")])
+def test_auto_amp_on_the_cpu_is_bf16_only_where_it_measured_faster(monkeypatch, flags, auto):
+    """AMX makes the bf16 step faster; AVX512-BF16 alone made it slower (0.7x fp32)."""
+    monkeypatch.setattr("fastalex.runtime.cpu_flags", lambda: flags)
+    assert resolve_runtime(TrainConfig(device="cpu", amp="auto")).amp == auto
+    assert resolve_runtime(TrainConfig(device="cpu", amp="bf16")).amp == "bf16"
