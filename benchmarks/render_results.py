@@ -73,17 +73,23 @@ def machine_key(machine: dict) -> tuple:
     return machine.get("gpu") or "no GPU", machine.get("cpu") or "?", machine.get("cores")
 
 
+def data_key(row: dict) -> str:
+    """The data a row measured: its --data pack, or the stand-in throughput.py synthesised.
+    Rows on different data never share a table (a pack of mixed-size photos is not Tiny ImageNet)."""
+    return (row.get("settings") or {}).get("data") or "synthetic stand-in"
+
+
 def latest_runs(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """machine key -> for each (group, image size), the rows of the most recent run (by UTC date,
-    then run id) that measured it."""
+    """(machine key, data) -> for each (group, image size), the rows of the most recent run (by
+    UTC date, then run id) that measured it."""
     runs: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        key = (machine_key(row["machine"]), row["group"], row.get("image_size"))
+        key = (machine_key(row["machine"]), data_key(row), row["group"], row.get("image_size"))
         runs[key][row["run_id"]].append(row)
     latest: dict[tuple, list[dict]] = defaultdict(list)
-    for (machine, _, _), by_run in runs.items():
+    for (machine, data, _, _), by_run in runs.items():
         run_id = max(by_run, key=lambda r: (by_run[r][0]["machine"].get("date_utc") or "", r))
-        latest[machine] += by_run[run_id]
+        latest[machine, data] += by_run[run_id]
     return dict(latest)
 
 
@@ -116,7 +122,7 @@ def machine_table(rows: list[dict]) -> list[str]:
     machine = rows[0]["machine"]
     settings = rows[0].get("settings") or {}
     title = (f"### {machine.get('gpu') or 'CPU only'} · {machine.get('cpu')} × "
-             f"{machine.get('cores')} cores")
+             f"{machine.get('cores')} cores · data {data_key(rows[0])}")
     labels = (("driver", "driver"), ("torch", "torch"), ("CUDA", "cuda"), ("cuDNN", "cudnn"),
               ("DALI", "dali"), ("Pillow", "pillow"), ("simplejpeg", "simplejpeg"),
               ("Python", "python"))
@@ -281,7 +287,8 @@ def main(argv=None) -> int:
             return 2
     rows = read_rows(args.results)
     args.out.write_text(render(rows, summaries))
-    print(f"wrote {args.out}: {len(latest_runs(rows))} machines, {len(summaries)} training runs")
+    print(f"wrote {args.out}: {len(latest_runs(rows))} tables (machine x data), "
+          f"{len(summaries)} training runs")
     return 0
 
 

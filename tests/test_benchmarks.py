@@ -488,3 +488,30 @@ def test_ffcv_row_loader_keeps_the_batch_contract(synth_pack, tmp_path):
         assert low - 1e-3 <= images.min() and images.max() <= high + 1e-3  # normalised pixels
     finally:
         loader.close()
+
+
+def test_loader_memory_reports_the_bounded_canvas_of_a_mixed_size_pack(mixed_pack, launch):
+    """benchmarks/loader_memory.py runs (two steps' worth: one epoch of a tiny pack) and says
+    which canvas the loader decoded the 2000 x 1000 photo onto."""
+    job = launch([sys.executable, BENCHMARKS / "loader_memory.py", "--data", mixed_pack,
+                  "--loader", "cpu", "--batch-size", "8", "--epochs", "1"])
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 0, stdout + stderr
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["loader"] == "cpu" and max(report["largest_image_px"]) >= 2000
+    assert report["canvas_px"] == [128, 128] and "128 x 128 canvases" in report["summary"]
+    assert report["peak_rss_mib"] > 0 and report["images_per_s_last_epoch"] > 0
+
+
+def test_rows_measured_on_different_data_never_share_a_table():
+    render = load_script("render_results")
+    machine = {"cpu": "Xeon", "cores": 2, "date_utc": "2026-12-01T00:00:00Z"}
+
+    def row(run_id, data, rate):
+        return {"run_id": run_id, "machine": machine, "group": "loader", "name": "cpu",
+                "image_size": 64, "images_per_s": rate, "settings": {"data": data}}
+
+    latest = render.latest_runs([row("a", "/packs/tiny", 100.0), row("b", "/packs/photos", 5.0)])
+    assert sorted(data for _, data in latest) == ["/packs/photos", "/packs/tiny"]
+    text = render.render([row("a", "/packs/tiny", 100.0), row("b", "/packs/photos", 5.0)], [])
+    assert "data /packs/tiny" in text and "data /packs/photos" in text
