@@ -93,6 +93,68 @@ def latest_runs(rows: list[dict]) -> dict[tuple, list[dict]]:
     return dict(latest)
 
 
+def runs_by_key(rows: list[dict]) -> dict[tuple, list[list[dict]]]:
+    """(machine, data, group, image size) -> that key's runs, each a list of rows, oldest first."""
+    runs: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        key = (machine_key(row["machine"]), data_key(row), row["group"], row.get("image_size"))
+        runs[key][row["run_id"]].append(row)
+    return {key: sorted(by_run.values(), key=lambda run: (run[0]["machine"].get("date_utc")
+                                                          or "", run[0]["run_id"]))
+            for key, by_run in runs.items()}
+
+
+def ratios(run: list[dict]) -> dict[str, float]:
+    """Each row's images/s over its group's reference row in one run."""
+    rates = {row["name"]: row.get("images_per_s") for row in run}
+    base = rates.get(REFERENCE_ROW.get(run[0]["group"]))
+    return {name: rate / base for name, rate in rates.items()
+            if rate and base and name != REFERENCE_ROW.get(run[0]["group"])}
+
+
+def trust_section(rows: list[dict], busy_rows: list[dict]) -> list[str]:
+    """How far medians move between back-to-back idle runs, and ratios beside a busy loop
+    (results/busy/: runs made with a busy loop on one core, kept out of the tables above)."""
+    lines = ["## How much to trust a ratio", ""]
+    idle = runs_by_key(rows)
+    for key, runs in sorted(idle.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        last = runs[-3:]
+        if len(last) < 3 or key[2] != "loader":
+            continue
+        lines.append(f"Medians of the last three idle runs, {key[2]} at {key[3]} px on "
+                     f"{key[1]} ({key[0][1]}): each row's median, then its range around their "
+                     "mean:")
+        lines.append("")
+        for name in [row["name"] for row in last[-1]]:
+            medians = [next((r["images_per_s"] for r in run if r["name"] == name), None)
+                       for run in last]
+            if None in medians:
+                continue
+            mean = sum(medians) / len(medians)
+            lines.append(f"- {name}: {', '.join(number(m) for m in medians)} "
+                         f"({100 * (min(medians) / mean - 1):+.0f} % to "
+                         f"{100 * (max(medians) / mean - 1):+.0f} %)")
+        lines.append("")
+    for key, runs in runs_by_key(busy_rows).items():
+        if key not in idle:
+            continue
+        calm, busy = ratios(idle[key][-1]), ratios(runs[-1])
+        lines.append(f"Beside a busy loop on one core ({key[2]} at {key[3]} px, run "
+                     f"`{runs[-1][0]['run_id']}`), each ratio to the reference row against the "
+                     f"latest idle run's (`{idle[key][-1][0]['run_id']}`):")
+        lines.append("")
+        for name in calm:
+            if name in busy:
+                lines.append(f"- {name}: {calm[name]:.2f}× idle, {busy[name]:.2f}× busy "
+                             f"({busy[name] / calm[name]:.2f} of the idle ratio)")
+        lines.append("")
+    if len(lines) == 2:
+        return []
+    lines += ["Compare ratios only within one run on an idle machine, and only where the table "
+              "does not mark them n.s.", ""]
+    return lines
+
+
 def number(value: float | None, digits: int = 0) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
@@ -246,7 +308,8 @@ def training_table(summaries: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
-def render(rows: list[dict], summaries: list[tuple[str, dict]]) -> str:
+def render(rows: list[dict], summaries: list[tuple[str, dict]],
+           busy_rows: list[dict] = ()) -> str:
     lines = ["# fastalex results", "", f"<!-- {GENERATED} -->",
              f"_This file is {GENERATED}. Re-run `python benchmarks/render_results.py` after a "
              "benchmark or a training run._", "", "## Throughput (images/s)", ""]
@@ -255,6 +318,7 @@ def render(rows: list[dict], summaries: list[tuple[str, dict]]) -> str:
         lines += ["No throughput results recorded yet: run `python benchmarks/throughput.py`.", ""]
     for key in sorted(latest, key=lambda k: tuple(str(x) for x in k)):
         lines += machine_table(latest[key])
+    lines += trust_section(rows, list(busy_rows))
     lines += ["## Training runs", "",
               "Epoch time: the median over epochs after the first (train + eval); images/s: the "
               "trainer's steady-state training rate. Top-1/top-5 on the val split after the last "
@@ -286,7 +350,7 @@ def main(argv=None) -> int:
             print(f"error: {path}: not a readable summary.json ({e})", file=sys.stderr)
             return 2
     rows = read_rows(args.results)
-    args.out.write_text(render(rows, summaries))
+    args.out.write_text(render(rows, summaries, read_rows(args.results / "busy")))
     print(f"wrote {args.out}: {len(latest_runs(rows))} tables (machine x data), "
           f"{len(summaries)} training runs")
     return 0

@@ -515,3 +515,22 @@ def test_rows_measured_on_different_data_never_share_a_table():
     assert sorted(data for _, data in latest) == ["/packs/photos", "/packs/tiny"]
     text = render.render([row("a", "/packs/tiny", 100.0), row("b", "/packs/photos", 5.0)], [])
     assert "data /packs/tiny" in text and "data /packs/photos" in text
+
+
+def test_results_say_how_far_medians_and_ratios_move():
+    """Three idle runs give each row's range around their mean; a run beside a busy loop is
+    set against the latest idle one, ratio by ratio."""
+    render = load_script("render_results")
+
+    def run(run_id, date, reference, cpu):
+        machine = {"cpu": "Xeon", "cores": 2, "date_utc": date}
+        return [{"run_id": run_id, "machine": machine, "group": "loader", "name": name,
+                 "image_size": 64, "images_per_s": rate, "settings": {"data": "/p"}}
+                for name, rate in (("reference", reference), ("cpu", cpu))]
+
+    idle = run("a", "1", 100.0, 900.0) + run("b", "2", 100.0, 1000.0) + run("c", "3", 100.0, 1100.0)
+    busy = run("d", "4", 50.0, 1000.0)
+    text = "\n".join(render.trust_section(idle, busy))
+    assert "- cpu: 900, 1,000, 1,100 (-10 % to +10 %)" in text
+    assert "- cpu: 11.00× idle, 20.00× busy (1.82 of the idle ratio)" in text
+    assert render.trust_section(idle[:4], []) == []  # two runs: nothing to say
