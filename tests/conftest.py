@@ -218,6 +218,27 @@ def server():
 # --- processes a test launches -------------------------------------------------------------------
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children...), from /proc's parent links."""
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 class Launched:
     """A command started in its own process group (`launch`): on any exit from the `with` block,
     and on a timeout, the whole group (ranks, their loader workers) is killed, so a hung test
@@ -237,13 +258,22 @@ class Launched:
         self.kill_group()
 
     def kill_group(self) -> None:
+        """SIGKILL the process group and every descendant, found before any dies (torchrun
+        starts each rank in a session of its own, outside the group; an orphaned rank would
+        also hold the pipes open, so reading them would never end)."""
         import os
         import signal
 
+        below = descendants(self.process.pid)
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.process.wait()
 
     def communicate(self, timeout: float) -> tuple[str, str]:

@@ -74,9 +74,11 @@ def test_a_launch_past_its_timeout_is_killed_with_its_children_and_fails_saying_
     """What every process-starting test relies on (conftest's `launch`): a hung command dies with
     the processes it started, and the test fails with what they printed."""
     pid_file = tmp_path / "child.pid"
-    script = ("import subprocess, sys, time; "  # the child holds no pipe: nothing waits on it
+    # The child holds no pipe (nothing waits on it) and, as torchrun's ranks do, runs in a session
+    # of its own, outside the launched command's process group.
+    script = ("import subprocess, sys, time; "
               "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
-              "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+              "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True); "
               "print('started', flush=True); "
               f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(600)")
     hung = launch([sys.executable, "-c", script])
