@@ -320,13 +320,13 @@ class EpochOutcome:
     train_s: float
     timed_s: float
     timed_samples: int
-    loader_wait_s: float  # this rank's own wait, carried mean included
+    loader_wait_s: float  # this rank's own wait in this pass (the carried part is in `carried`)
 
     def global_sums(self, runtime: Runtime) -> PartialEpoch:
         """The epoch so far summed over the ranks (a collective), carried part added once; the
         loader wait is the ranks' mean."""
         local = torch.tensor([self.totals.loss_sum, self.totals.correct, self.totals.samples,
-                              self.loader_wait_s - self.carried.loader_wait_s],
+                              self.loader_wait_s],
                              dtype=torch.float64, device=runtime.device)
         loss_sum, correct, samples, wait_s = all_reduce_sum(local).tolist()
         world_size = runtime.world_size
@@ -496,7 +496,7 @@ class _Run:
             train_s=carried.train_s + ended - started,
             timed_s=carried.timed_s + (ended - warm_end if timed_steps else 0.0),
             timed_samples=carried.timed_samples + timed_steps * cfg.batch_size,
-            loader_wait_s=carried.loader_wait_s + wait.seconds())
+            loader_wait_s=wait.seconds())
 
     def flush(self, window: StepWindow, totals: TrainTotals, epoch: int, bar: tqdm) -> bool:
         """A log point: read the window (sync), check the losses, agree on stopping (DDP)."""
@@ -634,15 +634,15 @@ class _Run:
         last = self.history[-1] if self.history else {}
         rates = [r["images_per_s"] for r in self.history[1:] if r["images_per_s"]]
         rates = rates or [r["images_per_s"] for r in self.history[:1] if r["images_per_s"]]
+        waited_s = sum(r.get("loader_wait_s", 0.0) for r in self.history)
         summary = {
             "top1": last.get("val_top1"), "top5": last.get("val_top5"),
             "best_top1": self.best_top1 if self.history else None,
             "epochs": len(self.history), "steps": self.global_step,
             "epoch_s": [r["epoch_s"] for r in self.history],
             "images_per_s": median(rates) if rates else None,
-            "loader_wait_s": sum(r.get("loader_wait_s", 0.0) for r in self.history),
-            "loader_wait_pct": percent(sum(r.get("loader_wait_s", 0.0) for r in self.history),
-                                       sum(r.get("timed_s", 0.0) for r in self.history)),
+            "loader_wait_s": waited_s,
+            "loader_wait_pct": percent(waited_s, sum(r.get("timed_s", 0.0) for r in self.history)),
             "compile_s": self.compile_s, "warmup_s": self.warmup_s,
             "val_samples": last.get("val_samples"), "data": self.data,
             "device": describe_device(rt), "loader": self.train_loader.backend, "amp": rt.amp,
