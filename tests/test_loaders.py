@@ -588,7 +588,7 @@ def test_a_mixed_size_pack_trains_with_memory_bounded_by_the_batch(mixed_pack, b
 def test_an_image_larger_than_the_canvas_is_scaled_to_fit_as_it_is_decoded():
     from PIL import Image
 
-    from fastalex.loaders.cpu import decode_to_fit, exceeds
+    from fastalex.loaders.cpu import decode_to_fit, jpeg_size
     import io
 
     rows = np.linspace(0, 255, 1000)[:, None] * np.ones((1, 2000))
@@ -596,8 +596,8 @@ def test_an_image_larger_than_the_canvas_is_scaled_to_fit_as_it_is_decoded():
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, "JPEG", quality=90)
     data = buffer.getvalue()
-    assert exceeds(data, 128, 128) and not exceeds(data, 1000, 2000)
-    fitted = decode_to_fit(data, 128, 128)
+    assert jpeg_size(data) == (1000, 2000)
+    fitted = decode_to_fit(data, jpeg_size(data), 128, 128)
     assert fitted.shape == (64, 128, 3) and fitted.dtype == np.uint8  # aspect kept
     expected = np.asarray(Image.fromarray(photo).resize((128, 64), Image.BILINEAR)).astype(int)
     assert np.abs(fitted.astype(int) - expected).mean() < 3  # the same picture, smaller

@@ -158,12 +158,14 @@ class ShardDecoder(torch.utils.data.Dataset):
         for k in range(len(ids)):
             data = maps[shard_ids[k]][offsets[k] : ends[k]]
             row = pixels[k]
-            if self.may_exceed and exceeds(data, height, width):
-                image = decode_to_fit(data, height, width)
-                h, w = image.shape[:2]
-                row[:h, :w] = image
-                hw[k] = h, w
-                continue
+            if self.may_exceed:
+                size = jpeg_size(data)
+                if size[0] > height or size[1] > width:
+                    image = decode_to_fit(data, size, height, width)
+                    h, w = image.shape[:2]
+                    row[:h, :w] = image
+                    hw[k] = h, w
+                    continue
             try:
                 # (h, w, 3) written contiguously at the start of the canvas row. Positional:
                 # colorspace, fastdct, fastupsample, min_height, min_width, min_factor, buffer,
@@ -184,30 +186,28 @@ class ShardDecoder(torch.utils.data.Dataset):
         return len(self.offsets)
 
 
-def exceeds(data, height: int, width: int) -> bool:
-    """Whether the JPEG's header says it is larger than the height x width canvas."""
+def jpeg_size(data) -> tuple[int, int]:
+    """(height, width) from the JPEG's header, nothing decoded."""
     try:
-        h, w = simplejpeg.decode_jpeg_header(data)[:2]
-    except ValueError:  # what libjpeg-turbo refuses: ask Pillow, which reads only the header
+        return tuple(simplejpeg.decode_jpeg_header(data)[:2])
+    except ValueError:  # what libjpeg-turbo refuses: Pillow, which reads only the header here
         with Image.open(io.BytesIO(data)) as source:
-            w, h = source.size
-    return h > height or w > width
+            return source.size[::-1]
 
 
-def decode_to_fit(data, height: int, width: int) -> np.ndarray:
-    """(h, w, 3) uint8 RGB of a JPEG larger than the canvas, scaled down (aspect kept) to fit in
-    height x width. libjpeg-turbo first decodes at the largest of 1/2, 1/4, 1/8 that still covers
-    the canvas (DCT scaling: most of a large JPEG's pixels are never computed), then Pillow's
-    antialiased bilinear resize makes up the rest."""
-    with Image.open(io.BytesIO(data)) as source:
-        full_w, full_h = source.size
-        factor = max(full_h / height, full_w / width)
-        reduce = next(r for r in (8, 4, 2, 1) if r <= factor)
-        try:
-            image = Image.fromarray(simplejpeg.decode_jpeg(
-                data, "RGB", False, False, -(-full_h // reduce), -(-full_w // reduce), 1, None,
-                False))
-        except ValueError:  # what libjpeg-turbo refuses: Pillow's own DCT scaling
+def decode_to_fit(data, size: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """(h, w, 3) uint8 RGB of a JPEG of (height, width) `size` larger than the canvas, scaled
+    down (aspect kept) to fit in height x width. libjpeg-turbo first decodes at the largest of
+    1/2, 1/4, 1/8 that still covers the canvas (DCT scaling: most of a large JPEG's pixels are
+    never computed), then Pillow's antialiased bilinear resize makes up the rest."""
+    full_h, full_w = size
+    factor = max(full_h / height, full_w / width)
+    reduce = next(r for r in (8, 4, 2, 1) if r <= factor)
+    try:
+        image = Image.fromarray(simplejpeg.decode_jpeg(
+            data, "RGB", False, False, -(-full_h // reduce), -(-full_w // reduce), 1, None, False))
+    except ValueError:  # what libjpeg-turbo refuses: Pillow's own DCT scaling
+        with Image.open(io.BytesIO(data)) as source:
             source.draft("RGB", (-(-full_w // reduce), -(-full_h // reduce)))
             image = source.convert("RGB")
     scale = min(height / image.height, width / image.width, 1.0)
