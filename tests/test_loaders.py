@@ -601,3 +601,46 @@ def test_an_image_larger_than_the_canvas_is_scaled_to_fit_as_it_is_decoded():
     assert fitted.shape == (64, 128, 3) and fitted.dtype == np.uint8  # aspect kept
     expected = np.asarray(Image.fromarray(photo).resize((128, 64), Image.BILINEAR)).astype(int)
     assert np.abs(fitted.astype(int) - expected).mean() < 3  # the same picture, smaller
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize(
+    "split, batch_size, stop_after",
+    [
+        ("train", 32, None),  # 280 / 32: a short batch DALI drops
+        ("train", 40, None),  # 280 / 40: divides
+        ("train", 32, 3),  # passes stopped early
+        ("val", 32, None),  # 70 / 32: the short last batch kept
+        ("val", 35, None),  # 70 / 35: divides
+        ("val", 32, 1),
+    ],
+)
+def test_dali_decodes_each_epoch_once(coded_pack, monkeypatch, split, batch_size, stop_after):
+    """Over several passes DALI produces exactly its batches per epoch once per pass, whether a
+    pass ran to its end or stopped early: no hidden extra epoch before the next pass."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali.pipeline import Pipeline
+
+    produced = []
+    share_outputs = Pipeline.share_outputs
+
+    def counted(pipe, *args, **kwargs):
+        produced.append(1)
+        return share_outputs(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "share_outputs", counted)
+    loader = make(coded_pack.path, "dali", split, batch_size=batch_size)
+    samples = len(coded_pack.ids[split])
+    per_epoch = -(-samples // batch_size)  # DALI runs the padded short batch too
+    passes = 4
+    for _ in range(passes):
+        taken = 0
+        for _ in loader:
+            taken += 1
+            if taken == stop_after:
+                break
+        assert taken == (stop_after or len(loader))
+    # passes - 1 whole epochs ran through, the last pass took `taken` batches
+    last = stop_after or len(loader)
+    assert len(produced) == (passes - 1) * per_epoch + last
+    loader.close()

@@ -26,7 +26,7 @@ once (DALI_NOTES.md).
 
 Epoch length. Train: ``pad_last_batch=True`` + ``LastBatchPolicy.DROP``, and the iterator stops
 after exactly ``steps_per_epoch`` batches (every rank the same count, though rank shares differ by
-up to one sample), draining what DALI has left of the epoch before the next one. Val: ``PARTIAL``,
+up to one sample); the next pass first takes what DALI has left of its epoch (`_rewind`). Val: ``PARTIAL``,
 every sample of the share once, the short last batch kept, DALI's padding removed.
 
 Output. GPU: ``output_layout="HWC"`` float32, and ``permute(0, 3, 1, 2)`` makes it the NCHW
@@ -366,8 +366,7 @@ class DaliLoader:
         self._kept = KeepUntilDone(cuda_event_now if self.on_gpu else None)
         self.summary = (f"dali: {'GPU (nvJPEG)' if self.on_gpu else 'CPU-only mode'}, {threads} "
                         "threads" + ("" if self.on_gpu else f", {canvas[0]} x {canvas[1]} canvases"))
-        self._passes = 0  # epochs started on this pipeline
-        self._mid_epoch = False  # the last pass stopped before DALI's epoch ended
+        self._taken: int | None = None  # batches taken from DALI's current epoch; None: none begun
         powers = 10 ** torch.arange(LABEL_DIGITS - 1, -1, -1, dtype=torch.int64)
         self._powers = powers.to(self.device)
         if not self.on_gpu:
@@ -376,22 +375,27 @@ class DaliLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def _finish_epoch(self) -> None:
-        """Consume what DALI has left of its epoch and rewind: DALI cannot reset mid-epoch."""
-        if self._mid_epoch:
-            for _ in self._iterator:
-                pass
-            self._mid_epoch = False
+    def _rewind(self) -> None:
+        """Take what DALI has left of its current epoch, then reset it for the next one.
+
+        DALI cannot reset mid-epoch, and its own ``__iter__`` resets an iterator whose epoch has
+        ended, so the remaining batches are taken with ``next()`` and counted against
+        ``len(iterator)`` (DALI's batches per epoch for this share): a pass that took them all
+        drains nothing, and no extra epoch is ever decoded."""
+        if self._taken is None:
+            return
+        for _ in range(len(self._iterator) - self._taken):
+            next(self._iterator)
         self._iterator.reset()
 
     def __iter__(self):
-        if self._passes:
-            self._finish_epoch()
-        self._passes += 1
+        self._rewind()
+        self._taken = 0
         generator = epoch_generator(self.seed, self.epoch, self.rank)
         self.epoch += 1
-        self._mid_epoch = True
-        for step, outputs in enumerate(self._iterator):
+        for _ in range(self.steps):
+            outputs = next(self._iterator)
+            self._taken += 1
             digits = outputs[0]["labels"]  # (N, LABEL_DIGITS) uint8 ASCII, on the device
             labels = ((digits.to(torch.int64) - ASCII_ZERO) * self._powers).sum(dim=1)
             if self.on_gpu:
@@ -403,10 +407,6 @@ class DaliLoader:
                 yield Batch(images, labels)
             finally:  # the consumer's work on this batch is queued (or it stopped): keep it
                 self._kept.keep(outputs)
-            if step + 1 == self.steps:
-                break
-        else:
-            self._mid_epoch = False
 
     def _augment(
         self, canvases: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator
