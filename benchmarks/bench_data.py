@@ -12,8 +12,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from fastalex.config import RECIPES, PackConfig, TrainConfig, default_workers
 from harness import Skip
+
+from fastalex.config import RECIPES, PackConfig, TrainConfig, default_workers
 
 # Stand-in data when no --data is given: 200 classes as Tiny ImageNet, fewer images per class.
 STANDIN = dict(classes=200, train_per_class=64, val_per_class=8)
@@ -91,8 +92,10 @@ def prepare_data(args, workdir: Path) -> Data:
             else:
                 data.tree = Path(ref.path) / ref.root
         else:
-            print(f"unpacking {args.data} into a temporary tree for the reference and pack rows",
-                  file=sys.stderr)
+            print(
+                f"unpacking {args.data} into a temporary tree for the reference and pack rows",
+                file=sys.stderr,
+            )
             data.tree = data.source = unpack_shards(data.shards, workdir / "tree")
             data.description += " (unpacked to a tree for the reference and pack rows)"
         return data
@@ -104,15 +107,20 @@ def prepare_data(args, workdir: Path) -> Data:
         f"{counts['train_per_class']} train + {counts['val_per_class']} val 64x64 JPEGs"
     )
     print(f"no --data: writing a {description} in {workdir}", file=sys.stderr, flush=True)
-    data = Data(tree=workdir / "tree", source=workdir / "tree", description=description,
-                scratch=workdir)
+    data = Data(
+        tree=workdir / "tree", source=workdir / "tree", description=description, scratch=workdir
+    )
     synth(data.tree, seed=0, workers=default_workers(), progress=False, **counts)
     try:
         from fastalex.pack import pack
 
         shards = workdir / "shards"
-        pack(open_source(data.tree), shards, PackConfig(shard_size=16 if args.quick else 5000),
-             progress=False)
+        pack(
+            open_source(data.tree),
+            shards,
+            PackConfig(shard_size=16 if args.quick else 5000),
+            progress=False,
+        )
         data.shards = shards
     except ImportError as e:
         data.problem = f"cannot pack the stand-in ({e})"
@@ -127,5 +135,11 @@ def arch_for(image_size: int) -> str:
 
 def base_config(args, data: Data, size: int, recipe: str = "fast", **fields) -> TrainConfig:
     """The recipe's config at this image size on this device, with `fields` replaced."""
-    return dataclasses.replace(RECIPES[recipe], shards=str(data.shards or ""), image_size=size,
-                               arch=arch_for(size), device=args.device, **fields)
+    return dataclasses.replace(
+        RECIPES[recipe],
+        shards=str(data.shards or ""),
+        image_size=size,
+        arch=arch_for(size),
+        device=args.device,
+        **fields,
+    )

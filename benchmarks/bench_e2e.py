@@ -22,32 +22,39 @@ from harness import Subject, endless, plural
 
 def rows(args, data: Data, size: int, device) -> dict:
     """name -> builder of the row's Subject, in table order."""
-    return {name: lambda name=name: e2e_row(args, data, name, size, device)
-            for name in ("reference", "fastalex")}
+    return {
+        name: lambda name=name: e2e_row(args, data, name, size, device)
+        for name in ("reference", "fastalex")
+    }
 
 
 def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
+    from reference import ReferenceLoader
+
     from fastalex.config import RECIPES
     from fastalex.loaders import Placement, build_loader
     from fastalex.metrics import LoaderWait
     from fastalex.shards import read_manifest
-    from reference import ReferenceLoader
 
     shards = need(data, "shards")
     num_classes = read_manifest(shards).num_classes
     recipe = RECIPES["reference" if name == "reference" else "fast"]
     batch_size = args.e2e_batch_size or recipe.batch_size
     if name == "reference":
-        cfg = base_config(args, data, size, recipe="reference", batch_size=batch_size,
-                          **MODEL_ROWS["eager-fp32"])
+        cfg = base_config(
+            args, data, size, recipe="reference", batch_size=batch_size, **MODEL_ROWS["eager-fp32"]
+        )
     else:
         cfg = base_config(args, data, size, batch_size=batch_size, compile=not args.quick)
-    step, runtime = build_step(cfg, num_classes, EPOCH_IMAGES // batch_size,
-                               baseline=name == "reference")
+    step, runtime = build_step(
+        cfg, num_classes, EPOCH_IMAGES // batch_size, baseline=name == "reference"
+    )
     if name == "reference":
         loader = ReferenceLoader(need(data, "tree") / "train", size, batch_size, device)
-        note = ("blog loader (reference.py) + eager fp32 NCHW steps of fastalex's model (the blog's "
-                "layer sizes at 227 px), the blog's batch")
+        note = (
+            "blog loader (reference.py) + eager fp32 NCHW steps of fastalex's model (the blog's "
+            "layer sizes at 227 px), the blog's batch"
+        )
     else:
         loader = build_loader(cfg, "train", Placement(device))
         note = f"loader {loader.backend} + default stack"
@@ -73,7 +80,15 @@ def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
         row["epoch_s_100k"] = EPOCH_IMAGES / row["images_per_s"]
 
     return Subject(
-        advance=advance, close=close, waited_s=wait.seconds, compiles=cfg.compile, finish=finish,
-        info={"batch_size": batch_size, "config": dataclasses.asdict(cfg),
-              "note": f"{note}, {cfg.arch}, batch {batch_size}, >= {plural(args.steps, 'step')} "
-                      f"per window; {describe_runtime(runtime)}"})
+        advance=advance,
+        close=close,
+        waited_s=wait.seconds,
+        compiles=cfg.compile,
+        finish=finish,
+        info={
+            "batch_size": batch_size,
+            "config": dataclasses.asdict(cfg),
+            "note": f"{note}, {cfg.arch}, batch {batch_size}, >= {plural(args.steps, 'step')} "
+            f"per window; {describe_runtime(runtime)}",
+        },
+    )

@@ -13,7 +13,7 @@ import dataclasses
 import time
 
 from bench_data import Data, base_config, need
-from harness import Skip, Subject, endless, plural, log
+from harness import Skip, Subject, endless, log, plural
 
 
 def rows(args, data: Data, size: int, device) -> dict:
@@ -36,21 +36,31 @@ def stream_subject(loader, note: str, args, cfg=None) -> Subject:
         loader.close()
 
     window = args.batches or len(loader)
-    note += (f"; >= {plural(window, 'batch')} of {args.batch_size} per window, "
-             f"{len(loader)} per epoch")
-    return Subject(advance=lambda: len(next(stream).labels), close=close, window_calls=window,
-                   info={"batch_size": args.batch_size, "note": note,
-                         "config": dataclasses.asdict(cfg) if cfg else None})
+    note += (
+        f"; >= {plural(window, 'batch')} of {args.batch_size} per window, {len(loader)} per epoch"
+    )
+    return Subject(
+        advance=lambda: len(next(stream).labels),
+        close=close,
+        window_calls=window,
+        info={
+            "batch_size": args.batch_size,
+            "note": note,
+            "config": dataclasses.asdict(cfg) if cfg else None,
+        },
+    )
 
 
 def reference_row(args, data: Data, size: int, device) -> Subject:
     from reference import ReferenceLoader
 
     loader = ReferenceLoader(need(data, "tree") / "train", size, args.batch_size, device)
-    note = ("blog pipeline (reference.py): ImageFolder + PIL decode, RandomResizedCrop(64)"
-            f"{'' if size == 64 else f' + Resize({size})'} + flip + ToTensor + Normalize, "
-            "DataLoader(2 workers), .to(device); torchvision transforms re-implemented with "
-            "PIL + torch (torchvision not installable beside this torch)")
+    note = (
+        "blog pipeline (reference.py): ImageFolder + PIL decode, RandomResizedCrop(64)"
+        f"{'' if size == 64 else f' + Resize({size})'} + flip + ToTensor + Normalize, "
+        "DataLoader(2 workers), .to(device); torchvision transforms re-implemented with "
+        "PIL + torch (torchvision not installable beside this torch)"
+    )
     return stream_subject(loader, note, args)
 
 
@@ -73,8 +83,9 @@ def ffcv_row(args, data: Data, size: int, device) -> Subject:
     try:
         import ffcv_loader
     except ImportError as e:
-        raise Skip(f"ffcv is not installed here ({e}); README, Benchmarks, says how to get "
-                   "this row") from None
+        raise Skip(
+            f"ffcv is not installed here ({e}); README, Benchmarks, says how to get this row"
+        ) from None
     from fastalex.config import default_workers
     from fastalex.loaders import Placement, loader_workers
 
@@ -89,9 +100,11 @@ def ffcv_row(args, data: Data, size: int, device) -> Subject:
         ffcv_loader.write_beton(shards, "train", path, default_workers())
         log(f"[loader] ffcv: wrote it in {time.perf_counter() - start:.1f} s")
     loader = ffcv_loader.FfcvLoader(cfg, path, device, workers)
-    note = (f"FFCV {ffcv_version()} Loader over {path.name} (FFCV's writer, JPEG quality "
-            f"{ffcv_loader.JPEG_QUALITY}), {workers} workers; RandomResizedCrop decoder at the "
-            f"config's ranges + flip; normalised by {loader.normalised_by}")
+    note = (
+        f"FFCV {ffcv_version()} Loader over {path.name} (FFCV's writer, JPEG quality "
+        f"{ffcv_loader.JPEG_QUALITY}), {workers} workers; RandomResizedCrop decoder at the "
+        f"config's ranges + flip; normalised by {loader.normalised_by}"
+    )
     return stream_subject(loader, note, args, cfg)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-
 from bench_data import Data, base_config
 from harness import Skip, Subject, plural
 
@@ -22,7 +21,9 @@ MODEL_ROWS = {  # name -> TrainConfig fields; each adds one thing to the one bef
     "eager-fp32": dict(channels_last="off", amp="off", compile=False),
     "channels-last": dict(channels_last="on", amp="off", compile=False),
     "amp": dict(channels_last="on", amp="auto", compile=False),
-    "compiled": dict(channels_last="auto", amp="auto", compile=True),  # the defaults: `fastalex train`
+    "compiled": dict(
+        channels_last="auto", amp="auto", compile=True
+    ),  # the defaults: `fastalex train`
 }
 
 
@@ -66,8 +67,10 @@ def describe_runtime(runtime) -> str:
     compiled = "off"
     if runtime.compile:
         compiled = "whole step" if getattr(runtime, "compile_whole_step", False) else "model"
-    return (f"amp {runtime.amp}, {'channels_last' if runtime.channels_last else 'NCHW'}, "
-            f"compile {compiled}")
+    return (
+        f"amp {runtime.amp}, {'channels_last' if runtime.channels_last else 'NCHW'}, "
+        f"compile {compiled}"
+    )
 
 
 def forget_compiled() -> None:
@@ -87,16 +90,26 @@ def model_row(args, name: str, size: int, device) -> Subject:
         from fastalex.runtime import cpu_bf16_pays, cpu_has_native_bf16
 
         if not cpu_has_native_bf16():
-            raise Skip("this CPU has no native bf16 (AVX512-BF16/AMX): autocast would only emulate "
-                       "it; amp=auto is off on the CPU")
+            raise Skip(
+                "this CPU has no native bf16 (AVX512-BF16/AMX): autocast would only emulate "
+                "it; amp=auto is off on the CPU"
+            )
         fields["amp"] = "bf16"
-        note = ("bf16 autocast on the CPU (" + ("AMX here, so amp=auto picks it too"
-                if cpu_bf16_pays() else "AVX512-BF16 without AMX: amp=auto stays fp32") + "); ")
+        note = (
+            "bf16 autocast on the CPU ("
+            + (
+                "AMX here, so amp=auto picks it too"
+                if cpu_bf16_pays()
+                else "AVX512-BF16 without AMX: amp=auto stays fp32"
+            )
+            + "); "
+        )
     if name == "compiled" and args.quick:
         raise Skip("compile skipped in --quick (compiling the step takes 35-60 s on a 2-core CPU)")
     cfg = base_config(args, Data(), size, batch_size=args.model_batch_size, **fields)
-    step, runtime = build_step(cfg, NUM_CLASSES, EPOCH_IMAGES // cfg.batch_size,
-                               baseline=name == "eager-fp32")
+    step, runtime = build_step(
+        cfg, NUM_CLASSES, EPOCH_IMAGES // cfg.batch_size, baseline=name == "eager-fp32"
+    )
     if name == "eager-fp32" and device.type == "cuda":
         note += "TF32 and cuDNN autotuning off (PyTorch's defaults for a plain script); "
     generator = torch.Generator(device).manual_seed(0)
@@ -109,8 +122,13 @@ def model_row(args, name: str, size: int, device) -> Subject:
         return cfg.batch_size
 
     return Subject(
-        advance=advance, compiles=cfg.compile,
+        advance=advance,
+        compiles=cfg.compile,
         close=forget_compiled if cfg.compile else lambda: None,
-        info={"batch_size": cfg.batch_size, "config": dataclasses.asdict(cfg),
-              "note": f"{note}{cfg.arch}, >= {plural(args.steps, 'step')} per window; "
-                      f"{describe_runtime(runtime)}"})
+        info={
+            "batch_size": cfg.batch_size,
+            "config": dataclasses.asdict(cfg),
+            "note": f"{note}{cfg.arch}, >= {plural(args.steps, 'step')} per window; "
+            f"{describe_runtime(runtime)}",
+        },
+    )

@@ -34,8 +34,9 @@ def pack_row(args, data: Data, workdir: Path) -> Subject:
         out = workdir / f"pack-{next(counter)}"  # a fresh directory: pack() skips an existing pack
         manifest, _ = pack(ref, out, cfg, progress=False)
         made.append(out)
-        images[0] = (sum(split.samples for split in manifest.splits.values())
-                     + len(manifest.rejected))
+        images[0] = sum(split.samples for split in manifest.splits.values()) + len(
+            manifest.rejected
+        )
         return images[0]
 
     def reset() -> None:
@@ -46,7 +47,13 @@ def pack_row(args, data: Data, workdir: Path) -> Subject:
         row["note"] = f"{images[0]} images (train + val) {row['note']}"
 
     return Subject(
-        advance=advance, reset=reset, close=reset, finish=finish,
-        info={"config": dataclasses.asdict(cfg),
-              "note": f"from a {'zip' if ref.is_zip else 'directory'}, {cfg.processes} processes; "
-                      "every JPEG fully decoded, written and hashed; one pack per call"})
+        advance=advance,
+        reset=reset,
+        close=reset,
+        finish=finish,
+        info={
+            "config": dataclasses.asdict(cfg),
+            "note": f"from a {'zip' if ref.is_zip else 'directory'}, {cfg.processes} processes; "
+            "every JPEG fully decoded, written and hashed; one pack per call",
+        },
+    )

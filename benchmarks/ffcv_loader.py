@@ -33,8 +33,14 @@ import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
-from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
-                             ToTorchImage)
+from ffcv.transforms import (
+    NormalizeImage,
+    RandomHorizontalFlip,
+    Squeeze,
+    ToDevice,
+    ToTensor,
+    ToTorchImage,
+)
 from ffcv.writer import DatasetWriter
 
 from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
@@ -83,11 +89,14 @@ def write_beton(shards: Path, split: str, path: Path, workers: int) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f"{path.name}.{os.getpid()}.part")
-    fields = {"image": RGBImageField(write_mode="jpg", jpeg_quality=JPEG_QUALITY),
-              "label": IntField()}
+    fields = {
+        "image": RGBImageField(write_mode="jpg", jpeg_quality=JPEG_QUALITY),
+        "label": IntField(),
+    }
     try:
         DatasetWriter(str(part), fields, num_workers=workers).from_indexed_dataset(
-            PackImages(shards, split))
+            PackImages(shards, split)
+        )
         os.replace(part, path)
     finally:
         part.unlink(missing_ok=True)
@@ -104,30 +113,50 @@ class FfcvLoader:
         mean = np.array(IMAGE_MEAN) * 255  # FFCV normalises uint8 pixels
         std = np.array(IMAGE_STD) * 255
         decode = RandomResizedCropRGBImageDecoder(
-            (cfg.image_size, cfg.image_size), scale=(cfg.crop_scale_min, cfg.crop_scale_max),
-            ratio=(cfg.crop_ratio_min, cfg.crop_ratio_max))
+            (cfg.image_size, cfg.image_size),
+            scale=(cfg.crop_scale_min, cfg.crop_scale_max),
+            ratio=(cfg.crop_ratio_min, cfg.crop_ratio_max),
+        )
         self.torch_normalise = None
         if self.device.type == "cuda":
-            images = [decode, RandomHorizontalFlip(), ToTensor(),
-                      ToDevice(self.device, non_blocking=True), ToTorchImage(channels_last=True)]
+            images = [
+                decode,
+                RandomHorizontalFlip(),
+                ToTensor(),
+                ToDevice(self.device, non_blocking=True),
+                ToTorchImage(channels_last=True),
+            ]
             if importlib.util.find_spec("cupy") is not None:
                 images.append(NormalizeImage(mean, std, np.float32))
                 self.normalised_by = "FFCV's NormalizeImage on the GPU"
             else:
                 self.torch_normalise = (
                     torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1),
-                    torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1))
+                    torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1),
+                )
                 self.normalised_by = "torch on the GPU (no cupy for FFCV's GPU NormalizeImage)"
         else:
-            images = [decode, RandomHorizontalFlip(), NormalizeImage(mean, std, np.float32),
-                      ToTensor(), ToTorchImage(channels_last=True)]
+            images = [
+                decode,
+                RandomHorizontalFlip(),
+                NormalizeImage(mean, std, np.float32),
+                ToTensor(),
+                ToTorchImage(channels_last=True),
+            ]
             self.normalised_by = "FFCV's NormalizeImage in its CPU pipeline"
         labels = [IntDecoder(), ToTensor(), Squeeze()]
         if self.device.type == "cuda":
             labels.append(ToDevice(self.device, non_blocking=True))
-        self.loader = Loader(str(beton), batch_size=cfg.batch_size, num_workers=workers,
-                             order=OrderOption.RANDOM, seed=cfg.seed, drop_last=True,
-                             os_cache=True, pipelines={"image": images, "label": labels})
+        self.loader = Loader(
+            str(beton),
+            batch_size=cfg.batch_size,
+            num_workers=workers,
+            order=OrderOption.RANDOM,
+            seed=cfg.seed,
+            drop_last=True,
+            os_cache=True,
+            pipelines={"image": images, "label": labels},
+        )
         self.samples = len(self.loader) * cfg.batch_size
         self._epoch = None
 

@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-
 from spread import summarize
 
 
@@ -70,8 +69,9 @@ class Timing:
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.window_calls < 1 or min(self.warmup, self.lead_in) < 0:
-            raise ValueError(f"repeats and window_calls must be >= 1, warmup and lead_in >= 0; "
-                             f"got {self}")
+            raise ValueError(
+                f"repeats and window_calls must be >= 1, warmup and lead_in >= 0; got {self}"
+            )
 
 
 def schedule(names: Sequence[str], repeats: int) -> list[list[str]]:
@@ -87,8 +87,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # CUDA sync point: read the clock once the device is done
 
 
-def run_calls(advance: Callable[[], int], min_calls: int, min_s: float,
-              clock: Callable[[], float] = time.perf_counter) -> tuple[int, int]:
+def run_calls(
+    advance: Callable[[], int],
+    min_calls: int,
+    min_s: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[int, int]:
     """Call `advance` until it has run at least `min_calls` times and `min_s` seconds have
     passed; returns (images, calls)."""
     start = clock()
@@ -99,8 +103,13 @@ def run_calls(advance: Callable[[], int], min_calls: int, min_s: float,
     return images, calls
 
 
-def time_window(advance: Callable[[], int], device: torch.device, min_calls: int, min_s: float,
-                clock: Callable[[], float] = time.perf_counter) -> tuple[int, int, float]:
+def time_window(
+    advance: Callable[[], int],
+    device: torch.device,
+    min_calls: int,
+    min_s: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[int, int, float]:
     """One timed window: (images, calls, seconds), the device synchronised at both ends."""
     synchronize(device)
     start = clock()
@@ -139,8 +148,9 @@ class _Live:
 
 
 def unmeasured(row: dict, status: str, note: str) -> dict:
-    row.update(images_per_s=None, min=None, max=None, spread_pct=None, repeats=0, status=status,
-               note=note)
+    row.update(
+        images_per_s=None, min=None, max=None, spread_pct=None, repeats=0, status=status, note=note
+    )
     return row
 
 
@@ -161,13 +171,20 @@ def close_quietly(live: _Live) -> None:
         live.row["note"] = live.row.get("note", "") + f" (close failed: {type(e).__name__}: {e})"
 
 
-def run_group(group: str, image_size: int | None, device: torch.device,
-              builders: dict[str, Callable[[], Subject]], timing: Timing,
-              clock: Callable[[], float] = time.perf_counter) -> list[dict]:
+def run_group(
+    group: str,
+    image_size: int | None,
+    device: torch.device,
+    builders: dict[str, Callable[[], Subject]],
+    timing: Timing,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[dict]:
     """Build, warm up and time the rows of one group side by side (module docstring); returns
     one row dict per builder, in the builders' order."""
-    rows = {name: {"group": group, "name": name, "image_size": image_size, "device": str(device)}
-            for name in builders}
+    rows = {
+        name: {"group": group, "name": name, "image_size": image_size, "device": str(device)}
+        for name in builders
+    }
     live: dict[str, _Live] = {}
     try:
         for name, build in builders.items():
@@ -186,8 +203,10 @@ def run_group(group: str, image_size: int | None, device: torch.device,
                 failure(rows[name], e)
                 close_quietly(live.pop(name))
         for round_index, order in enumerate(schedule(list(live), timing.repeats)):
-            log(f"[{group}] @ {image_size or '-'} px: round {round_index + 1}/{timing.repeats}: "
-                + ", ".join(order))
+            log(
+                f"[{group}] @ {image_size or '-'} px: round {round_index + 1}/{timing.repeats}: "
+                + ", ".join(order)
+            )
             for name in order:
                 if name not in live:  # failed earlier in this round
                     continue
@@ -225,9 +244,9 @@ def timed(subject: Subject, device: torch.device, timing: Timing, clock) -> tupl
     run_calls(subject.advance, timing.lead_in, timing.lead_in_s, clock)
     synchronize(device)
     waited_before = subject.waited_s() if subject.waited_s else 0.0
-    images, calls, seconds = time_window(subject.advance, device,
-                                         subject.window_calls or timing.window_calls,
-                                         timing.window_s, clock)
+    images, calls, seconds = time_window(
+        subject.advance, device, subject.window_calls or timing.window_calls, timing.window_s, clock
+    )
     waited = subject.waited_s() - waited_before if subject.waited_s else None
     return images, calls, seconds, waited
 

@@ -42,9 +42,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2, help="train epochs to run (>= 1)")
     args = parser.parse_args(argv)
-    cfg = TrainConfig(shards=args.data, loader=args.loader, image_size=args.image_size,
-                      batch_size=args.batch_size, arch="alexnet64" if args.image_size < 63
-                      else TrainConfig.arch)
+    cfg = TrainConfig(
+        shards=args.data,
+        loader=args.loader,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        arch="alexnet64" if args.image_size < 63 else TrainConfig.arch,
+    )
     largest = tuple(read_manifest(Path(args.data)).splits["train"].image_px)
     baseline = peak_mib(resource.RUSAGE_SELF)
     loader = build_loader(cfg, "train", Placement(torch.device("cpu")))
@@ -55,13 +59,21 @@ def main(argv=None) -> int:
             images += len(batch.labels)
         rate = images / (time.perf_counter() - started)
     loader.close()
-    print(json.dumps({
-        "loader": loader.backend, "summary": loader.summary, "largest_image_px": largest,
-        "canvas_px": canvas_px(largest, args.image_size), "batch_size": args.batch_size,
-        "images_per_s_last_epoch": round(rate), "peak_rss_mib": round(peak_mib(resource.RUSAGE_SELF)),
-        "peak_rss_before_loader_mib": round(baseline),
-        "peak_rss_largest_child_mib": round(peak_mib(resource.RUSAGE_CHILDREN)),
-    }))
+    print(
+        json.dumps(
+            {
+                "loader": loader.backend,
+                "summary": loader.summary,
+                "largest_image_px": largest,
+                "canvas_px": canvas_px(largest, args.image_size),
+                "batch_size": args.batch_size,
+                "images_per_s_last_epoch": round(rate),
+                "peak_rss_mib": round(peak_mib(resource.RUSAGE_SELF)),
+                "peak_rss_before_loader_mib": round(baseline),
+                "peak_rss_largest_child_mib": round(peak_mib(resource.RUSAGE_CHILDREN)),
+            }
+        )
+    )
     return 0
 
 

@@ -165,13 +165,20 @@ class ReferenceLoader:
 
     backend = "reference"
 
-    def __init__(self, train_dir: str | os.PathLike, image_size: int, batch_size: int,
-                 device: torch.device, workers: int = WORKERS) -> None:
+    def __init__(
+        self,
+        train_dir: str | os.PathLike,
+        image_size: int,
+        batch_size: int,
+        device: torch.device,
+        workers: int = WORKERS,
+    ) -> None:
         self.dataset = ImageFolder(train_dir, ReferenceTrainTransform(image_size))
         self.device = torch.device(device)
         self.samples = len(self.dataset)
-        self.loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=True,
-                                 num_workers=workers)
+        self.loader = DataLoader(
+            self.dataset, batch_size=batch_size, shuffle=True, num_workers=workers
+        )
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -69,13 +69,15 @@ def read_rows(results_dir: Path) -> list[dict]:
                 rows.append(row)
     return rows
 
+
 def machine_key(machine: dict) -> tuple:
     return machine.get("gpu") or "no GPU", machine.get("cpu") or "?", machine.get("cores")
 
 
 def data_key(row: dict) -> str:
     """The data a row measured: its --data pack, or the stand-in throughput.py synthesised.
-    Rows on different data never share a table (a pack of mixed-size photos is not Tiny ImageNet)."""
+    Rows on different data never share a table (a pack of mixed-size photos is not Tiny
+    ImageNet)."""
     return (row.get("settings") or {}).get("data") or "synthetic stand-in"
 
 
@@ -99,17 +101,24 @@ def runs_by_key(rows: list[dict]) -> dict[tuple, list[list[dict]]]:
     for row in rows:
         key = (machine_key(row["machine"]), data_key(row), row["group"], row.get("image_size"))
         runs[key][row["run_id"]].append(row)
-    return {key: sorted(by_run.values(), key=lambda run: (run[0]["machine"].get("date_utc")
-                                                          or "", run[0]["run_id"]))
-            for key, by_run in runs.items()}
+    return {
+        key: sorted(
+            by_run.values(),
+            key=lambda run: (run[0]["machine"].get("date_utc") or "", run[0]["run_id"]),
+        )
+        for key, by_run in runs.items()
+    }
 
 
 def ratios(run: list[dict]) -> dict[str, float]:
     """Each row's images/s over its group's reference row in one run."""
     rates = {row["name"]: row.get("images_per_s") for row in run}
     base = rates.get(REFERENCE_ROW.get(run[0]["group"]))
-    return {name: rate / base for name, rate in rates.items()
-            if rate and base and name != REFERENCE_ROW.get(run[0]["group"])}
+    return {
+        name: rate / base
+        for name, rate in rates.items()
+        if rate and base and name != REFERENCE_ROW.get(run[0]["group"])
+    }
 
 
 def trust_section(rows: list[dict], busy_rows: list[dict]) -> list[str]:
@@ -121,37 +130,49 @@ def trust_section(rows: list[dict], busy_rows: list[dict]) -> list[str]:
         last = runs[-3:]
         if len(last) < 3 or key[2] != "loader":
             continue
-        lines.append(f"Medians of the last three idle runs, {key[2]} at {key[3]} px on "
-                     f"{key[1]} ({key[0][1]}): each row's median, then its range around their "
-                     "mean:")
+        lines.append(
+            f"Medians of the last three idle runs, {key[2]} at {key[3]} px on "
+            f"{key[1]} ({key[0][1]}): each row's median, then its range around their "
+            "mean:"
+        )
         lines.append("")
         for name in [row["name"] for row in last[-1]]:
-            medians = [next((r["images_per_s"] for r in run if r["name"] == name), None)
-                       for run in last]
+            medians = [
+                next((r["images_per_s"] for r in run if r["name"] == name), None) for run in last
+            ]
             if None in medians:
                 continue
             mean = sum(medians) / len(medians)
-            lines.append(f"- {name}: {', '.join(number(m) for m in medians)} "
-                         f"({100 * (min(medians) / mean - 1):+.0f} % to "
-                         f"{100 * (max(medians) / mean - 1):+.0f} %)")
+            lines.append(
+                f"- {name}: {', '.join(number(m) for m in medians)} "
+                f"({100 * (min(medians) / mean - 1):+.0f} % to "
+                f"{100 * (max(medians) / mean - 1):+.0f} %)"
+            )
         lines.append("")
     for key, runs in runs_by_key(busy_rows).items():
         if key not in idle:
             continue
         calm, busy = ratios(idle[key][-1]), ratios(runs[-1])
-        lines.append(f"Beside a busy loop on one core ({key[2]} at {key[3]} px, run "
-                     f"`{runs[-1][0]['run_id']}`), each ratio to the reference row against the "
-                     f"latest idle run's (`{idle[key][-1][0]['run_id']}`):")
+        lines.append(
+            f"Beside a busy loop on one core ({key[2]} at {key[3]} px, run "
+            f"`{runs[-1][0]['run_id']}`), each ratio to the reference row against the "
+            f"latest idle run's (`{idle[key][-1][0]['run_id']}`):"
+        )
         lines.append("")
         for name in calm:
             if name in busy:
-                lines.append(f"- {name}: {calm[name]:.2f}× idle, {busy[name]:.2f}× busy "
-                             f"({busy[name] / calm[name]:.2f} of the idle ratio)")
+                lines.append(
+                    f"- {name}: {calm[name]:.2f}× idle, {busy[name]:.2f}× busy "
+                    f"({busy[name] / calm[name]:.2f} of the idle ratio)"
+                )
         lines.append("")
     if len(lines) == 2:
         return []
-    lines += ["Compare ratios only within one run on an idle machine, and only where the table "
-              "does not mark them n.s.", ""]
+    lines += [
+        "Compare ratios only within one run on an idle machine, and only where the table "
+        "does not mark them n.s.",
+        "",
+    ]
     return lines
 
 
@@ -168,8 +189,9 @@ def cell(row: dict | None, base: dict | None) -> str:
     if row.get("images_per_s") is None:
         return row.get("status", "skipped")
     spread = row_spread(row)
-    text = (f"{number(row['images_per_s'])} ({number(row.get('min'))}–{number(row.get('max'))}"
-            + (f", spread {spread:.0f} %)" if spread is not None else ")"))
+    text = f"{number(row['images_per_s'])} ({number(row.get('min'))}–{number(row.get('max'))}" + (
+        f", spread {spread:.0f} %)" if spread is not None else ")"
+    )
     if row.get("epoch_s_100k"):
         text += f", {number(row['epoch_s_100k'])} s/epoch"
     if row.get("wait_pct") is not None:
@@ -183,11 +205,20 @@ def cell(row: dict | None, base: dict | None) -> str:
 def machine_table(rows: list[dict]) -> list[str]:
     machine = rows[0]["machine"]
     settings = rows[0].get("settings") or {}
-    title = (f"### {machine.get('gpu') or 'CPU only'} · {machine.get('cpu')} × "
-             f"{machine.get('cores')} cores · data {data_key(rows[0])}")
-    labels = (("driver", "driver"), ("torch", "torch"), ("CUDA", "cuda"), ("cuDNN", "cudnn"),
-              ("DALI", "dali"), ("Pillow", "pillow"), ("simplejpeg", "simplejpeg"),
-              ("Python", "python"))
+    title = (
+        f"### {machine.get('gpu') or 'CPU only'} · {machine.get('cpu')} × "
+        f"{machine.get('cores')} cores · data {data_key(rows[0])}"
+    )
+    labels = (
+        ("driver", "driver"),
+        ("torch", "torch"),
+        ("CUDA", "cuda"),
+        ("cuDNN", "cudnn"),
+        ("DALI", "dali"),
+        ("Pillow", "pillow"),
+        ("simplejpeg", "simplejpeg"),
+        ("Python", "python"),
+    )
     versions = ", ".join(f"{name} {machine[key]}" for name, key in labels if machine.get(key))
     lines = [title, "", f"{versions}.", ""]
     runs: dict[str, list[dict]] = {}
@@ -200,16 +231,23 @@ def machine_table(rows: list[dict]) -> list[str]:
         run_settings = first.get("settings") or {}
         measured = sorted({f"{r['group']} {r.get('image_size') or ''}".strip() for r in run_rows})
         lines.append(
-            f"- run `{run_id}` ({', '.join(measured)}): git {sha}; {first['machine'].get('date_utc')}; "
+            f"- run `{run_id}` ({', '.join(measured)}): git {sha}; "
+            f"{first['machine'].get('date_utc')}; "
             f"data: {run_settings.get('source') or 'not recorded'}; settings: "
-            + ", ".join(f"{key} {run_settings[key]}" for key in ("batch_size", "batches", "steps",
-                                                                  "warmup", "repeats",
-                                                                  "window_s")
-                        if key in run_settings) + "."
+            + ", ".join(
+                f"{key} {run_settings[key]}"
+                for key in ("batch_size", "batches", "steps", "warmup", "repeats", "window_s")
+                if key in run_settings
+            )
+            + "."
         )
     lines.append("")
     if settings.get("quick"):
-        lines[-1:] = ["", "**A `--quick` run: a smoke test with tiny batches, not a measurement.**", ""]
+        lines[-1:] = [
+            "",
+            "**A `--quick` run: a smoke test with tiny batches, not a measurement.**",
+            "",
+        ]
     sizes: list = sorted({row["image_size"] for row in rows if row.get("image_size")})
     if any(not row.get("image_size") for row in rows):
         sizes.append(None)  # pack: a tree of whatever size its images are
@@ -222,8 +260,12 @@ def machine_table(rows: list[dict]) -> list[str]:
     for index, row in enumerate(rows):
         first_seen.setdefault((row["group"], row["name"]), index)
     for group, name in sorted(first_seen, key=lambda gn: (order.get(gn[0], 99), first_seen[gn])):
-        cells = [cell(by_key.get((group, name, size)),
-                      by_key.get((group, REFERENCE_ROW.get(group), size))) for size in sizes]
+        cells = [
+            cell(
+                by_key.get((group, name, size)), by_key.get((group, REFERENCE_ROW.get(group), size))
+            )
+            for size in sizes
+        ]
         lines.append(f"| {group} | {name} | " + " | ".join(cells) + " |")
     notes = [row for row in rows if row.get("images_per_s") is None]
     if notes:
@@ -232,13 +274,17 @@ def machine_table(rows: list[dict]) -> list[str]:
             where = f" @ {row['image_size']} px" if row.get("image_size") else ""
             reason = row.get("note") or row.get("status")
             lines.append(f"- {row['group']} {row['name']}{where}: {reason}")
-    lines += ["", "Median images/s of the timed repeats (min–max, spread = (max − min) / median); "
-              "e2e rows add the implied epoch time for 100,000 images and, where recorded, the "
-              "share of the timed windows the step waited on the loader; **n×** is the speed-up "
-              "over the group's reference row at that size (loader/e2e: `reference`, the blog's "
-              "pipeline; model: `eager-fp32`), bold when the two rows' min–max ranges are apart, "
-              "(n.s.) when they overlap: not significant. Runs with `window_s` in their settings "
-              "timed the rows of a group interleaved, round-robin.", ""]
+    lines += [
+        "",
+        "Median images/s of the timed repeats (min–max, spread = (max − min) / median); "
+        "e2e rows add the implied epoch time for 100,000 images and, where recorded, the "
+        "share of the timed windows the step waited on the loader; **n×** is the speed-up "
+        "over the group's reference row at that size (loader/e2e: `reference`, the blog's "
+        "pipeline; model: `eager-fp32`), bold when the two rows' min–max ranges are apart, "
+        "(n.s.) when they overlap: not significant. Runs with `window_s` in their settings "
+        "timed the rows of a group interleaved, round-robin.",
+        "",
+    ]
     return lines
 
 
@@ -282,8 +328,11 @@ def describe_data(data: dict | None) -> str:
     """Which images a run trained on: a synthetic stand-in is never to be read as Tiny ImageNet."""
     if not data:
         return "not recorded"
-    kind = "**synthetic stand-in**" if data.get("synthetic") else Path(data.get("source") or "?").name
-    return f"{kind}, {data.get('classes')} classes, {data.get('train_images')} train / {data.get('val_images')} val"
+    kind = (
+        "**synthetic stand-in**" if data.get("synthetic") else Path(data.get("source") or "?").name
+    )
+    train, val = data.get("train_images"), data.get("val_images")
+    return f"{kind}, {data.get('classes')} classes, {train} train / {val} val"
 
 
 def loader_wait(summary: dict) -> str:
@@ -295,50 +344,80 @@ def loader_wait(summary: dict) -> str:
 
 
 def training_table(summaries: list[tuple[str, dict]]) -> list[str]:
-    lines = ["| run | data | recipe | arch | px | device | epochs | epoch time (s) | images/s "
-             "| waited on the loader | top-1 % | top-5 % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | data | recipe | arch | px | device | epochs | epoch time (s) | images/s "
+        "| waited on the loader | top-1 % | top-5 % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in summaries:
-        cells = [name, describe_data(s.get("data")), find(s, "recipe") or "?", find(s, "arch") or "?", find(s, "image_size") or "?",
-                 find(s, "device") or "?", find(s, "epochs") or "?",
-                 number(epoch_time(find(s, "epoch_s")), 1), number(find(s, "images_per_s")),
-                 loader_wait(s), number(find(s, "top1"), 2), number(find(s, "top5"), 2)]
+        cells = [
+            name,
+            describe_data(s.get("data")),
+            find(s, "recipe") or "?",
+            find(s, "arch") or "?",
+            find(s, "image_size") or "?",
+            find(s, "device") or "?",
+            find(s, "epochs") or "?",
+            number(epoch_time(find(s, "epoch_s")), 1),
+            number(find(s, "images_per_s")),
+            loader_wait(s),
+            number(find(s, "top1"), 2),
+            number(find(s, "top5"), 2),
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines.append("| " + " | ".join(str(value) for value in BLOG_ROW.values()) + " |")
     return lines
 
 
-def render(rows: list[dict], summaries: list[tuple[str, dict]],
-           busy_rows: list[dict] = ()) -> str:
-    lines = ["# fastalex results", "", f"<!-- {GENERATED} -->",
-             f"_This file is {GENERATED}. Re-run `python benchmarks/render_results.py` after a "
-             "benchmark or a training run._", "", "## Throughput (images/s)", ""]
+def render(rows: list[dict], summaries: list[tuple[str, dict]], busy_rows: list[dict] = ()) -> str:
+    lines = [
+        "# fastalex results",
+        "",
+        f"<!-- {GENERATED} -->",
+        f"_This file is {GENERATED}. Re-run `python benchmarks/render_results.py` after a "
+        "benchmark or a training run._",
+        "",
+        "## Throughput (images/s)",
+        "",
+    ]
     latest = latest_runs(rows)
     if not latest:
         lines += ["No throughput results recorded yet: run `python benchmarks/throughput.py`.", ""]
     for key in sorted(latest, key=lambda k: tuple(str(x) for x in k)):
         lines += machine_table(latest[key])
     lines += trust_section(rows, list(busy_rows))
-    lines += ["## Training runs", "",
-              "Epoch time: the median over epochs after the first (train + eval); images/s: the "
-              "trainer's steady-state training rate. Top-1/top-5 on the val split after the last "
-              "epoch.", ""]
+    lines += [
+        "## Training runs",
+        "",
+        "Epoch time: the median over epochs after the first (train + eval); images/s: the "
+        "trainer's steady-state training rate. Top-1/top-5 on the val split after the last "
+        "epoch.",
+        "",
+    ]
     lines += training_table(summaries)
-    lines += ["", "The blog's row is quoted, not measured here: top-1/top-5 and epochs from its post "
-              "(on Tiny ImageNet's 10,000 val images, its test set; it trained on 90 % of the train "
-              "split). Its images/s is derived from its notebook's log (176 steps of 512 images in "
-              "1:45 per epoch), whose GPU is not named there; the post says a Colab T4 is sufficient.",
-              ""]
+    lines += [
+        "",
+        "The blog's row is quoted, not measured here: top-1/top-5 and epochs from its post "
+        "(on Tiny ImageNet's 10,000 val images, its test set; it trained on 90 % of the train "
+        "split). Its images/s is derived from its notebook's log (176 steps of 512 images in "
+        "1:45 per epoch), whose GPU is not named there; the post says a Colab T4 is sufficient.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("summaries", nargs="*", type=Path,
-                   help="training runs' summary.json files or run directories "
-                        "(default: benchmarks/results/runs/*.json)")
-    p.add_argument("--results", type=Path, default=HERE / "results",
-                   help="directory of *.jsonl results")
+    p.add_argument(
+        "summaries",
+        nargs="*",
+        type=Path,
+        help="training runs' summary.json files or run directories "
+        "(default: benchmarks/results/runs/*.json)",
+    )
+    p.add_argument(
+        "--results", type=Path, default=HERE / "results", help="directory of *.jsonl results"
+    )
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = p.parse_args(argv)
     paths = args.summaries or sorted((args.results / "runs").glob("*.json"))
@@ -351,8 +430,10 @@ def main(argv=None) -> int:
             return 2
     rows = read_rows(args.results)
     args.out.write_text(render(rows, summaries, read_rows(args.results / "busy")))
-    print(f"wrote {args.out}: {len(latest_runs(rows))} tables (machine x data), "
-          f"{len(summaries)} training runs")
+    print(
+        f"wrote {args.out}: {len(latest_runs(rows))} tables (machine x data), "
+        f"{len(summaries)} training runs"
+    )
     return 0
 
 

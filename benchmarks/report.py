@@ -17,9 +17,9 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from spread import row_spread, significant
 
 from fastalex.config import default_workers
-from spread import row_spread, significant
 
 HERE = Path(__file__).resolve().parent
 REFERENCE_ROW = {"loader": "reference", "model": "eager-fp32", "e2e": "reference"}
@@ -78,8 +78,16 @@ def machine_info(device: torch.device) -> dict:
 def base_row(row: dict, rows: list[dict]) -> dict | None:
     """The reference row of row's group at row's size, if that was run."""
     name = REFERENCE_ROW.get(row["group"])
-    return next((r for r in rows if r["group"] == row["group"] and r["name"] == name
-                 and r["image_size"] == row["image_size"]), None)
+    return next(
+        (
+            r
+            for r in rows
+            if r["group"] == row["group"]
+            and r["name"] == name
+            and r["image_size"] == row["image_size"]
+        ),
+        None,
+    )
 
 
 def ratio(row: dict, rows: list[dict]) -> tuple[float, bool | None] | None:
@@ -98,25 +106,32 @@ def format_ratio(found: tuple[float, bool | None] | None) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'group':<7} {'name':<14} {'px':>4} {'images/s':>10} {'min':>10} {'max':>10} "
-            f"{'spread':>7} {'x ref':>9} {'wait':>5} {'setup':>7} {'warm-up':>8} {'compile':>8}"
-            "  note")
+    head = (
+        f"{'group':<7} {'name':<14} {'px':>4} {'images/s':>10} {'min':>10} {'max':>10} "
+        f"{'spread':>7} {'x ref':>9} {'wait':>5} {'setup':>7} {'warm-up':>8} {'compile':>8}"
+        "  note"
+    )
     lines = [head, "-" * len(head)]
     for row in rows:
-        cells = [f"{row[key]:.1f}" if row.get(key) is not None else "-"
-                 for key in ("images_per_s", "min", "max")]
+        cells = [
+            f"{row[key]:.1f}" if row.get(key) is not None else "-"
+            for key in ("images_per_s", "min", "max")
+        ]
         if row["images_per_s"] is None:
             cells[0] = row["status"]
         spread = row_spread(row)
         spread = f"{spread:.1f}%" if spread is not None else ""
         wait = f"{row['wait_pct']:.0f}%" if row.get("wait_pct") is not None else ""
         x = format_ratio(ratio(row, rows)) if row["name"] != REFERENCE_ROW.get(row["group"]) else ""
-        setup, warmup, compile_ = (f"{row[key]:.1f} s" if row.get(key) is not None else ""
-                                   for key in ("setup_s", "warmup_s", "compile_s"))
+        setup, warmup, compile_ = (
+            f"{row[key]:.1f} s" if row.get(key) is not None else ""
+            for key in ("setup_s", "warmup_s", "compile_s")
+        )
         lines.append(
             f"{row['group']:<7} {row['name']:<14} {row['image_size'] or '':>4} {cells[0]:>10} "
             f"{cells[1]:>10} {cells[2]:>10} {spread:>7} {x:>9} {wait:>5} {setup:>7} "
-            f"{warmup:>8} {compile_:>8}  {row.get('note', '')}")
+            f"{warmup:>8} {compile_:>8}  {row.get('note', '')}"
+        )
     return "\n".join(lines)
 
 
@@ -126,19 +141,27 @@ def format_ratios(rows: list[dict]) -> str:
         found = ratio(row, rows)
         if found and row["name"] != REFERENCE_ROW.get(row["group"]):
             x, differs = found
-            verdict = ("ranges apart" if differs else
-                       "NOT SIGNIFICANT: the two rows' min-max ranges overlap")
-            lines.append(f"  {row['group']} {row['image_size']} px: {row['name']} is {x:.2f}x "
-                         f"{REFERENCE_ROW[row['group']]} ({verdict})")
+            verdict = (
+                "ranges apart"
+                if differs
+                else "NOT SIGNIFICANT: the two rows' min-max ranges overlap"
+            )
+            lines.append(
+                f"  {row['group']} {row['image_size']} px: {row['name']} is {x:.2f}x "
+                f"{REFERENCE_ROW[row['group']]} ({verdict})"
+            )
     head = "images/s against the reference row of each group and size"
     return head + (":\n" + "\n".join(lines) if lines else ": none (no pair of rows both measured)")
 
 
 def format_machine(machine: dict) -> str:
     sha = (machine["git_sha"] or "uncommitted")[:7] + (" (dirty)" if machine["git_dirty"] else "")
-    return (f"machine: {machine['gpu'] or 'no GPU'}; {machine['cpu']} x{machine['cores']}; torch "
-            f"{machine['torch']}, CUDA {machine['cuda']}, DALI {machine['dali']}"
-            + (f", FFCV {machine['ffcv']}" if machine.get("ffcv") else "") + f"; git {sha}")
+    return (
+        f"machine: {machine['gpu'] or 'no GPU'}; {machine['cpu']} x{machine['cores']}; torch "
+        f"{machine['torch']}, CUDA {machine['cuda']}, DALI {machine['dali']}"
+        + (f", FFCV {machine['ffcv']}" if machine.get("ffcv") else "")
+        + f"; git {sha}"
+    )
 
 
 def record(path: Path, rows: list[dict], run_id: str, machine: dict, settings: dict) -> None:
@@ -146,5 +169,15 @@ def record(path: Path, rows: list[dict], run_id: str, machine: dict, settings: d
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         for row in rows:
-            f.write(json.dumps({"run_id": run_id, "unit": "images/s", "machine": machine,
-                                "settings": settings, **row}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "run_id": run_id,
+                        "unit": "images/s",
+                        "machine": machine,
+                        "settings": settings,
+                        **row,
+                    }
+                )
+                + "\n"
+            )

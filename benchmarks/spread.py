@@ -29,9 +29,14 @@ def summarize(rates: Sequence[float]) -> dict:
         raise ValueError("no window was timed")
     median = statistics.median(rates)
     low, high = min(rates), max(rates)
-    return {"images_per_s": median, "min": low, "max": high,
-            "spread_pct": spread_pct(low, high, median), "repeats": len(rates),
-            "rates": list(rates)}
+    return {
+        "images_per_s": median,
+        "min": low,
+        "max": high,
+        "spread_pct": spread_pct(low, high, median),
+        "repeats": len(rates),
+        "rates": list(rates),
+    }
 
 
 def row_spread(row: dict) -> float | None:

@@ -69,51 +69,83 @@ from fastalex.errors import UserError  # noqa: E402
 
 GROUPS = ("loader", "model", "e2e", "pack")
 RESULTS = HERE / "results" / "throughput.jsonl"
-# --quick: a smoke test of every row (tests/test_benchmarks.py), not a measurement. On the 2-core dev
-# box a step of the 59M-parameter model takes ~1-2 s even at batch 4 (the SGD update dominates), and
-# compiling the step 35-60 s (60 s from a cold inductor cache), so windows are one step and
-# the compiled variants are left out (the model row skipped, the e2e row run with compile off).
+# --quick: a smoke test of every row (tests/test_benchmarks.py), not a measurement. On the 2-core
+# dev box a step of the 59M-parameter model takes ~1-2 s even at batch 4 (the SGD update
+# dominates), and compiling the step 35-60 s (60 s from a cold inductor cache), so windows are one
+# step and the compiled variants are left out (the model row skipped, the e2e row run with compile
+# off).
 QUICK = dict(batch_size=4, steps=1, batches=0, repeats=3, warmup=1, window_s=0.0)  # 0: one epoch
-# Warm-up 3 on CUDA as train.WARMUP_STEPS: compile, first momentum buffers, cudnn.benchmark. A window
-# of >= 1 s is what issue 11 asks at 64 px; 7 rounds give a median that one slow window cannot move
-# far. On the CPU a 227 px step takes seconds (~10 s at batch 256 on 2 cores), so one step already
-# fills a window and 5 rounds keep a full run near half an hour.
+# Warm-up 3 on CUDA as train.WARMUP_STEPS: compile, first momentum buffers, cudnn.benchmark. A
+# window of >= 1 s is what issue 11 asks at 64 px; 7 rounds give a median that one slow window
+# cannot move far. On the CPU a 227 px step takes seconds (~10 s at batch 256 on 2 cores), so one
+# step already fills a window and 5 rounds keep a full run near half an hour.
 CUDA_DEFAULTS = dict(batch_size=256, batches=8, steps=5, repeats=7, warmup=3, window_s=1.0)
 CPU_DEFAULTS = dict(batch_size=256, batches=8, steps=1, repeats=5, warmup=2, window_s=1.0)
 LEAD_IN_WINDOWS = 0.5  # loader and e2e rows: untimed lead-in before each window, in windows
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="a pack (fastalex pack OUT); default: synthesize and pack a "
-                                  "stand-in")
-    p.add_argument("--tree", help="the source tree of --data, for the reference and pack rows "
-                                  "(default: unpack --data into a temporary tree)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", help="a pack (fastalex pack OUT); default: synthesize and pack a stand-in"
+    )
+    p.add_argument(
+        "--tree",
+        help="the source tree of --data, for the reference and pack rows "
+        "(default: unpack --data into a temporary tree)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--image-size", type=int, action="append", dest="image_sizes",
-                   help="px, repeatable (default: 64 and 227; --quick: 64)")
-    p.add_argument("--only", choices=GROUPS, action="append",
-                   help="run only this group (repeatable)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        action="append",
+        dest="image_sizes",
+        help="px, repeatable (default: 64 and 227; --quick: 64)",
+    )
+    p.add_argument(
+        "--only", choices=GROUPS, action="append", help="run only this group (repeatable)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny data and runs: for the tests")
     p.add_argument("--json", type=Path, help="also write the results as one JSON object here")
-    p.add_argument("--batch-size", type=int,
-                   help="loader rows (default 256); also the model and e2e rows when given (default: "
-                        "the fast recipe's 256 for model rows, each recipe's own for e2e rows)")
-    p.add_argument("--repeats", type=int,
-                   help="interleaved rounds, i.e. timed windows per row, >= 3 (default 7 on CUDA, "
-                        "5 on CPU, 3 in --quick); more rounds, a steadier median")
-    p.add_argument("--window-s", type=float,
-                   help="least seconds per timed window (default 1.0; --quick: 0)")
-    p.add_argument("--batches", type=int,
-                   help="least batches per timed loader window (default 8; 0 = one epoch)")
-    p.add_argument("--steps", type=int,
-                   help="least steps per timed model/e2e window (default 5 on CUDA, 1 on CPU)")
-    p.add_argument("--warmup", type=int, help="untimed batches/steps per row before the first "
-                                              "round (default 3 on CUDA, 2 on CPU)")
-    p.add_argument("--record-to", type=Path, default=RESULTS,
-                   help="JSON-lines file the rows are appended to "
-                        f"(default {RESULTS.relative_to(HERE.parent)})")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="loader rows (default 256); also the model and e2e rows when given (default: "
+        "the fast recipe's 256 for model rows, each recipe's own for e2e rows)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="interleaved rounds, i.e. timed windows per row, >= 3 (default 7 on CUDA, "
+        "5 on CPU, 3 in --quick); more rounds, a steadier median",
+    )
+    p.add_argument(
+        "--window-s", type=float, help="least seconds per timed window (default 1.0; --quick: 0)"
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        help="least batches per timed loader window (default 8; 0 = one epoch)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="least steps per timed model/e2e window (default 5 on CUDA, 1 on CPU)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed batches/steps per row before the first round (default 3 on CUDA, 2 on CPU)",
+    )
+    p.add_argument(
+        "--record-to",
+        type=Path,
+        default=RESULTS,
+        help="JSON-lines file the rows are appended to "
+        f"(default {RESULTS.relative_to(HERE.parent)})",
+    )
     p.add_argument("--no-record", action="store_true", help="do not append the rows anywhere")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -122,15 +154,19 @@ def parse_args(argv=None):
         p.error("--device cuda: torch sees no CUDA device")
     defaults = QUICK if args.quick else CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
     args.model_batch_size = args.batch_size or (
-        QUICK["batch_size"] if args.quick else RECIPES["fast"].batch_size)
+        QUICK["batch_size"] if args.quick else RECIPES["fast"].batch_size
+    )
     args.e2e_batch_size = args.batch_size or (QUICK["batch_size"] if args.quick else None)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.repeats < 3:
         p.error("--repeats must be >= 3 (a median needs several repeats)")
-    if min(args.batch_size, args.steps, args.warmup + 1) < 1 or args.batches < 0 \
-            or args.window_s < 0:
+    if (
+        min(args.batch_size, args.steps, args.warmup + 1) < 1
+        or args.batches < 0
+        or args.window_s < 0
+    ):
         p.error("--batch-size and --steps must be >= 1; --warmup, --batches and --window-s >= 0")
     args.image_sizes = args.image_sizes or ([64] if args.quick else [64, 227])
     args.only = args.only or list(GROUPS)
@@ -141,9 +177,14 @@ def timing_for(args, group: str) -> Timing:
     """How the rows of `group` are timed under the command-line settings."""
     calls = {"loader": args.batches or 1, "pack": 1}.get(group, args.steps)  # loader 0: per row
     lead_in = group in ("loader", "e2e")  # rows with a loader, whose prefetch fills while idle
-    return Timing(repeats=args.repeats, warmup=args.warmup, window_calls=calls,
-                  window_s=args.window_s, lead_in=int(lead_in),
-                  lead_in_s=LEAD_IN_WINDOWS * args.window_s if lead_in else 0.0)
+    return Timing(
+        repeats=args.repeats,
+        warmup=args.warmup,
+        window_calls=calls,
+        window_s=args.window_s,
+        lead_in=int(lead_in),
+        lead_in_s=LEAD_IN_WINDOWS * args.window_s if lead_in else 0.0,
+    )
 
 
 def group_rows(args, data: Data, group: str, size: int, device) -> dict:
@@ -162,8 +203,13 @@ def main(argv=None) -> int:
     run_id = machine["date_utc"].replace("-", "").replace(":", "") + f"-{os.getpid()}"
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "no_record", "record_to")}
     rows: list[dict] = []
-    output = {"run_id": run_id, "machine": machine, "settings": settings, "rows": rows,
-              "complete": False}
+    output = {
+        "run_id": run_id,
+        "machine": machine,
+        "settings": settings,
+        "rows": rows,
+        "complete": False,
+    }
 
     def save() -> None:
         if args.json:
@@ -184,13 +230,18 @@ def main(argv=None) -> int:
         for size in args.image_sizes:
             for group in ("loader", "model", "e2e"):
                 if group in args.only:
-                    rows += run_group(group, size, device,
-                                      group_rows(args, data, group, size, device),
-                                      timing_for(args, group))
+                    rows += run_group(
+                        group,
+                        size,
+                        device,
+                        group_rows(args, data, group, size, device),
+                        timing_for(args, group),
+                    )
                     save()
         if "pack" in args.only:
-            rows += run_group("pack", None, device, bench_pack.rows(args, data, workdir),
-                              timing_for(args, "pack"))
+            rows += run_group(
+                "pack", None, device, bench_pack.rows(args, data, workdir), timing_for(args, "pack")
+            )
     output["complete"] = True
     save()
     print(f"data: {settings['source']}")

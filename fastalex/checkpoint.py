@@ -80,8 +80,9 @@ def load_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: name it, no traceback
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") \
-            from None
+        raise UserError(
+            f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a fastalex checkpoint of format {CHECKPOINT_FORMAT}")
     return state
@@ -100,32 +101,47 @@ def model_card(state: dict, path: Path) -> dict:
     missing = [name for name in CARD_FIELDS if name not in config]
     missing += [name for name in ("classes", "normalisation") if not state.get(name)]
     if missing:
-        raise UserError(f"{path}: this checkpoint lacks {', '.join(missing)}, which inference "
-                        "needs; it was written by an older fastalex: re-train, or evaluate it "
-                        "on its pack with `fastalex eval CHECKPOINT SHARDS`")
-    return {**{name: config[name] for name in CARD_FIELDS}, **state["normalisation"],
-            "classes": [list(c) for c in state["classes"]]}
+        raise UserError(
+            f"{path}: this checkpoint lacks {', '.join(missing)}, which inference "
+            "needs; it was written by an older fastalex: re-train, or evaluate it "
+            "on its pack with `fastalex eval CHECKPOINT SHARDS`"
+        )
+    return {
+        **{name: config[name] for name in CARD_FIELDS},
+        **state["normalisation"],
+        "classes": [list(c) for c in state["classes"]],
+    }
 
 
-def check_checkpoint(state: dict, path: Path, arch: str, image_size: int,
-                     manifest: Manifest, shards: str) -> None:
+def check_checkpoint(
+    state: dict, path: Path, arch: str, image_size: int, manifest: Manifest, shards: str
+) -> None:
     """UserError when the checkpoint's model cannot serve this arch, input size and class list."""
     saved = state["config"]
     if (saved["arch"], saved["image_size"]) != (arch, image_size):
-        raise UserError(f"{path} holds {saved['arch']} at {saved['image_size']} px, not {arch} at "
-                        f"{image_size} px; pass --arch {saved['arch']} --image-size "
-                        f"{saved['image_size']}")
+        raise UserError(
+            f"{path} holds {saved['arch']} at {saved['image_size']} px, not {arch} at "
+            f"{image_size} px; pass --arch {saved['arch']} --image-size "
+            f"{saved['image_size']}"
+        )
     classes = [list(c) for c in manifest.classes]
     if len(state["classes"]) != len(classes):
-        raise UserError(f"{path} was trained on {len(state['classes'])} classes; the pack "
-                        f"{shards} has {len(classes)}")
+        raise UserError(
+            f"{path} was trained on {len(state['classes'])} classes; the pack "
+            f"{shards} has {len(classes)}"
+        )
     if state["classes"] != classes:
-        raise UserError(f"{path} was trained on other classes (or another label order) than "
-                        f"the pack {shards}")
+        raise UserError(
+            f"{path} was trained on other classes (or another label order) than the pack {shards}"
+        )
 
 
-def restore_training(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, state: dict) -> str | None:
+def restore_training(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    state: dict,
+) -> str | None:
     """Weights, momentum buffers and loss scale from `state`; hyper-parameters stay the config's.
 
     Returns a note for the log when the loss scale could not carry over: a checkpoint trained
@@ -136,8 +152,10 @@ def restore_training(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for group, fresh in zip(optimizer.param_groups, hyper):
         group.update(fresh)
     if scaler.is_enabled() and not state["scaler"]:
-        return ("the checkpoint was trained without fp16 loss scaling; --amp fp16 starts a fresh "
-                f"loss scale ({scaler.get_scale():g})")
+        return (
+            "the checkpoint was trained without fp16 loss scaling; --amp fp16 starts a fresh "
+            f"loss scale ({scaler.get_scale():g})"
+        )
     scaler.load_state_dict(state["scaler"])  # a disabled scaler ignores a saved scale
     return None
 
@@ -146,8 +164,10 @@ def capture_rng(device: torch.device, world_size: int) -> list[dict]:
     """Every rank's torch (and CUDA) RNG state, gathered: index r is rank r's (a collective)."""
     import torch.distributed as dist
 
-    mine = {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    mine = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
     if world_size == 1:
         return [mine]
     gathered: list = [None] * world_size

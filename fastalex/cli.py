@@ -1,15 +1,13 @@
 """The `fastalex` command line: the only module that reads argv or prints for the user.
 
-Each config option is generated from its dataclass field (name, type, default, and the trailing
-comment in config.py as its help), so the CLI cannot drift from the config. A UserError anywhere
+Each config option is generated from its dataclass field (name, type, default, and the help in
+its metadata), so the CLI cannot drift from the config. A UserError anywhere
 below ends the command with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import re
 import sys
 import typing
 from pathlib import Path
@@ -37,15 +35,8 @@ class Group(OneLineErrors, click.Group):
     """The fastalex command group."""
 
 
-def field_help(cls: type) -> dict[str, str]:
-    """The trailing `# comment` of each field in the class's source: the option's help."""
-    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$")
-    return {m[1]: m[2] for line in inspect.getsource(cls).splitlines() if (m := pattern.match(line))}
-
-
 def config_options(cls: type, skip: tuple[str, ...] = ()):
     """A decorator adding one click option per dataclass field of `cls` (minus `skip`)."""
-    helps = field_help(cls)
     hints = typing.get_type_hints(cls)
 
     def decorate(function):
@@ -54,7 +45,7 @@ def config_options(cls: type, skip: tuple[str, ...] = ()):
                 continue
             flag = "--" + f.name.replace("_", "-")
             hint = hints[f.name]
-            kwargs = dict(default=f.default, show_default=True, help=helps.get(f.name))
+            kwargs = dict(default=f.default, show_default=True, help=f.metadata.get("help"))
             if hint is bool:
                 decl = f"{flag}/--no-{flag[2:]}"
             elif typing.get_origin(hint) is typing.Literal:
@@ -104,7 +95,12 @@ def synth(out, classes, train_per_class, val_per_class, test_images, seed, worke
     from fastalex.tinyimagenet import synth as write_synth
 
     count = write_synth(
-        out, classes, train_per_class, val_per_class, test_images, seed,
+        out,
+        classes,
+        train_per_class,
+        val_per_class,
+        test_images,
+        seed,
         workers or config.default_workers(),
     )
     click.echo(f"wrote {count} SYNTHETIC images (a stand-in, not Tiny ImageNet) to {out}")
@@ -112,12 +108,19 @@ def synth(out, classes, train_per_class, val_per_class, test_images, seed, worke
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, metavar="[SRC] OUT")
-@click.option("--download", is_flag=True, help="Fetch the official zip first (then SRC is not given).")
-@click.option("--url", default=None, help="Download from here instead of the official address.")
-@click.option("--md5", default=None, help="Expected md5 of the download (default: the official zip's).")
 @click.option(
-    "--cache-dir", type=click.Path(path_type=Path), default=Path.home() / ".cache" / "fastalex",
-    show_default=True, help="Where --download keeps the zip (resumed if partial).",
+    "--download", is_flag=True, help="Fetch the official zip first (then SRC is not given)."
+)
+@click.option("--url", default=None, help="Download from here instead of the official address.")
+@click.option(
+    "--md5", default=None, help="Expected md5 of the download (default: the official zip's)."
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=Path.home() / ".cache" / "fastalex",
+    show_default=True,
+    help="Where --download keeps the zip (resumed if partial).",
 )
 @config_options(PackConfig)
 def pack(paths, download, url, md5, cache_dir, **options) -> None:
@@ -155,8 +158,10 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
                 bar.update(done - bar.n)
 
             src = tinyimagenet.download_zip(
-                url or tinyimagenet.OFFICIAL_URL, cache_dir,
-                md5 or (None if url else tinyimagenet.OFFICIAL_MD5), show,
+                url or tinyimagenet.OFFICIAL_URL,
+                cache_dir,
+                md5 or (None if url else tinyimagenet.OFFICIAL_MD5),
+                show,
             )
         out = paths[0]
     elif len(paths) == 2:
@@ -192,11 +197,16 @@ def process_group_env() -> tuple[int, int, int, int]:
     import os
 
     try:
-        return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        return (
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        )
     except ValueError as e:
-        raise UserError(f"RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE must be integers: {e}") \
-            from None
+        raise UserError(
+            f"RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE must be integers: {e}"
+        ) from None
 
 
 @main.command(context_settings={"show_default": True})
@@ -216,16 +226,20 @@ def train(ctx: click.Context, shards, **options) -> None:
 
     from fastalex.train import train as run_training
 
-    explicit = {name: value for name, value in options.items() if name != "recipe"
-                and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    explicit = {
+        name: value
+        for name, value in options.items()
+        if name != "recipe" and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    }
     try:
         cfg = config.recipe_config(options["recipe"], shards=str(shards), **explicit)
     except ValueError as e:
         raise UserError(str(e)) from None
     rank, world_size, local_rank, local_world_size = process_group_env()
     try:
-        result = run_training(cfg, rank, world_size, local_rank, log=click.echo,
-                              local_world_size=local_world_size)
+        result = run_training(
+            cfg, rank, world_size, local_rank, log=click.echo, local_world_size=local_world_size
+        )
     except UserError:
         if rank != 0:  # rank 0 says it once
             sys.exit(2)
@@ -237,10 +251,21 @@ def train(ctx: click.Context, shards, **options) -> None:
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("shards", type=click.Path(path_type=Path))
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
-              help='Also write {"top1": ..., "top5": ...} (percent) here.')
-@config_options(TrainConfig, skip=tuple(f.name for f in dataclasses.fields(TrainConfig)
-                                        if f.name not in ("device", "loader", "loader_workers")))
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help='Also write {"top1": ..., "top5": ...} (percent) here.',
+)
+@config_options(
+    TrainConfig,
+    skip=tuple(
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in ("device", "loader", "loader_workers")
+    ),
+)
 def evaluate(checkpoint, shards, json_path, device, loader, loader_workers) -> None:
     """Top-1/top-5 of CHECKPOINT on the val split of SHARDS, with the eval transform and
     flip-TTA setting the checkpoint was trained with."""
@@ -248,24 +273,48 @@ def evaluate(checkpoint, shards, json_path, device, loader, loader_workers) -> N
     from fastalex.train import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, str(shards), device, loader, loader_workers)
-    click.echo(f"{checkpoint} ({result['arch']}, after epoch {result['epoch']}): val top-1 "
-               f"{result['top1']:.2f} %, top-5 {result['top5']:.2f} %, loss {result['loss']:.4f} "
-               f"over {result['samples']} images")
+    click.echo(
+        f"{checkpoint} ({result['arch']}, after epoch {result['epoch']}): val top-1 "
+        f"{result['top1']:.2f} %, top-5 {result['top5']:.2f} %, loss {result['loss']:.4f} "
+        f"over {result['samples']} images"
+    )
     if json_path is not None:
-        write_json(json_path, {"top1": result["top1"], "top5": result["top5"],
-                               "loss": result["loss"], "samples": result["samples"]})
+        write_json(
+            json_path,
+            {
+                "top1": result["top1"],
+                "top5": result["top5"],
+                "loss": result["loss"],
+                "samples": result["samples"],
+            },
+        )
 
 
 ARCH_CHOICES = typing.get_args(typing.get_type_hints(TrainConfig)["arch"])
 
 
 @main.command("model-info")
-@click.option("--arch", type=click.Choice(ARCH_CHOICES),
-              default=TrainConfig.arch, show_default=True, help="Architecture.")
-@click.option("--image-size", type=int, default=TrainConfig.image_size, show_default=True,
-              help="Square input size in px.")
-@click.option("--classes", type=int, default=200, show_default=True,
-              help="Output classes (Tiny ImageNet: 200).")
+@click.option(
+    "--arch",
+    type=click.Choice(ARCH_CHOICES),
+    default=TrainConfig.arch,
+    show_default=True,
+    help="Architecture.",
+)
+@click.option(
+    "--image-size",
+    type=int,
+    default=TrainConfig.image_size,
+    show_default=True,
+    help="Square input size in px.",
+)
+@click.option(
+    "--classes",
+    type=int,
+    default=200,
+    show_default=True,
+    help="Output classes (Tiny ImageNet: 200).",
+)
 def model_info(arch, image_size, classes) -> None:
     """Layer shapes, parameters and forward FLOPs of an architecture (nothing is computed)."""
     from fastalex.model import describe_model, format_model_info
@@ -279,8 +328,14 @@ def model_info(arch, image_size, classes) -> None:
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out_png", type=click.Path(path_type=Path), default=Path("curves.png"),
-              show_default=True, help="PNG to write.")
+@click.option(
+    "--out",
+    "out_png",
+    type=click.Path(path_type=Path),
+    default=Path("curves.png"),
+    show_default=True,
+    help="PNG to write.",
+)
 def plot(runs, out_png) -> None:
     """Draw loss, top-1/top-5 and images/s per epoch of one or more RUN directories (written by
     `fastalex train`), overlaid in one PNG; the images/s axis starts at zero."""
@@ -292,25 +347,49 @@ def plot(runs, out_png) -> None:
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--top", default=5, show_default=True, type=click.IntRange(min=1),
-              help="Classes shown per image.")
+@click.option(
+    "--top",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Classes shown per image.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image instead.")
-@click.option("--csv", "as_csv", is_flag=True,
-              help="CSV instead: path,rank,index,class,name,probability (a header, then a row per "
-                   "class).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Images per forward pass.")
-@click.option("--device", type=click.Choice(typing.get_args(typing.get_type_hints(TrainConfig)
-                                                             ["device"])),
-              default=TrainConfig.device, show_default=True, help="auto = cuda when available.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Decode threads; 0 = every core.")
-@click.option("--max-side", default=PackConfig.max_side, show_default=True,
-              type=click.IntRange(min=0),
-              help="Downscale larger images to this longer side first, as pack stores them; "
-                   "0 = full size.")
-def predict(checkpoint, paths, top, as_json, as_csv, batch_size, device, workers,
-            max_side) -> None:
+@click.option(
+    "--csv",
+    "as_csv",
+    is_flag=True,
+    help="CSV instead: path,rank,index,class,name,probability (a header, then a row per class).",
+)
+@click.option(
+    "--batch-size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per forward pass.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(typing.get_args(typing.get_type_hints(TrainConfig)["device"])),
+    default=TrainConfig.device,
+    show_default=True,
+    help="auto = cuda when available.",
+)
+@click.option(
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Decode threads; 0 = every core.",
+)
+@click.option(
+    "--max-side",
+    default=PackConfig.max_side,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Downscale larger images to this longer side first, as pack stores them; 0 = full size.",
+)
+def predict(checkpoint, paths, top, as_json, as_csv, batch_size, device, workers, max_side) -> None:
     """Top classes of images: PATHS are image files, directories (searched recursively) and glob
     patterns (quote them; ** recurses): JPEG, PNG, WebP, BMP, TIFF, GIF or PPM.
 
@@ -323,10 +402,18 @@ def predict(checkpoint, paths, top, as_json, as_csv, batch_size, device, workers
     if as_json and as_csv:
         raise UserError("choose one of --json and --csv")
     skipped = predict_paths(
-        checkpoint, paths, top=top, output="json" if as_json else "csv" if as_csv else "text",
-        batch_size=batch_size, device=device, workers=workers, max_side=max_side,
-        write=click.echo, warn=lambda line: click.echo(line, err=True),
-        progress=sys.stderr.isatty())
+        checkpoint,
+        paths,
+        top=top,
+        output="json" if as_json else "csv" if as_csv else "text",
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        max_side=max_side,
+        write=click.echo,
+        warn=lambda line: click.echo(line, err=True),
+        progress=sys.stderr.isatty(),
+    )
     if skipped:
         sys.exit(1)
 
@@ -334,14 +421,26 @@ def predict(checkpoint, paths, top, as_json, as_csv, batch_size, device, workers
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["pt2", "onnx"]), default="pt2",
-              show_default=True,
-              help="pt2: a torch.export program; onnx: ONNX (needs pip install 'fastalex[onnx]').")
-@click.option("--layout", type=click.Choice(["nhwc", "nchw"]), default="nhwc", show_default=True,
-              help="Input layout: (N, S, S, 3) as numpy/PIL give it, or (N, 3, S, S).")
-@click.option("--flip-tta/--no-flip-tta", default=None,
-              help="Average with the mirror's logits inside the program  [default: as the run "
-                   "evaluated]")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["pt2", "onnx"]),
+    default="pt2",
+    show_default=True,
+    help="pt2: a torch.export program; onnx: ONNX (needs pip install 'fastalex[onnx]').",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["nhwc", "nchw"]),
+    default="nhwc",
+    show_default=True,
+    help="Input layout: (N, S, S, 3) as numpy/PIL give it, or (N, 3, S, S).",
+)
+@click.option(
+    "--flip-tta/--no-flip-tta",
+    default=None,
+    help="Average with the mirror's logits inside the program  [default: as the run evaluated]",
+)
 def export(checkpoint, out, fmt, layout, flip_tta) -> None:
     """Write CHECKPOINT's model to OUT as a program that needs only torch (or onnxruntime): uint8
     RGB images of the model's size in, logits out, normalisation inside; plus OUT's .json sidecar
@@ -350,6 +449,8 @@ def export(checkpoint, out, fmt, layout, flip_tta) -> None:
 
     program, sidecar, info = export_model(checkpoint, out, fmt, layout, flip_tta)
     shape = ", ".join(str(side) for side in info["input"]["shape"])
-    click.echo(f"wrote {program}: uint8 RGB ({shape}) in, logits (N, {len(info['classes'])}) out"
-               f"{', flip TTA inside' if info['flip_tta'] else ''}; classes and preprocessing in "
-               f"{sidecar}")
+    click.echo(
+        f"wrote {program}: uint8 RGB ({shape}) in, logits (N, {len(info['classes'])}) out"
+        f"{', flip TTA inside' if info['flip_tta'] else ''}; classes and preprocessing in "
+        f"{sidecar}"
+    )

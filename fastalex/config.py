@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 # Tiny ImageNet training-set statistics (RGB, 0..1); ImageNet's (0.485, 0.456, 0.406) /
 # (0.229, 0.224, 0.225), which the reference blog uses, differ by under 0.03 per channel.
@@ -19,6 +19,11 @@ IMAGE_STD = (0.2770, 0.2691, 0.2821)
 # Smallest input each arch accepts: alexnet64's pool5 is empty below 32 px (model.py); alexnet is
 # held to 63 px, a quarter of the paper's 227 at which its 11x11/4 stem still sees a 15x15 map.
 MIN_IMAGE_SIZE = {"alexnet64": 32, "alexnet": 63}
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its default and its ``--help`` text (cli.py reads the metadata)."""
+    return field(default=default, metadata={"help": help})
 
 
 def default_workers() -> int:
@@ -33,19 +38,29 @@ def default_workers() -> int:
 class PackConfig:
     """How `fastalex pack` turns a Tiny ImageNet or ImageFolder tree into shards."""
 
-    shard_size: int = 5000  # samples per shard: 20 train + 2 val shards for the full set
-    workers: int = 0  # processes decoding and writing; 0 = every core
-    seed: int = 0  # pack-time global shuffle (and the --val-fraction hold-out)
-    strict: bool = False  # fail on the first rejected file instead of listing it
-    overwrite: bool = False  # replace a different pack already in OUT
+    shard_size: int = option(5000, "samples per shard: 20 train + 2 val shards for the full set")
+    workers: int = option(0, "processes decoding and writing; 0 = every core")
+    seed: int = option(0, "pack-time global shuffle (and the --val-fraction hold-out)")
+    strict: bool = option(False, "fail on the first rejected file instead of listing it")
+    overwrite: bool = option(False, "replace a different pack already in OUT")
     # max_side 512 keeps Tiny ImageNet (64 px) byte-identical and stores a 4000 x 3000 photo as
     # 512 x 384; max_pixels 2**27 (128 Mpx) passes the largest common photo (108 Mpx, 12032 x
     # 9024) and bounds one decode to 384 MiB of RGB.
-    max_side: int = 512  # px: images with a longer side are stored downscaled to it; 0 = keep originals
-    jpeg_quality: int = 95  # of the JPEGs pack writes (transcoded, downscaled or rotated upright)
-    transcode: bool = True  # store PNG/WebP/BMP/TIFF/GIF/PPM images as JPEG; off = reject them
-    val_fraction: float = 0.0  # share of each class held out as val, for an ImageFolder tree without val/
-    max_pixels: int = 134_217_728  # larger images (width x height, from the header) are rejected undecoded
+    max_side: int = option(
+        512, "px: images with a longer side are stored downscaled to it; 0 = keep originals"
+    )
+    jpeg_quality: int = option(
+        95, "of the JPEGs pack writes (transcoded, downscaled or rotated upright)"
+    )
+    transcode: bool = option(
+        True, "store PNG/WebP/BMP/TIFF/GIF/PPM images as JPEG; off = reject them"
+    )
+    val_fraction: float = option(
+        0.0, "share of each class held out as val, for an ImageFolder tree without val/"
+    )
+    max_pixels: int = option(
+        134_217_728, "larger images (width x height, from the header) are rejected undecoded"
+    )
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -72,38 +87,51 @@ class PackConfig:
 class TrainConfig:
     """One training run. The defaults are the `fast` recipe; `RECIPES` holds the others."""
 
-    shards: str = ""  # directory written by `fastalex pack`
-    out: str = ""  # run directory; empty = runs/<utc>_<sha7>
-    recipe: Literal["fast", "reference"] = "fast"  # preset that fills every option not given
-    arch: Literal["alexnet64", "alexnet"] = "alexnet64"  # alexnet = paper layout for 227 px
-    image_size: int = 64  # px, square model input (64 native, 227 upsampled as in the paper)
-    epochs: int = 16  # full passes over the train split
-    batch_size: int = 256  # images per step per process
-    lr: float = 0.08  # peak learning rate per 256 images (scaled linearly with batch_size)
-    lr_schedule: Literal["warmup-linear", "step"] = "warmup-linear"  # shape of the LR curve
-    warmup_epochs: float = 1.0  # epochs of linear warm-up from 0 (warmup-linear only)
-    step_epochs: int = 7  # epochs between LR drops (step only)
-    step_gamma: float = 0.1  # LR factor at each drop (step only)
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # L2 on conv/linear weights
-    decay_biases: bool = False  # also apply weight decay to biases
-    label_smoothing: float = 0.1  # cross-entropy target smoothing
-    crop_scale_min: float = 0.35  # random-resized-crop area fraction, lower bound
-    crop_scale_max: float = 1.0  # random-resized-crop area fraction, upper bound
-    crop_ratio_min: float = 0.75  # random-resized-crop aspect ratio (w/h), lower bound
-    crop_ratio_max: float = 4 / 3  # random-resized-crop aspect ratio (w/h), upper bound
-    flip_tta: bool = True  # average logits of the image and its mirror at eval
-    loader: Literal["auto", "dali", "cpu", "resident"] = "auto"  # data backend
-    loader_workers: int = 0  # decode processes (cpu, resident) or threads (dali); 0 = this process's share of the cores
-    prefetch: int = 2  # batches prepared ahead of the step
-    resident_max_gb: float = 0.0  # cap on the resident loader's decoded split; 0 = free memory
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 where native and fast (CUDA capability >= 8.0, AMX CPUs), else fp16 + loss scaling on CUDA, off on CPU
-    compile: bool = True  # torch.compile the train step
-    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on for CUDA, off for CPU
-    seed: int = 0  # model init, shuffling and augmentation
-    max_steps: int = 0  # stop after this many train steps in total; 0 = no limit
-    resume: bool = False  # continue from OUT/checkpoints/last.pt
+    shards: str = option("", "directory written by `fastalex pack`")
+    out: str = option("", "run directory; empty = runs/<utc>_<sha7>")
+    recipe: Literal["fast", "reference"] = option(
+        "fast", "preset that fills every option not given"
+    )
+    arch: Literal["alexnet64", "alexnet"] = option("alexnet64", "alexnet = paper layout for 227 px")
+    image_size: int = option(
+        64, "px, square model input (64 native, 227 upsampled as in the paper)"
+    )
+    epochs: int = option(16, "full passes over the train split")
+    batch_size: int = option(256, "images per step per process")
+    lr: float = option(0.08, "peak learning rate per 256 images (scaled linearly with batch_size)")
+    lr_schedule: Literal["warmup-linear", "step"] = option("warmup-linear", "shape of the LR curve")
+    warmup_epochs: float = option(1.0, "epochs of linear warm-up from 0 (warmup-linear only)")
+    step_epochs: int = option(7, "epochs between LR drops (step only)")
+    step_gamma: float = option(0.1, "LR factor at each drop (step only)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "L2 on conv/linear weights")
+    decay_biases: bool = option(False, "also apply weight decay to biases")
+    label_smoothing: float = option(0.1, "cross-entropy target smoothing")
+    crop_scale_min: float = option(0.35, "random-resized-crop area fraction, lower bound")
+    crop_scale_max: float = option(1.0, "random-resized-crop area fraction, upper bound")
+    crop_ratio_min: float = option(0.75, "random-resized-crop aspect ratio (w/h), lower bound")
+    crop_ratio_max: float = option(4 / 3, "random-resized-crop aspect ratio (w/h), upper bound")
+    flip_tta: bool = option(True, "average logits of the image and its mirror at eval")
+    loader: Literal["auto", "dali", "cpu", "resident"] = option("auto", "data backend")
+    loader_workers: int = option(
+        0,
+        "decode processes (cpu, resident) or threads (dali); 0 = this process's share of the cores",
+    )
+    prefetch: int = option(2, "batches prepared ahead of the step")
+    resident_max_gb: float = option(
+        0.0, "cap on the resident loader's decoded split; 0 = free memory"
+    )
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available")
+    amp: Literal["auto", "off", "bf16", "fp16"] = option(
+        "auto",
+        "auto = bf16 where native and fast (CUDA capability >= 8.0, AMX CPUs), else fp16 + "
+        "loss scaling on CUDA, off on CPU",
+    )
+    compile: bool = option(True, "torch.compile the train step")
+    channels_last: Literal["auto", "on", "off"] = option("auto", "auto = on for CUDA, off for CPU")
+    seed: int = option(0, "model init, shuffling and augmentation")
+    max_steps: int = option(0, "stop after this many train steps in total; 0 = no limit")
+    resume: bool = option(False, "continue from OUT/checkpoints/last.pt")
 
     def __post_init__(self) -> None:
         positive = ("image_size", "epochs", "batch_size", "prefetch", "step_epochs")
@@ -130,7 +158,8 @@ class TrainConfig:
         if self.image_size < MIN_IMAGE_SIZE[self.arch]:
             raise ValueError(
                 f"arch {self.arch} needs image_size >= {MIN_IMAGE_SIZE[self.arch]}, got "
-                f"{self.image_size}" + ("; use --arch alexnet64 for small inputs" if self.arch == "alexnet" else "")
+                f"{self.image_size}"
+                + ("; use --arch alexnet64 for small inputs" if self.arch == "alexnet" else "")
             )
 
 

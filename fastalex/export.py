@@ -61,16 +61,18 @@ ONNX_HINT = "pip install 'fastalex[onnx]'  (onnx, onnxscript, onnxruntime)"
 class PixelModel(nn.Module):
     """uint8 RGB pixels -> logits: layout to NCHW, normalise, the model, optional flip TTA."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], layout: str,
-                 flip_tta: bool) -> None:
+    def __init__(
+        self, model: nn.Module, mean: list[float], std: list[float], layout: str, flip_tta: bool
+    ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.model, self.layout, self.flip_tta = model, layout, flip_tta
         # (x / 255 - mean) / std as one multiply-add, the constants crop_resize normalises with
         self.register_buffer("scale", torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1))
-        self.register_buffer("shift", torch.tensor([-m / s for m, s in zip(mean, std)])
-                             .view(1, 3, 1, 1))
+        self.register_buffer(
+            "shift", torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.layout == "nhwc":
@@ -79,21 +81,27 @@ class PixelModel(nn.Module):
         return eval_logits(self.model, normalised, self.flip_tta)
 
 
-def pixel_model(checkpoint: Path, layout: str = "nhwc",
-                flip_tta: bool | None = None) -> tuple[PixelModel, dict]:
+def pixel_model(
+    checkpoint: Path, layout: str = "nhwc", flip_tta: bool | None = None
+) -> tuple[PixelModel, dict]:
     """The checkpoint's model wrapped to take uint8 pixels, float32, eval mode, on the CPU, and its
     model card. flip_tta None: as the run evaluated."""
     loaded = load_model(checkpoint, "cpu", amp="off")
     card = loaded.card
     tta = card["flip_tta"] if flip_tta is None else flip_tta
     model = loaded.model.float().to(memory_format=torch.contiguous_format)
-    return PixelModel(model, card["mean"], card["std"], layout, tta).eval(), {**card,
-                                                                            "flip_tta": tta}
+    return PixelModel(model, card["mean"], card["std"], layout, tta).eval(), {
+        **card,
+        "flip_tta": tta,
+    }
 
 
 def example_input(image_size: int, layout: str, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
-    shape = (batch, image_size, image_size, 3) if layout == "nhwc" else (batch, 3, image_size,
-                                                                          image_size)
+    shape = (
+        (batch, image_size, image_size, 3)
+        if layout == "nhwc"
+        else (batch, 3, image_size, image_size)
+    )
     seeded = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=seeded)
 
@@ -107,13 +115,20 @@ def program_path(out: Path, fmt: str) -> Path:
         return out
     other = {v: k for k, v in SUFFIXES.items()}.get(out.suffix.lower())
     if other:
-        raise UserError(f"{out}: a {out.suffix} name, but --format {fmt}; pass --format {other} "
-                        f"or name it *{SUFFIXES[fmt]}")
+        raise UserError(
+            f"{out}: a {out.suffix} name, but --format {fmt}; pass --format {other} "
+            f"or name it *{SUFFIXES[fmt]}"
+        )
     return out.with_name(out.name + SUFFIXES[fmt])
 
 
-def export_model(checkpoint: Path, out: Path, fmt: str = "pt2", layout: str = "nhwc",
-                 flip_tta: bool | None = None) -> tuple[Path, Path, dict]:
+def export_model(
+    checkpoint: Path,
+    out: Path,
+    fmt: str = "pt2",
+    layout: str = "nhwc",
+    flip_tta: bool | None = None,
+) -> tuple[Path, Path, dict]:
     """Write the program (`fmt` "pt2" or "onnx") and its sidecar; returns their paths and the
     sidecar's content."""
     path = program_path(out, fmt)
@@ -126,8 +141,9 @@ def export_model(checkpoint: Path, out: Path, fmt: str = "pt2", layout: str = "n
     tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # torch.export.save wants a .pt2 name
     with torch.no_grad():
         if fmt == "pt2":
-            program = torch.export.export(wrapped, (example,),
-                                          dynamic_shapes={"images": {0: batch}})
+            program = torch.export.export(
+                wrapped, (example,), dynamic_shapes={"images": {0: batch}}
+            )
             torch.export.save(program, tmp)
         else:
             write_onnx(wrapped, example, batch, tmp)
@@ -153,9 +169,17 @@ def write_onnx(wrapped: nn.Module, example: torch.Tensor, batch, path: Path) -> 
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecations inside torch.onnx, not ours to fix
-            torch.onnx.export(wrapped, (example,), str(path), dynamo=True, verbose=False,
-                              input_names=["images"], output_names=["logits"],
-                              dynamic_shapes={"images": {0: batch}}, external_data=False)
+            torch.onnx.export(
+                wrapped,
+                (example,),
+                str(path),
+                dynamo=True,
+                verbose=False,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes={"images": {0: batch}},
+                external_data=False,
+            )
     finally:
         quiet.setLevel(level)
 
@@ -168,26 +192,42 @@ def sidecar(card: dict, program: str, fmt: str, layout: str, checkpoint: Path) -
         "format": SIDECAR_FORMAT,
         "program": program,
         "program_format": "torch.export" if fmt == "pt2" else "onnx",
-        "load": ("torch.export.load(program).module()" if fmt == "pt2"
-                 else "onnxruntime.InferenceSession(program)"),
+        "load": (
+            "torch.export.load(program).module()"
+            if fmt == "pt2"
+            else "onnxruntime.InferenceSession(program)"
+        ),
         "arch": card["arch"],
         "image_size": size,
-        "input": {"name": "images", "dtype": "uint8", "layout": layout.upper(), "shape": shape,
-                  "channels": "RGB", "range": [0, 255]},
-        "output": {"name": "logits", "dtype": "float32", "shape": ["N", len(card["classes"])],
-                   "probabilities": "softmax over the last axis"},
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "layout": layout.upper(),
+            "shape": shape,
+            "channels": "RGB",
+            "range": [0, 255],
+        },
+        "output": {
+            "name": "logits",
+            "dtype": "float32",
+            "shape": ["N", len(card["classes"])],
+            "probabilities": "softmax over the last axis",
+        },
         "preprocessing": {
             "decode": "first frame, EXIF orientation applied, alpha composited on white, RGB",
             "resize": f"the whole image (no crop) to {size}x{size} with an antialiased linear "
-                      "(triangle) filter, the edge pixel replicated beyond the border; "
-                      "PIL.Image.resize((S, S), Image.Resampling.BILINEAR) matches it to 1 grey "
-                      "level except in the outermost pixels of a downscaled image",
+            "(triangle) filter, the edge pixel replicated beyond the border; "
+            "PIL.Image.resize((S, S), Image.Resampling.BILINEAR) matches it to 1 grey "
+            "level except in the outermost pixels of a downscaled image",
             "inside_the_program": "x / 255, minus mean, divided by std, per channel",
-            "mean": card["mean"], "std": card["std"],
+            "mean": card["mean"],
+            "std": card["std"],
         },
         "flip_tta": card["flip_tta"],
-        "classes": [{"index": index, "id": wnid, "name": name}
-                    for index, (wnid, name) in enumerate(card["classes"])],
+        "classes": [
+            {"index": index, "id": wnid, "name": name}
+            for index, (wnid, name) in enumerate(card["classes"])
+        ],
         "checkpoint": str(checkpoint),
         "torch": torch.__version__,
     }

@@ -36,8 +36,22 @@ from fastalex.tinyimagenet import (
 # torchvision's IMG_EXTENSIONS plus GIF, JFIF and the formats that get a clear "not supported"
 # (HEIC/AVIF from phones) instead of being skipped unseen.
 IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
-    ".ppm", ".pgm", ".pbm", ".heic", ".heif", ".avif",
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".gif",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".heic",
+    ".heif",
+    ".avif",
 )
 NAME_FILES = ("classes.txt", "words.txt")  # the first one present gives the human-readable names
 EXPECTED = (
@@ -92,8 +106,9 @@ def read_source(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -> Lay
             )
         return layout
     if val_fraction:
-        raise UserError(f"{ref.path}: a Tiny ImageNet tree has its own val split; "
-                        "drop --val-fraction")
+        raise UserError(
+            f"{ref.path}: a Tiny ImageNet tree has its own val split; drop --val-fraction"
+        )
     layout = read_layout(ref)
     if not layout.val:
         raise UserError(f"{ref.path}: val/val_annotations.txt lists no images")
@@ -166,12 +181,16 @@ def _class_files(source: Source, split: str) -> tuple[dict[str, list[str]], list
         )
     empty = sorted({rel.partition("/")[0] for rel in others if "/" in rel} - set(files))
     if empty:
-        raise UserError(f"{ref.path}: {ref.root}{split}/{empty[0]}/ holds no images "
-                        f"(by extension: {', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(
+            f"{ref.path}: {ref.root}{split}/{empty[0]}/ holds no images "
+            f"(by extension: {', '.join(IMAGE_EXTENSIONS)})"
+        )
     skipped = []
     if others:
-        skipped.append(f"{split}: {len(others)} files that are not images by extension, not packed "
-                       f"(e.g. {split}/{others[0]})")
+        skipped.append(
+            f"{split}: {len(others)} files that are not images by extension, not packed "
+            f"(e.g. {split}/{others[0]})"
+        )
     return dict(files), skipped
 
 

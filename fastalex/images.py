@@ -95,7 +95,9 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def check_image_header(data: bytes, max_pixels: int = PackConfig.max_pixels) -> tuple[int, int, str]:
+def check_image_header(
+    data: bytes, max_pixels: int = PackConfig.max_pixels
+) -> tuple[int, int, str]:
     """(height, width, format) from the header alone; Rejected when the data is empty, is not an
     image this reads (JPEG, PNG, WebP, BMP, TIFF, GIF, PPM), has an unreadable header, or claims
     more than `max_pixels` pixels. Decodes no pixel."""
@@ -146,8 +148,10 @@ def _webp_canvas(data: bytes) -> tuple[int, int] | None:
         bits = int.from_bytes(data[21:25], "little")
         return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
     if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
-        return (int.from_bytes(data[28:30], "little") & 0x3FFF,
-                int.from_bytes(data[26:28], "little") & 0x3FFF)
+        return (
+            int.from_bytes(data[28:30], "little") & 0x3FFF,
+            int.from_bytes(data[26:28], "little") & 0x3FFF,
+        )
     return None
 
 
@@ -242,9 +246,12 @@ def _decode(data: bytes, max_pixels: int, max_side: int) -> tuple[Image.Image, s
     height, width, kind = check_image_header(data, max_pixels)
     target = fit_px(height, width, max_side)
     try:
-        with _pixel_limit_checked(), Image.open(
-            io.BytesIO(data), formats=("JPEG",) if kind == "JPEG" else PIL_FORMATS
-        ) as image:
+        with (
+            _pixel_limit_checked(),
+            Image.open(
+                io.BytesIO(data), formats=("JPEG",) if kind == "JPEG" else PIL_FORMATS
+            ) as image,
+        ):
             if kind == "JPEG" and target != (height, width):
                 # libjpeg's DCT scaling (1/2, 1/4, 1/8) while decoding: a fraction of the memory
                 # and time of a full decode, and never below DRAFT_GAP x the target.

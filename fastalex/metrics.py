@@ -108,8 +108,9 @@ class LoaderWait:
 class TrainTotals:
     """Host-side, count-weighted train totals of one epoch, fed from drained windows."""
 
-    def __init__(self, loss_sum: float = 0.0, correct: float = 0.0, samples: int = 0,
-                 steps: int = 0) -> None:
+    def __init__(
+        self, loss_sum: float = 0.0, correct: float = 0.0, samples: int = 0, steps: int = 0
+    ) -> None:
         self.loss_sum, self.correct, self.samples, self.steps = loss_sum, correct, samples, steps
         self.first_bad_step: int | None = None  # step within the epoch of the first non-finite loss
 
@@ -123,8 +124,12 @@ class TrainTotals:
             self.steps += 1
 
     def state(self) -> dict:
-        return {"loss_sum": self.loss_sum, "correct": self.correct, "samples": self.samples,
-                "steps": self.steps}
+        return {
+            "loss_sum": self.loss_sum,
+            "correct": self.correct,
+            "samples": self.samples,
+            "steps": self.steps,
+        }
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -107,8 +107,13 @@ class LocalResponseNorm(nn.Module):
     end instead of going through nn.LocalResponseNorm's 5-D avg_pool3d view.
     """
 
-    def __init__(self, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA,
-                 k: float = LRN_K) -> None:
+    def __init__(
+        self,
+        size: int = LRN_SIZE,
+        alpha: float = LRN_ALPHA,
+        beta: float = LRN_BETA,
+        k: float = LRN_K,
+    ) -> None:
         super().__init__()
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
@@ -141,8 +146,14 @@ def build_features(convs: tuple[ConvSpec, ...]) -> list[tuple[str, nn.Module]]:
     layers: list[tuple[str, nn.Module]] = []
     in_channels = 3
     for index, spec in enumerate(convs, start=1):
-        layers.append((f"conv{index}", nn.Conv2d(in_channels, spec.out_channels, spec.kernel_px,
-                                                 spec.stride_px, spec.padding_px)))
+        layers.append(
+            (
+                f"conv{index}",
+                nn.Conv2d(
+                    in_channels, spec.out_channels, spec.kernel_px, spec.stride_px, spec.padding_px
+                ),
+            )
+        )
         layers.append((f"relu{index}", nn.ReLU(inplace=True)))
         if index in (1, 2):
             layers.append((f"norm{index}", LocalResponseNorm()))
@@ -153,8 +164,9 @@ def build_features(convs: tuple[ConvSpec, ...]) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def compute_output_px(size_px: int, kernel_px: int, stride_px: int, padding_px: int,
-                      ceil_mode: bool) -> int:
+def compute_output_px(
+    size_px: int, kernel_px: int, stride_px: int, padding_px: int, ceil_mode: bool
+) -> int:
     """One spatial side after a conv or pool; the formula of torch's pooling_output_shape."""
     rounding = stride_px - 1 if ceil_mode else 0
     out_px = (size_px + 2 * padding_px - kernel_px + rounding) // stride_px + 1
@@ -176,12 +188,16 @@ def trace_layers(layers: Iterable[tuple[str, nn.Module]], image_size: int) -> li
         flops = 0
         if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
             ceil_mode = getattr(module, "ceil_mode", False)
-            sides = zip((height, width), *(as_pair(getattr(module, attr))
-                                          for attr in ("kernel_size", "stride", "padding")))
+            sides = zip(
+                (height, width),
+                *(as_pair(getattr(module, attr)) for attr in ("kernel_size", "stride", "padding")),
+            )
             height, width = (compute_output_px(*side, ceil_mode) for side in sides)
             if height < 1 or width < 1:
-                raise ValueError(f"image_size {image_size} is too small: {name} output would be "
-                                 f"{height}x{width}; use a larger image_size")
+                raise ValueError(
+                    f"image_size {image_size} is too small: {name} output would be "
+                    f"{height}x{width}; use a larger image_size"
+                )
             if isinstance(module, nn.Conv2d):
                 kernel_h, kernel_w = module.kernel_size
                 macs_per_output = module.in_channels // module.groups * kernel_h * kernel_w
@@ -275,13 +291,17 @@ def format_model_info(info: dict) -> str:
     for name, (channels, height, width) in info["feature_maps"]:
         param_count = info["layer_param_counts"][name]
         flops = info["layer_flops"][name]
-        lines.append(f"{name:<8} {f'{channels} x {height} x {width}':>18} "
-                     f"{f'{param_count:,}' if param_count else '':>12} "
-                     f"{f'{flops / 1e6:.1f}' if flops else '':>9}")
+        lines.append(
+            f"{name:<8} {f'{channels} x {height} x {width}':>18} "
+            f"{f'{param_count:,}' if param_count else '':>12} "
+            f"{f'{flops / 1e6:.1f}' if flops else '':>9}"
+        )
     flops = info["forward_flops"]
     lines.append(f"{'total':<8} {'':>18} {info['param_count']:>12,} {flops / 1e6:>9.1f}")
-    lines.append(f"forward: {flops / 1e9:.3f} GFLOP per image ({flops / 2e9:.3f} GMAC; "
-                 "multiply-add = 2 FLOPs, conv and linear layers only)")
+    lines.append(
+        f"forward: {flops / 1e9:.3f} GFLOP per image ({flops / 2e9:.3f} GMAC; "
+        "multiply-add = 2 FLOPs, conv and linear layers only)"
+    )
     return "\n".join(lines)
 
 
@@ -303,7 +323,9 @@ def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> l
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim <= 1],
-         "weight_decay": weight_decay if decay_biases else 0.0},
+        {
+            "params": [p for p in trainable if p.ndim <= 1],
+            "weight_decay": weight_decay if decay_biases else 0.0,
+        },
     ]
     return [group for group in groups if group["params"]]

@@ -112,7 +112,8 @@ def pack_shard(
 
 
 def plan_shards(layout: Layout, cfg: PackConfig) -> list[tuple[str, int, list]]:
-    """(split, shard number, [(position, rel, label)]) for each shard, after a seeded global shuffle."""
+    """(split, shard number, [(position, rel, label)]) for each shard, after a seeded global
+    shuffle."""
     rng = np.random.default_rng(cfg.seed)
     plan = []
     for split, samples in (("train", layout.train), ("val", layout.val)):
@@ -142,9 +143,13 @@ def prepare_out(out: Path, source: dict, cfg: PackConfig) -> bool:
                 "replace it"
             )
     elif out.is_dir():
-        foreign = [e.name for e in os.scandir(out) if e.name != STAGING and not PACK_FILE.match(e.name)]
+        foreign = [
+            e.name for e in os.scandir(out) if e.name != STAGING and not PACK_FILE.match(e.name)
+        ]
         if foreign:
-            raise UserError(f"{out}: not empty and not a pack (holds {foreign[0]!r}); choose another OUT")
+            raise UserError(
+                f"{out}: not empty and not a pack (holds {foreign[0]!r}); choose another OUT"
+            )
     try:
         (out / STAGING).mkdir(parents=True, exist_ok=True)
         probe = out / STAGING / "probe"
@@ -159,21 +164,35 @@ LEGACY_SOURCE = {"layout": "tiny-imagenet"}  # what a manifest that names no lay
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    return [f"{key} {old.get(key, 'unset')} -> {new.get(key, 'unset')}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return [
+        f"{key} {old.get(key, 'unset')} -> {new.get(key, 'unset')}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
 
 
 def _pack_settings(cfg: PackConfig) -> dict:
-    """The settings that decide a pack's bytes (with the source): equal ones make a re-run a no-op."""
-    return {"seed": cfg.seed, "shard_size": cfg.shard_size, "max_side": cfg.max_side,
-            "jpeg_quality": cfg.jpeg_quality, "transcode": cfg.transcode,
-            "val_fraction": cfg.val_fraction, "max_pixels": cfg.max_pixels}
+    """The settings that decide a pack's bytes (with the source): equal ones make a re-run a
+    no-op."""
+    return {
+        "seed": cfg.seed,
+        "shard_size": cfg.shard_size,
+        "max_side": cfg.max_side,
+        "jpeg_quality": cfg.jpeg_quality,
+        "transcode": cfg.transcode,
+        "val_fraction": cfg.val_fraction,
+        "max_pixels": cfg.max_pixels,
+    }
 
 
 def describe_source(ref: SourceRef) -> dict:
     path = os.path.abspath(ref.path)
-    entry = {"path": path, "kind": "zip" if ref.is_zip else "dir", "root": ref.root,
-             "layout": ref.layout}
+    entry = {
+        "path": path,
+        "kind": "zip" if ref.is_zip else "dir",
+        "root": ref.root,
+        "layout": ref.layout,
+    }
     if ref.is_zip:
         entry["bytes"] = os.path.getsize(path)
     return entry
@@ -215,9 +234,12 @@ def _write_shards(ref: SourceRef, layout: Layout, cfg: PackConfig, staging: Path
     results = []
     context = get_context("fork")
     counter = context.Value("q", 0)
-    with context.Pool(min(cfg.processes, len(plan)), _init_worker, (counter,)) as pool, tqdm(
-        total=len(layout.train) + len(layout.val), unit="img", desc="pack", disable=not progress
-    ) as bar:
+    with (
+        context.Pool(min(cfg.processes, len(plan)), _init_worker, (counter,)) as pool,
+        tqdm(
+            total=len(layout.train) + len(layout.val), unit="img", desc="pack", disable=not progress
+        ) as bar,
+    ):
         pending = [
             pool.apply_async(pack_shard, (ref, str(staging), split, number, items, cfg))
             for split, number, items in plan
@@ -242,7 +264,9 @@ def _build_manifest(layout: Layout, source: dict, cfg: PackConfig, results) -> M
         image_px = (max(r.image_px[0] for r in mine), max(r.image_px[1] for r in mine))
         counts = {name: sum(r.counts[name] for r in mine) for name in COUNTS}
         splits[split] = SplitInfo(samples, image_px, infos, **counts)
-    skipped = (f"test: {layout.test_images} unlabelled images, not packed",) if layout.test_images else ()
+    skipped = (
+        (f"test: {layout.test_images} unlabelled images, not packed",) if layout.test_images else ()
+    )
     skipped += layout.skipped
     return Manifest(
         classes=layout.classes,
@@ -267,7 +291,9 @@ def _move_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def verify_pack(directory: str | os.PathLike, decode_per_shard: int = 32, seed: int = 0) -> list[str]:
+def verify_pack(
+    directory: str | os.PathLike, decode_per_shard: int = 32, seed: int = 0
+) -> list[str]:
     """Every problem found in a pack (empty = sound): the manifest, each shard's size and sha256,
     each index against its tar, and a full decode of `decode_per_shard` random images per shard."""
     directory = Path(directory)
@@ -281,7 +307,9 @@ def verify_pack(directory: str | os.PathLike, decode_per_shard: int = 32, seed: 
             if found:
                 continue
             index = read_index(directory / shard.index_name)
-            picks = np.sort(rng.choice(len(index), min(decode_per_shard, len(index)), replace=False))
+            picks = np.sort(
+                rng.choice(len(index), min(decode_per_shard, len(index)), replace=False)
+            )
             for i, (data, label) in enumerate(iter_shard(directory / shard.name, index, picks)):
                 try:
                     check_jpeg(data)
@@ -315,4 +343,3 @@ def summarize(manifest: Manifest) -> str:
         if len(manifest.rejected) > 10:
             lines.append(f"  ... and {len(manifest.rejected) - 10} more")
     return "\n".join(lines)
-

@@ -85,8 +85,9 @@ def pyplot():
 def draw_runs(runs: list[tuple[str, list[dict]]]):
     """The three panels of (name, records) runs, as a matplotlib Figure."""
     plt = pyplot()
-    figure, (loss_ax, top_ax, speed_ax) = plt.subplots(1, 3, figsize=(16, 4.8),
-                                                       constrained_layout=True)
+    figure, (loss_ax, top_ax, speed_ax) = plt.subplots(
+        1, 3, figsize=(16, 4.8), constrained_layout=True
+    )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, (name, records) in enumerate(runs):
         colour = colours[index % len(colours)]
@@ -100,8 +101,14 @@ def draw_runs(runs: list[tuple[str, list[dict]]]):
         ):
             epochs, values = series(records, key)
             if values:
-                axis.plot(epochs, values, style, color=colour, label=f"{name} {label}",
-                          marker="." if len(values) < 40 else None)
+                axis.plot(
+                    epochs,
+                    values,
+                    style,
+                    color=colour,
+                    label=f"{name} {label}",
+                    marker="." if len(values) < 40 else None,
+                )
     for axis, title, ylabel in (
         (loss_ax, "loss", "cross-entropy"),
         (top_ax, "accuracy", "top-k accuracy (%)"),

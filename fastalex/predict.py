@@ -93,9 +93,16 @@ class InferenceModel:
         boxes = full_boxes(sizes[:, 0], sizes[:, 1])  # the whole image: the val transform
         sizes = ragged_sizes(sizes, canvas.shape[1:3])
         device = self.runtime.device
-        return crop_resize(torch.from_numpy(canvas).to(device), boxes, None,
-                           self.card["image_size"], tuple(self.card["mean"]),
-                           tuple(self.card["std"]), sizes, compile_cpu=False)
+        return crop_resize(
+            torch.from_numpy(canvas).to(device),
+            boxes,
+            None,
+            self.card["image_size"],
+            tuple(self.card["mean"]),
+            tuple(self.card["std"]),
+            sizes,
+            compile_cpu=False,
+        )
 
     def predict(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
         """Decoded images -> (N, classes) float32 logits on the device."""
@@ -143,8 +150,13 @@ def find_images(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]
     def expand(directory: str) -> None:
         found = directory_images(directory)
         if not found:
-            problems.append((directory, "no image files in this directory (by extension: "
-                                        f"{', '.join(IMAGE_EXTENSIONS)})"))
+            problems.append(
+                (
+                    directory,
+                    "no image files in this directory (by extension: "
+                    f"{', '.join(IMAGE_EXTENSIONS)})",
+                )
+            )
         for path in found:
             add(path)
 
@@ -172,13 +184,17 @@ def directory_images(directory: str) -> list[str]:
     found = []
     for root, dirs, names in os.walk(directory):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(root, name) for name in names
-                  if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [
+            os.path.join(root, name)
+            for name in names
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
     return sorted(found)
 
 
-def read_image(path: str, max_side: int = PackConfig.max_side,
-               max_pixels: int = PackConfig.max_pixels) -> np.ndarray:
+def read_image(
+    path: str, max_side: int = PackConfig.max_side, max_pixels: int = PackConfig.max_pixels
+) -> np.ndarray:
     """One image file as (H, W, 3) uint8 RGB, upright, longer side at most `max_side` (0: full
     size). Rejected (or OSError) with the reason when it cannot be used; the header is checked
     against `max_pixels` before any pixel is decoded, and a file too large to be such an image is
@@ -201,19 +217,26 @@ class Prediction:
     probabilities: list[float]  # softmax of the logits, same order
 
 
-def predict_files(model: InferenceModel, files: Sequence[str], top: int = 5,
-                  batch_size: int = BATCH_SIZE, workers: int = 0,
-                  max_side: int = PackConfig.max_side,
-                  skipped: Callable[[str, str], None] = lambda path, reason: None,
-                  progress: bool = False) -> Iterator[Prediction]:
+def predict_files(
+    model: InferenceModel,
+    files: Sequence[str],
+    top: int = 5,
+    batch_size: int = BATCH_SIZE,
+    workers: int = 0,
+    max_side: int = PackConfig.max_side,
+    skipped: Callable[[str, str], None] = lambda path, reason: None,
+    progress: bool = False,
+) -> Iterator[Prediction]:
     """The top-`top` classes of each readable file, in order; `skipped(path, reason)` for each file
     that cannot be read or decoded. Files are decoded by `workers` threads (0: every core), one
     batch ahead of the model; `progress` shows one bar for all files."""
     top = min(top, len(model.card["classes"]))
-    with tqdm(total=len(files), unit="img", disable=not progress, leave=False,
-              dynamic_ncols=True) as bar:
-        for names, decoded in decoded_batches(files, batch_size, workers or default_workers(),
-                                              max_side):
+    with tqdm(
+        total=len(files), unit="img", disable=not progress, leave=False, dynamic_ncols=True
+    ) as bar:
+        for names, decoded in decoded_batches(
+            files, batch_size, workers or default_workers(), max_side
+        ):
             good = []
             for name, result in zip(names, decoded):
                 if isinstance(result, np.ndarray):
@@ -229,8 +252,9 @@ def predict_files(model: InferenceModel, files: Sequence[str], top: int = 5,
             bar.update(len(names))
 
 
-def decoded_batches(files: Sequence[str], batch_size: int, workers: int,
-                    max_side: int) -> Iterator[tuple[list[str], list[np.ndarray | str]]]:
+def decoded_batches(
+    files: Sequence[str], batch_size: int, workers: int, max_side: int
+) -> Iterator[tuple[list[str], list[np.ndarray | str]]]:
     """(names, each one's pixels or the reason it failed), `batch_size` files at a time; the next
     batch decodes on the thread pool while the caller runs the model on this one (Pillow releases
     the GIL while it decodes)."""
@@ -243,7 +267,7 @@ def decoded_batches(files: Sequence[str], batch_size: int, workers: int,
         except OSError as e:
             return e.strerror or str(e)
 
-    chunks = (list(files[i: i + batch_size]) for i in range(0, len(files), batch_size))
+    chunks = (list(files[i : i + batch_size]) for i in range(0, len(files), batch_size))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
         for chunk in chunks:
@@ -259,17 +283,40 @@ def decoded_batches(files: Sequence[str], batch_size: int, workers: int,
 def format_prediction(prediction: Prediction, classes: list, output: str) -> list[str]:
     """The lines one prediction prints as: "text" (the path, then one line per class: probability,
     name, class id), "json" (one object) or "csv" (one row per class, CSV_HEADER's columns)."""
-    rows = [(rank, index, *classes[index], probability) for rank, (index, probability)
-            in enumerate(zip(prediction.indices, prediction.probabilities), 1)]
+    rows = [
+        (rank, index, *classes[index], probability)
+        for rank, (index, probability) in enumerate(
+            zip(prediction.indices, prediction.probabilities), 1
+        )
+    ]
     if output == "json":
-        return [json.dumps({"path": prediction.path, "top": [
-            {"rank": rank, "index": index, "class": wnid, "name": name, "probability": p}
-            for rank, index, wnid, name, p in rows]}, ensure_ascii=False)]
+        return [
+            json.dumps(
+                {
+                    "path": prediction.path,
+                    "top": [
+                        {
+                            "rank": rank,
+                            "index": index,
+                            "class": wnid,
+                            "name": name,
+                            "probability": p,
+                        }
+                        for rank, index, wnid, name, p in rows
+                    ],
+                },
+                ensure_ascii=False,
+            )
+        ]
     if output == "csv":
-        return [csv_line(prediction.path, rank, index, wnid, name, f"{p:.6f}")
-                for rank, index, wnid, name, p in rows]
-    return [prediction.path] + [f"  {100 * p:6.2f} %  " + (f"{name}  ({wnid})" if name else wnid)
-                                for _, _, wnid, name, p in rows]
+        return [
+            csv_line(prediction.path, rank, index, wnid, name, f"{p:.6f}")
+            for rank, index, wnid, name, p in rows
+        ]
+    return [prediction.path] + [
+        f"  {100 * p:6.2f} %  " + (f"{name}  ({wnid})" if name else wnid)
+        for _, _, wnid, name, p in rows
+    ]
 
 
 def above_the_bar(emit: Callable[[str], None]) -> Callable[[str], None]:
@@ -288,10 +335,20 @@ def csv_line(*values) -> str:
     return buffer.getvalue()
 
 
-def predict_paths(checkpoint: Path, paths: Sequence[str], *, top: int = 5, output: str = "text",
-                  batch_size: int = BATCH_SIZE, device: str = "auto", workers: int = 0,
-                  max_side: int = PackConfig.max_side, write: Callable[[str], None] = print,
-                  warn: Callable[[str], None] = print, progress: bool = False) -> int:
+def predict_paths(
+    checkpoint: Path,
+    paths: Sequence[str],
+    *,
+    top: int = 5,
+    output: str = "text",
+    batch_size: int = BATCH_SIZE,
+    device: str = "auto",
+    workers: int = 0,
+    max_side: int = PackConfig.max_side,
+    write: Callable[[str], None] = print,
+    warn: Callable[[str], None] = print,
+    progress: bool = False,
+) -> int:
     """`fastalex predict`: every line of the predictions of the images `paths` name goes to
     `write`, each path that names nothing or does not decode to `warn` ("skipped PATH: reason").
     Returns how many paths were skipped. UserError for bad options or checkpoint."""
@@ -313,8 +370,9 @@ def predict_paths(checkpoint: Path, paths: Sequence[str], *, top: int = 5, outpu
         warn(f"skipped {path}: {reason}")
 
     classes = model.card["classes"]
-    for prediction in predict_files(model, files, top, batch_size, workers, max_side, skipped,
-                                    progress):
+    for prediction in predict_files(
+        model, files, top, batch_size, workers, max_side, skipped, progress
+    ):
         for line in format_prediction(prediction, classes, output):
             write(line)
     return len(problems) + len(failed)

@@ -1,18 +1,18 @@
-"""How this process runs a config: device, autocast dtype, loss scaling, memory format, compile plan;
-and the facts about the machine a run records (device name, versions, git sha).
+"""How this process runs a config: device, autocast dtype, loss scaling, memory format, compile
+plan; and the facts about the machine a run records (device name, versions, git sha).
 
 Imports torch and the config; never data, model or trainer code. ``resolve_runtime`` is the one
 place that turns ``--device``/``--amp``/``--channels-last``/``--compile`` into decisions, and it
 refuses impossible combinations with a UserError.
 
 AMP. ``--amp auto`` is bf16 where the hardware computes bf16 natively and fast, else fp16 with a
-GradScaler on CUDA and fp32 on a CPU. That means: a CUDA device of compute capability >= 8.0
-(Ampere on; ``torch.cuda.is_bf16_supported()`` also says yes for older GPUs that only emulate
-bf16, where cuDNN falls back to slow kernels and inductor skips bf16 graphs), or a CPU with
-AMX-BF16 (`cpu_bf16_pays`: on a CPU with AVX512-BF16 but no AMX the bf16 step measured slower
-than fp32; `--amp bf16` still runs there). ``--amp bf16`` on a GPU without it is an error; ``--amp fp16`` runs anywhere, on the CPU
-through the very code the CUDA fp16 path uses (``GradScaler("cpu")``, fused SGD taking the scale
-and the inf flag), so CI exercises it.
+GradScaler on CUDA and fp32 on a CPU. That means: a CUDA device of compute capability >= 8.0 (Ampere
+on; ``torch.cuda.is_bf16_supported()`` also says yes for older GPUs that only emulate bf16, where
+cuDNN falls back to slow kernels and inductor skips bf16 graphs), or a CPU with AMX-BF16
+(`cpu_bf16_pays`: on a CPU with AVX512-BF16 but no AMX the bf16 step measured slower than fp32;
+`--amp bf16` still runs there). ``--amp bf16`` on a GPU without it is an error; ``--amp fp16`` runs
+anywhere, on the CPU through the very code the CUDA fp16 path uses (``GradScaler("cpu")``, fused SGD
+taking the scale and the inf flag), so CI exercises it.
 """
 
 from __future__ import annotations
@@ -58,12 +58,19 @@ class Runtime:
     def compile_whole_step(self) -> bool:
         """One compiled function for forward, backward and SGD (CPU, one process, no loss
         scaling: dynamo does not trace into GradScaler), else the model alone."""
-        return (self.compile and self.device.type == "cpu" and self.world_size == 1
-                and not self.grad_scaler)
+        return (
+            self.compile
+            and self.device.type == "cpu"
+            and self.world_size == 1
+            and not self.grad_scaler
+        )
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
+        return torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        )
 
 
 def cpu_flags() -> set[str]:
@@ -95,7 +102,7 @@ def cuda_has_native_bf16(device: torch.device) -> bool:
 
 
 def choose_amp(requested: str, device: torch.device, native_bf16: bool) -> str:
-    """"off", "bf16" or "fp16" for `requested` (cfg.amp) on `device`; UserError for bf16 where
+    """ "off", "bf16" or "fp16" for `requested` (cfg.amp) on `device`; UserError for bf16 where
     the device has no native bf16 on CUDA."""
     if requested == "auto":
         if native_bf16:
@@ -104,22 +111,33 @@ def choose_amp(requested: str, device: torch.device, native_bf16: bool) -> str:
     if requested == "bf16" and device.type == "cuda" and not native_bf16:
         name = torch.cuda.get_device_name(device)
         major, minor = torch.cuda.get_device_capability(device)
-        raise UserError(f"--amp bf16: {name} (compute capability {major}.{minor}) has no native "
-                        "bf16, only slow emulation; use --amp fp16 or auto")
+        raise UserError(
+            f"--amp bf16: {name} (compute capability {major}.{minor}) has no native "
+            "bf16, only slow emulation; use --amp fp16 or auto"
+        )
     return requested
 
 
-def resolve_runtime(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
-                    local_rank: int = 0, local_world_size: int = 1) -> Runtime:
+def resolve_runtime(
+    cfg: TrainConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    local_rank: int = 0,
+    local_world_size: int = 1,
+) -> Runtime:
     """Device, AMP, memory format and compile for this process; UserError when impossible."""
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
-        raise UserError(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device; "
-                        "use --device cpu")
+        raise UserError(
+            f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device; "
+            "use --device cpu"
+        )
     if cfg.device == "cuda" or (cfg.device == "auto" and cuda):
         if local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} "
-                            "visible; start at most one process per GPU")
+            raise UserError(
+                f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} "
+                "visible; start at most one process per GPU"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         native_bf16 = cuda_has_native_bf16(device)
@@ -128,10 +146,12 @@ def resolve_runtime(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
         native_bf16 = cpu_bf16_pays()
     amp = choose_amp(cfg.amp, device, native_bf16)
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
-                                                  and device.type == "cuda")
-    return Runtime(device, amp_dtype, channels_last, cfg.compile, rank, world_size,
-                   max(1, local_world_size))
+    channels_last = cfg.channels_last == "on" or (
+        cfg.channels_last == "auto" and device.type == "cuda"
+    )
+    return Runtime(
+        device, amp_dtype, channels_last, cfg.compile, rank, world_size, max(1, local_world_size)
+    )
 
 
 def configure_backends(runtime: Runtime) -> None:
@@ -157,11 +177,19 @@ def git_sha(short: bool = True) -> str:
     """The fastalex checkout's commit ("unknown" outside git); "+dirty" when files changed."""
     here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha[:7] if short else sha) + ("+dirty" if dirty else "")
@@ -170,8 +198,18 @@ def git_sha(short: bool = True) -> str:
 def versions(runtime: Runtime) -> dict:
     from importlib import metadata
 
-    dali = next((d.version for d in metadata.distributions()
-                 if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")), None)
-    return {"torch": torch.__version__, "python": platform.python_version(), "dali": dali,
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if runtime.device.type == "cuda" else None}
+    dali = next(
+        (
+            d.version
+            for d in metadata.distributions()
+            if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")
+        ),
+        None,
+    )
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "dali": dali,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if runtime.device.type == "cuda" else None,
+    }

@@ -17,22 +17,23 @@ Tar: each sample is two consecutive regular-file members sharing one key, ``<key
 the source JPEG's, unchanged, unless pack transcoded, downscaled or turned it upright, as counted
 per split in the manifest) and ``<key>.cls`` (the label as ASCII decimal, zero-padded to
 ``LABEL_DIGITS`` so every label member has the same size). The key is the sample's position in its
-split after the pack-time shuffle, ``KEY_DIGITS`` decimal digits. Members carry mode 0644, uid/gid 0,
-empty owner names and mtime 0, so the same inputs give byte-identical tars. Each member is a 512-byte
-header followed by its data padded to 512 bytes; the archive ends with two zero blocks, padded to
-tarfile's 10240-byte record. Any tar tool, the ``webdataset`` library and DALI read it unchanged.
+split after the pack-time shuffle, ``KEY_DIGITS`` decimal digits. Members carry mode 0644, uid/gid
+0, empty owner names and mtime 0, so the same inputs give byte-identical tars. Each member is a
+512-byte header followed by its data padded to 512 bytes; the archive ends with two zero blocks,
+padded to tarfile's 10240-byte record. Any tar tool, the ``webdataset`` library and DALI read it
+unchanged.
 
-Index (DALI's webdataset index, version ``v1.2``, text): the first line is ``v1.2 <samples>``; then one
-line per sample listing, for each member, ``<ext> <data_offset> <size> <member_name>``, where
-``data_offset`` is the byte offset of the member's data (its header's offset + 512). Byte-identical to
-DALI's own ``wds2idx`` output for these tars.
+Index (DALI's webdataset index, version ``v1.2``, text): the first line is ``v1.2 <samples>``; then
+one line per sample listing, for each member, ``<ext> <data_offset> <size> <member_name>``, where
+``data_offset`` is the byte offset of the member's data (its header's offset + 512). Byte-identical
+to DALI's own ``wds2idx`` output for these tars.
 
 Manifest (JSON): ``format_version``; ``classes`` as ``[wnid, words]`` in label order (sorted wnids,
 or sorted class directory names for an ImageFolder tree; words may be empty); per split ``samples``,
-``image_px`` (the largest stored height and the largest stored width, which need not be one image's),
-``shards`` (each with ``name``, ``samples``, ``bytes``, ``sha256``), and ``transcoded``, ``resized``,
-``reoriented`` (how many stored images were converted from another format, downscaled to
-``max_side``, turned upright from an EXIF orientation; 0 when absent); ``source`` (``path``,
+``image_px`` (the largest stored height and the largest stored width, which need not be one
+image's), ``shards`` (each with ``name``, ``samples``, ``bytes``, ``sha256``), and ``transcoded``,
+``resized``, ``reoriented`` (how many stored images were converted from another format, downscaled
+to ``max_side``, turned upright from an EXIF orientation; 0 when absent); ``source`` (``path``,
 ``kind`` dir|zip, ``root``, ``layout`` tiny-imagenet|imagefolder, which is tiny-imagenet when
 absent, and a zip's ``bytes``); ``pack``, the settings (``seed``, ``shard_size``, ``max_side``: no
 stored image's longer side exceeds it, 0 = no bound; ``jpeg_quality``, ``transcode``,
@@ -320,7 +321,9 @@ def check_shard(directory: Path, shard: ShardInfo, rehash: bool = True) -> list[
         return problems + [f"{shard.index_name}: {e}"]
     if len(index) != shard.samples:
         problems.append(f"{shard.index_name}: {len(index)} samples, manifest says {shard.samples}")
-    ends = np.concatenate([index.jpg_offsets + index.jpg_sizes, index.cls_offsets + index.cls_sizes])
+    ends = np.concatenate(
+        [index.jpg_offsets + index.jpg_sizes, index.cls_offsets + index.cls_sizes]
+    )
     if len(ends) and ends.max() > size:
         problems.append(f"{shard.index_name}: offsets beyond the end of {shard.name} (truncated?)")
     return problems

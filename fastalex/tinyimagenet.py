@@ -1,5 +1,5 @@
-"""The Tiny ImageNet source layout: reading it from a directory or the official zip, fetching the zip,
-and `synth`, which writes a stand-in tree in the exact layout.
+"""The Tiny ImageNet source layout: reading it from a directory or the official zip, fetching the
+zip, and `synth`, which writes a stand-in tree in the exact layout.
 
 Imports neither torch nor DALI. The layout (as in the official ``tiny-imagenet-200.zip``)::
 
@@ -97,7 +97,8 @@ class Source:
             prefix = self.ref.root + rel.rstrip("/") + "/"
             found = (n[len(prefix) :] for n in self._zip.namelist() if n.startswith(prefix))
             return sorted(
-                n for n in found
+                n
+                for n in found
                 if n and not n.endswith("/") and not any(p.startswith(".") for p in n.split("/"))
             )
         top = os.path.join(self.ref.path, self.ref.root, rel)
@@ -111,8 +112,11 @@ class Source:
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             below = os.path.relpath(folder, top).replace(os.sep, "/")
             below = "" if below == "." else below + "/"
-            found += [below + f for f in files if not f.startswith(".")
-                      and os.path.isfile(os.path.join(folder, f))]
+            found += [
+                below + f
+                for f in files
+                if not f.startswith(".") and os.path.isfile(os.path.join(folder, f))
+            ]
         return sorted(found)
 
     def list_dir(self, rel: str) -> list[str]:
@@ -124,7 +128,9 @@ class Source:
         full = os.path.join(self.ref.path, self.ref.root, rel)
         if not os.path.isdir(full):
             return []
-        return sorted(e.name for e in os.scandir(full) if e.is_file() and not e.name.startswith("."))
+        return sorted(
+            e.name for e in os.scandir(full) if e.is_file() and not e.name.startswith(".")
+        )
 
 
 def open_source(path: str | os.PathLike) -> SourceRef:
@@ -180,7 +186,9 @@ class Layout:
 
 def _read_text(source: Source, rel: str) -> str:
     if not source.exists(rel):
-        raise UserError(f"{source.ref.path}: not a Tiny ImageNet tree: missing {source.ref.root}{rel}")
+        raise UserError(
+            f"{source.ref.path}: not a Tiny ImageNet tree: missing {source.ref.root}{rel}"
+        )
     return source.read(rel).decode("utf-8", errors="replace")
 
 
@@ -208,7 +216,9 @@ def _read_layout(ref: SourceRef, source: Source) -> Layout:
         folder = f"train/{wnid}/images"
         names = source.list_dir(folder)
         if not names:
-            raise UserError(f"{ref.path}: not a Tiny ImageNet tree: no images in {ref.root}{folder}/")
+            raise UserError(
+                f"{ref.path}: not a Tiny ImageNet tree: no images in {ref.root}{folder}/"
+            )
         train += [(f"{folder}/{n}", label_of[wnid]) for n in names]
     val = []
     annotations = _read_text(source, "val/val_annotations.txt")
@@ -263,7 +273,9 @@ def download_zip(url: str, cache_dir: Path, md5: str | None = OFFICIAL_MD5, prog
                         progress(done, total)
     except urllib.error.HTTPError as e:
         if e.code != 416 or not done:  # 416: the range starts at the end, the .part is complete
-            raise UserError(f"download of {url} failed ({e}); re-run, or pass a zip/dir you have") from None
+            raise UserError(
+                f"download of {url} failed ({e}); re-run, or pass a zip/dir you have"
+            ) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         raise UserError(
             f"download of {url} failed ({e}); re-run to resume, or pass a zip/dir you already have"
@@ -317,7 +329,9 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 _GRID = (np.mgrid[0:SYNTH_PX, 0:SYNTH_PX].astype(np.float32) + 0.5) / SYNTH_PX  # (2, 64, 64) y, x
 
 
-def render_image(label: int, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def render_image(
+    label: int, rng: np.random.Generator
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """One 64x64 RGB uint8 image of class `label`, and the shape's bounding box (x0, y0, x1, y1)."""
     shape, texture, hue = _class_traits(label)
     size = rng.uniform(0.22, 0.4)
@@ -348,7 +362,9 @@ def render_image(label: int, rng: np.random.Generator) -> tuple[np.ndarray, tupl
     image = image + rng.normal(0, 0.06, image.shape)
     pixels = np.clip(image * 255, 0, 255).astype(np.uint8)
     ys, xs = np.nonzero(mask)
-    box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())) if len(xs) else (0, 0, 63, 63)
+    box = (
+        (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())) if len(xs) else (0, 0, 63, 63)
+    )
     return pixels, box
 
 
@@ -415,15 +431,24 @@ def synth(
     if classes < 1 or train_per_class < 1 or val_per_class < 0 or test_images < 0:
         raise UserError("synth needs classes >= 1, train-per-class >= 1 and non-negative counts")
     try:
-        return _write_synth(out, classes, train_per_class, val_per_class, test_images, seed,
-                            workers, progress)
+        return _write_synth(
+            out, classes, train_per_class, val_per_class, test_images, seed, workers, progress
+        )
     except OSError as e:  # unwritable, read-only or full: the user's to fix, not a bug
         where = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
         raise UserError(f"{out}: cannot write there: {e.strerror or e}{where}") from None
 
 
-def _write_synth(out: Path, classes: int, train_per_class: int, val_per_class: int,
-                 test_images: int, seed: int, workers: int, progress: bool) -> int:
+def _write_synth(
+    out: Path,
+    classes: int,
+    train_per_class: int,
+    val_per_class: int,
+    test_images: int,
+    seed: int,
+    workers: int,
+    progress: bool,
+) -> int:
     from multiprocessing import get_context
 
     from tqdm import tqdm
@@ -445,19 +470,24 @@ def _write_synth(out: Path, classes: int, train_per_class: int, val_per_class: i
     jobs = [(synth_class, (str(out), c, train_per_class, seed)) for c in range(classes)]
     for split, labels in (("val", val_labels), ("test", test_labels)):
         for start in range(0, len(labels), chunk):
-            jobs.append((synth_images, (str(out), split, labels[start : start + chunk], start, seed)))
+            jobs.append(
+                (synth_images, (str(out), split, labels[start : start + chunk], start, seed))
+            )
     total = classes * train_per_class + len(val_labels) + len(test_labels)
     annotations: dict[int, list[str]] = {}
-    with get_context("fork").Pool(max(1, workers)) as pool, tqdm(
-        total=total, unit="img", desc="synth (stand-in data)", disable=not progress
-    ) as bar:
+    with (
+        get_context("fork").Pool(max(1, workers)) as pool,
+        tqdm(total=total, unit="img", desc="synth (stand-in data)", disable=not progress) as bar,
+    ):
         for number, result in pool.imap_unordered(_run_job, list(enumerate(jobs))):
             if isinstance(result, list):
                 annotations[number] = result
                 bar.update(len(result))
             else:
                 bar.update(result)
-    val_lines = [line for n in sorted(annotations) for line in annotations[n] if line.startswith("val_")]
+    val_lines = [
+        line for n in sorted(annotations) for line in annotations[n] if line.startswith("val_")
+    ]
     (out / "val" / "val_annotations.txt").write_text("".join(line + "\n" for line in val_lines))
     return total
 

@@ -80,17 +80,42 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from fastalex.checkpoint import (CHECKPOINT_FORMAT, PartialEpoch, capture_rng, check_checkpoint,
-                                 load_checkpoint, normalisation, restore_rng, restore_training,
-                                 save_checkpoint)
+from fastalex.checkpoint import (
+    CHECKPOINT_FORMAT,
+    PartialEpoch,
+    capture_rng,
+    check_checkpoint,
+    load_checkpoint,
+    normalisation,
+    restore_rng,
+    restore_training,
+    save_checkpoint,
+)
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
 from fastalex.loaders import Placement, build_loader
-from fastalex.metrics import (LoaderWait, StepWindow, TrainTotals, all_reduce_sum, append_jsonl,
-                              count_topk, median, percent, write_json, write_jsonl)
+from fastalex.metrics import (
+    LoaderWait,
+    StepWindow,
+    TrainTotals,
+    all_reduce_sum,
+    append_jsonl,
+    count_topk,
+    median,
+    percent,
+    write_json,
+    write_jsonl,
+)
 from fastalex.model import build_model, eval_logits, param_groups
-from fastalex.runtime import (Runtime, configure_backends, describe_device, git_sha,
-                              resolve_runtime, synchronize, versions)
+from fastalex.runtime import (
+    Runtime,
+    configure_backends,
+    describe_device,
+    git_sha,
+    resolve_runtime,
+    synchronize,
+    versions,
+)
 from fastalex.shards import Manifest, read_manifest
 
 LOG_EVERY_STEPS = 50  # host syncs: progress postfix, NaN check, DDP stop agreement
@@ -134,8 +159,9 @@ class Training:
     schedule: torch.optim.lr_scheduler.LambdaLR
 
 
-def build_training(cfg: TrainConfig, num_classes: int, runtime: Runtime, steps_per_epoch: int,
-                   start_step: int = 0) -> Training:
+def build_training(
+    cfg: TrainConfig, num_classes: int, runtime: Runtime, steps_per_epoch: int, start_step: int = 0
+) -> Training:
     """Model (seeded by cfg.seed), SGD, GradScaler and the LR schedule placed at `start_step`."""
     configure_backends(runtime)
     torch.manual_seed(cfg.seed)
@@ -145,25 +171,33 @@ def build_training(cfg: TrainConfig, num_classes: int, runtime: Runtime, steps_p
     model = module
     if runtime.world_size > 1:  # broadcasts rank 0's weights; all-reduces gradients
         model = DistributedDataParallel(
-            module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-            gradient_as_bucket_view=True)
+            module,
+            device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+        )
     lr = peak_lr(cfg, runtime.world_size)
     if runtime.compile_whole_step:  # inductor compiles foreach SGD into one fused loop per tensor;
         # a tensor LR lets each step's LR in without a recompile
         kernels = {"lr": torch.tensor(lr), "foreach": True}
     else:  # one fused kernel, which also takes a GradScaler's scale and inf flag on the device
         kernels = {"lr": lr, "fused": True}
-    optimizer = torch.optim.SGD(param_groups(module, cfg.weight_decay, cfg.decay_biases),
-                                momentum=cfg.momentum, **kernels)
+    optimizer = torch.optim.SGD(
+        param_groups(module, cfg.weight_decay, cfg.decay_biases), momentum=cfg.momentum, **kernels
+    )
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.grad_scaler)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg, steps_per_epoch, start_step + step))
+        optimizer, lambda step: lr_factor(cfg, steps_per_epoch, start_step + step)
+    )
     return Training(model, module, optimizer, scaler, schedule)
 
 
-def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, cfg: TrainConfig,
-                    runtime: Runtime) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+def make_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: TrainConfig,
+    runtime: Runtime,
+) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
     """``step(images, labels) -> (loss_sum, correct)``: one SGD step, results left on the device.
 
     images: (N, 3, S, S) float32 in runtime.memory_format; labels: (N,) int64. loss_sum is the
@@ -218,9 +252,12 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, flip_tta: bool) -> dict
         totals[3] += labels.shape[0]
     loss_sum, top1, top5, samples = all_reduce_sum(totals).tolist()  # sync point
     model.train(was_training)
-    return {"loss": loss_sum / samples if samples else float("nan"),
-            "top1": percent(top1, samples), "top5": percent(top5, samples),
-            "samples": int(samples)}
+    return {
+        "loss": loss_sum / samples if samples else float("nan"),
+        "top1": percent(top1, samples),
+        "top5": percent(top5, samples),
+        "samples": int(samples),
+    }
 
 
 def agree(runtime: Runtime, stop: bool, bad_step: int | None = None) -> tuple[bool, int | None]:
@@ -232,8 +269,11 @@ def agree(runtime: Runtime, stop: bool, bad_step: int | None = None) -> tuple[bo
     """
     if runtime.world_size == 1:
         return stop, bad_step
-    flags = torch.tensor([math.inf if bad_step is None else bad_step, 0.0 if stop else 1.0],
-                         dtype=torch.float64, device=runtime.device)
+    flags = torch.tensor(
+        [math.inf if bad_step is None else bad_step, 0.0 if stop else 1.0],
+        dtype=torch.float64,
+        device=runtime.device,
+    )
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     bad, keep_going = flags.tolist()
     return keep_going == 0.0, None if math.isinf(bad) else int(bad)
@@ -283,9 +323,15 @@ def next_batch(batches):
         return next(batches)
 
 
-def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-          log: Callable[[str], None] | None = None, progress: bool = True,
-          local_world_size: int = 1) -> RunResult:
+def train(
+    cfg: TrainConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    local_rank: int = 0,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+    local_world_size: int = 1,
+) -> RunResult:
     """Train per `cfg`; under torchrun each process passes its rank (cli.py reads the env).
 
     Rank 0 writes RUN/config.json, metrics.jsonl, summary.json and checkpoints/ and calls `log`
@@ -298,11 +344,13 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, local_rank: int 
     runtime = resolve_runtime(cfg, rank, world_size, local_rank, local_world_size)
     joined = world_size > 1 and not dist.is_initialized()
     if joined:  # MASTER_ADDR/PORT come from torchrun, read by torch itself
-        dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo",
-                                rank=rank, world_size=world_size)
+        dist.init_process_group(
+            "nccl" if runtime.device.type == "cuda" else "gloo", rank=rank, world_size=world_size
+        )
     try:
-        return _Run(cfg, runtime, log if rank == 0 and log else (lambda line: None),
-                    progress and rank == 0).run()
+        return _Run(
+            cfg, runtime, log if rank == 0 and log else (lambda line: None), progress and rank == 0
+        ).run()
     finally:
         if joined:
             dist.destroy_process_group()
@@ -325,23 +373,31 @@ class EpochOutcome:
     def global_sums(self, runtime: Runtime) -> PartialEpoch:
         """The epoch so far summed over the ranks (a collective), carried part added once; the
         loader wait is the ranks' mean."""
-        local = torch.tensor([self.totals.loss_sum, self.totals.correct, self.totals.samples,
-                              self.loader_wait_s],
-                             dtype=torch.float64, device=runtime.device)
+        local = torch.tensor(
+            [self.totals.loss_sum, self.totals.correct, self.totals.samples, self.loader_wait_s],
+            dtype=torch.float64,
+            device=runtime.device,
+        )
         loss_sum, correct, samples, wait_s = all_reduce_sum(local).tolist()
         world_size = runtime.world_size
         return PartialEpoch(
-            loss_sum=self.carried.loss_sum + loss_sum, correct=self.carried.correct + correct,
-            samples=self.carried.samples + int(samples), steps=self.totals.steps,
-            train_s=self.train_s, timed_s=self.timed_s, timed_samples=self.timed_samples,
-            loader_wait_s=self.carried.loader_wait_s + wait_s / world_size)
+            loss_sum=self.carried.loss_sum + loss_sum,
+            correct=self.carried.correct + correct,
+            samples=self.carried.samples + int(samples),
+            steps=self.totals.steps,
+            train_s=self.train_s,
+            timed_s=self.timed_s,
+            timed_samples=self.timed_samples,
+            loader_wait_s=self.carried.loader_wait_s + wait_s / world_size,
+        )
 
 
 class _Run:
     """One process's share of a run: loaders, state, the epoch loop and the files (rank 0)."""
 
-    def __init__(self, cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None],
-                 progress: bool) -> None:
+    def __init__(
+        self, cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None], progress: bool
+    ) -> None:
         self.cfg, self.runtime, self.log, self.progress = cfg, runtime, log, progress
         self.main = runtime.rank == 0
         self.global_step = 0
@@ -368,11 +424,14 @@ class _Run:
             state = load_checkpoint(self.last_path)
             check_checkpoint(state, self.last_path, cfg.arch, cfg.image_size, manifest, cfg.shards)
             if state["epoch"] >= cfg.epochs:
-                raise UserError(f"{run_dir} has finished {state['epoch']} of {cfg.epochs} epochs; "
-                                "raise --epochs to train longer")
+                raise UserError(
+                    f"{run_dir} has finished {state['epoch']} of {cfg.epochs} epochs; "
+                    "raise --epochs to train longer"
+                )
         elif (run_dir / "metrics.jsonl").exists() or self.last_path.exists():
-            raise UserError(f"{run_dir} already holds a run; continue it with --resume or "
-                            "choose another --out")
+            raise UserError(
+                f"{run_dir} already holds a run; continue it with --resume or choose another --out"
+            )
         first_epoch = state["epoch"] if state else 0
         placement = Placement(rt.device, rt.rank, rt.world_size, rt.local_world_size)
         self.train_loader = build_loader(cfg, "train", placement, first_epoch)
@@ -390,16 +449,20 @@ class _Run:
         steps_per_epoch = len(self.train_loader)
         epoch, skip = (state["epoch"], state["step_in_epoch"]) if state else (0, 0)
         if state and state["global_step"] != epoch * steps_per_epoch + skip:
-            raise UserError(f"{self.last_path} was written at {state['global_step']} steps "
-                            f"(epoch {epoch}, step {skip}), which does not match "
-                            f"{steps_per_epoch} steps per epoch: resume with the batch size and "
-                            "number of processes it was trained with")
+            raise UserError(
+                f"{self.last_path} was written at {state['global_step']} steps "
+                f"(epoch {epoch}, step {skip}), which does not match "
+                f"{steps_per_epoch} steps per epoch: resume with the batch size and "
+                "number of processes it was trained with"
+            )
         self.global_step = epoch * steps_per_epoch + skip
-        self.training = build_training(cfg, manifest.num_classes, rt, steps_per_epoch,
-                                       self.global_step)
+        self.training = build_training(
+            cfg, manifest.num_classes, rt, steps_per_epoch, self.global_step
+        )
         self.classes = [list(c) for c in manifest.classes]
         self.data = {  # what the run trained on, for summary.json and RESULTS.md
-            "source": manifest.source.get("path"), "classes": manifest.num_classes,
+            "source": manifest.source.get("path"),
+            "classes": manifest.num_classes,
             "train_images": manifest.splits["train"].samples,
             "val_images": manifest.splits["val"].samples,
             "synthetic": all(words.startswith("synthetic") for _, words in manifest.classes),
@@ -414,19 +477,22 @@ class _Run:
             self.history, self.best_top1 = list(state["history"]), state["best_top1"]
             self.compile_s, self.saved_epochs = state["compile_s"], state["epoch"]
             carried = PartialEpoch.from_state(state["partial"])
-        self.step = make_train_step(self.training.model, self.training.optimizer,
-                                    self.training.scaler, cfg, rt)
+        self.step = make_train_step(
+            self.training.model, self.training.optimizer, self.training.scaler, cfg, rt
+        )
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", asdict(cfg))
             write_jsonl(self.run_dir / "metrics.jsonl", self.history)
-        self.log(f"{'resuming' if state else 'training'} {self.run_dir}: {cfg.arch} at "
-                 f"{cfg.image_size} px, {manifest.num_classes} classes, "
-                 f"{self.train_loader.samples * rt.world_size} train / "
-                 f"{manifest.splits['val'].samples} val images; "
-                 f"{steps_per_epoch} steps per epoch of {cfg.batch_size} x {rt.world_size}; "
-                 f"{describe_device(rt)}, amp {rt.amp}, compile {'on' if rt.compile else 'off'}; "
-                 f"loader {self.train_loader.summary}")
+        self.log(
+            f"{'resuming' if state else 'training'} {self.run_dir}: {cfg.arch} at "
+            f"{cfg.image_size} px, {manifest.num_classes} classes, "
+            f"{self.train_loader.samples * rt.world_size} train / "
+            f"{manifest.splits['val'].samples} val images; "
+            f"{steps_per_epoch} steps per epoch of {cfg.batch_size} x {rt.world_size}; "
+            f"{describe_device(rt)}, amp {rt.amp}, compile {'on' if rt.compile else 'off'}; "
+            f"loader {self.train_loader.summary}"
+        )
         with StopSignals() as self.signals:
             while epoch < cfg.epochs and not (cfg.max_steps and self.global_step >= cfg.max_steps):
                 outcome = self.train_epoch(epoch, skip, carried)
@@ -458,8 +524,15 @@ class _Run:
             self.pending_rng = None
         self.training.model.train()
         wait = LoaderWait(device)
-        with tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                  unit="step", disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=steps_per_epoch,
+            initial=skip,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="step",
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        ) as bar:
             window = StepWindow(LOG_EVERY_STEPS, device)
             self.epoch_start_step = self.global_step - skip
             synchronize(device)
@@ -468,8 +541,9 @@ class _Run:
             for done in range(1, planned + 1):
                 with wait:
                     images, labels = next_batch(batches)  # (N, 3, S, S) float32, (N,) int64
-                loss_sum, correct = self.step(images.contiguous(memory_format=rt.memory_format),
-                                              labels)
+                loss_sum, correct = self.step(
+                    images.contiguous(memory_format=rt.memory_format), labels
+                )
                 self.training.schedule.step()
                 window.add(loss_sum, correct)
                 self.global_step += 1
@@ -492,11 +566,15 @@ class _Run:
             self.compile_s = max(0.0, self.warmup_s - warm * steady_step_s) if rt.compile else 0.0
         complete = skip + done == steps_per_epoch and totals.steps == steps_per_epoch
         return EpochOutcome(
-            totals=totals, carried=carried, complete=complete, interrupted=stop and not complete,
+            totals=totals,
+            carried=carried,
+            complete=complete,
+            interrupted=stop and not complete,
             train_s=carried.train_s + ended - started,
             timed_s=carried.timed_s + (ended - warm_end if timed_steps else 0.0),
             timed_samples=carried.timed_samples + timed_steps * cfg.batch_size,
-            loader_wait_s=wait.seconds())
+            loader_wait_s=wait.seconds(),
+        )
 
     def flush(self, window: StepWindow, totals: TrainTotals, epoch: int, bar: tqdm) -> bool:
         """A log point: read the window (sync), check the losses, agree on stopping (DDP)."""
@@ -504,26 +582,35 @@ class _Run:
         totals.absorb(rows, self.cfg.batch_size)
         stop, bad = agree(self.runtime, self.signals.received is not None, totals.first_bad_step)
         if bad is not None:
-            raise self.diverged(epoch, f"step {bad + 1} of {len(self.train_loader)} "
-                                       f"(global step {self.epoch_start_step + bad + 1})")
+            raise self.diverged(
+                epoch,
+                f"step {bad + 1} of {len(self.train_loader)} "
+                f"(global step {self.epoch_start_step + bad + 1})",
+            )
         now = time.perf_counter()
         if rows:
             images = len(rows) * self.cfg.batch_size * self.runtime.world_size
             loss = sum(row[0] for row in rows) / (len(rows) * self.cfg.batch_size)
-            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images / max(now - self.mark, 1e-9):.0f}",
-                            refresh=False)
+            bar.set_postfix(
+                loss=f"{loss:.3f}",
+                img_s=f"{images / max(now - self.mark, 1e-9):.0f}",
+                refresh=False,
+            )
         self.mark = now
         return stop
 
     def diverged(self, epoch: int, where: str) -> UserError:
         if self.saved_epochs is not None:
-            kept = (f"the last good checkpoint, {self.last_path} (epoch {self.saved_epochs}), "
-                    "is kept")
+            kept = (
+                f"the last good checkpoint, {self.last_path} (epoch {self.saved_epochs}), is kept"
+            )
         else:
             kept = "no checkpoint had been written yet"
-        return UserError(f"training diverged: the loss is not finite (nan/inf) at epoch "
-                         f"{epoch + 1}, {where}; stopped, {kept}. Lower --lr (now {self.cfg.lr}) "
-                         "or lengthen --warmup-epochs")
+        return UserError(
+            f"training diverged: the loss is not finite (nan/inf) at epoch "
+            f"{epoch + 1}, {where}; stopped, {kept}. Lower --lr (now {self.cfg.lr}) "
+            "or lengthen --warmup-epochs"
+        )
 
     def finish_epoch(self, epoch: int, outcome: EpochOutcome) -> None:
         """Eval, the metrics row, the checkpoint: after an epoch, or a partial one (max_steps)."""
@@ -537,17 +624,24 @@ class _Run:
         if not math.isfinite(val["loss"]):
             raise self.diverged(epoch, "in its last steps (val loss not finite)")
         row = {
-            "epoch": epoch + 1, "steps": sums.steps,
-            "lr": peak_lr(cfg, rt.world_size) * lr_factor(cfg, len(self.train_loader),
-                                                          self.global_step - 1),
+            "epoch": epoch + 1,
+            "steps": sums.steps,
+            "lr": peak_lr(cfg, rt.world_size)
+            * lr_factor(cfg, len(self.train_loader), self.global_step - 1),
             "train_loss": sums.loss_sum / sums.samples,
-            "train_top1": percent(sums.correct, sums.samples), "train_samples": sums.samples,
-            "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+            "train_top1": percent(sums.correct, sums.samples),
+            "train_samples": sums.samples,
+            "val_loss": val["loss"],
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
             "val_samples": val["samples"],
-            "epoch_s": sums.train_s + eval_s, "train_s": sums.train_s, "eval_s": eval_s,
+            "epoch_s": sums.train_s + eval_s,
+            "train_s": sums.train_s,
+            "eval_s": eval_s,
             "timed_s": sums.timed_s,  # train_s less the warm-up steps: images/s, loader wait
-            "images_per_s": (sums.timed_samples * rt.world_size / sums.timed_s
-                             if sums.timed_samples else None),
+            "images_per_s": (
+                sums.timed_samples * rt.world_size / sums.timed_s if sums.timed_samples else None
+            ),
             "loader_wait_s": sums.loader_wait_s,
             "loader_wait_pct": percent(sums.loader_wait_s, sums.timed_s),
         }
@@ -556,17 +650,20 @@ class _Run:
         self.best_top1 = max(self.best_top1, row["val_top1"])
         if self.main:
             append_jsonl(self.run_dir / "metrics.jsonl", row)
-        self.log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-                 f"top-1 {row['train_top1']:.2f} % | val loss {row['val_loss']:.4f} "
-                 f"top-1 {row['val_top1']:.2f} % top-5 {row['val_top5']:.2f} % "
-                 f"({row['val_samples']} images) | {row['epoch_s']:.1f} s, "
-                 + (f"{row['images_per_s']:.0f} img/s" if row["images_per_s"] else "warm-up only")
-                 + f", waited on the loader {row['loader_wait_s']:.1f} s "
-                 f"({row['loader_wait_pct']:.0f} %)")
+        self.log(
+            f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+            f"top-1 {row['train_top1']:.2f} % | val loss {row['val_loss']:.4f} "
+            f"top-1 {row['val_top1']:.2f} % top-5 {row['val_top5']:.2f} % "
+            f"({row['val_samples']} images) | {row['epoch_s']:.1f} s, "
+            + (f"{row['images_per_s']:.0f} img/s" if row["images_per_s"] else "warm-up only")
+            + f", waited on the loader {row['loader_wait_s']:.1f} s "
+            f"({row['loader_wait_pct']:.0f} %)"
+        )
         self.warn_if_loader_bound(row)
         if outcome.complete:
-            self.save(epoch + 1, 0, None, capture_rng(rt.device, rt.world_size), self.history,
-                      improved)
+            self.save(
+                epoch + 1, 0, None, capture_rng(rt.device, rt.world_size), self.history, improved
+            )
         else:  # stopped by max_steps mid-epoch: --resume continues inside the epoch, whose
             # partial row a resumed run does not keep
             self.save(epoch, sums.steps, sums, rng_mid_epoch, self.history[:-1], improved)
@@ -576,16 +673,26 @@ class _Run:
         if self.warned_loader_bound or not row["loader_wait_pct"] > LOADER_BOUND_PCT:
             return
         self.warned_loader_bound = True
-        remedies = ["--loader resident (if the decoded split fits in device memory)",
-                    f"more --loader-workers (now {self.cfg.loader_workers or 'the default'})"]
+        remedies = [
+            "--loader resident (if the decoded split fits in device memory)",
+            f"more --loader-workers (now {self.cfg.loader_workers or 'the default'})",
+        ]
         if self.runtime.device.type == "cuda" and self.train_loader.backend != "dali":
             remedies.append("--loader dali (decodes on the GPU)")
-        self.log(f"note: this run is loader-bound: the model waited on the loader "
-                 f"{row['loader_wait_pct']:.0f} % of epoch {row['epoch']}; try "
-                 + ", or ".join(remedies))
+        self.log(
+            f"note: this run is loader-bound: the model waited on the loader "
+            f"{row['loader_wait_pct']:.0f} % of epoch {row['epoch']}; try " + ", or ".join(remedies)
+        )
 
-    def save(self, epoch: int, step_in_epoch: int, partial: PartialEpoch | None,
-             rng: list[dict], history: list[dict], best: bool = False) -> None:
+    def save(
+        self,
+        epoch: int,
+        step_in_epoch: int,
+        partial: PartialEpoch | None,
+        rng: list[dict],
+        history: list[dict],
+        best: bool = False,
+    ) -> None:
         """Write checkpoints/last.pt (rank 0), and best.pt as its copy when val top-1 improved.
         `epoch`/`step_in_epoch` say where a resumed run starts; `partial` holds the global totals
         of a part-done epoch; `rng` is every rank's state; `history` the rows the weights have
@@ -594,16 +701,27 @@ class _Run:
         if not self.main:
             return
         t = self.training
-        save_checkpoint(self.last_path, {
-            "format": CHECKPOINT_FORMAT, "config": asdict(self.cfg), "classes": self.classes,
-            "normalisation": normalisation(),
-            "model": t.module.state_dict(), "optimizer": t.optimizer.state_dict(),
-            "scaler": t.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-            "global_step": self.global_step,
-            "partial": None if partial is None else partial.state(), "rng": rng,
-            "history": history, "best_top1": self.best_top1, "compile_s": self.compile_s,
-            "metrics": self.history[-1] if self.history else None,
-        })
+        save_checkpoint(
+            self.last_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": asdict(self.cfg),
+                "classes": self.classes,
+                "normalisation": normalisation(),
+                "model": t.module.state_dict(),
+                "optimizer": t.optimizer.state_dict(),
+                "scaler": t.scaler.state_dict(),
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": self.global_step,
+                "partial": None if partial is None else partial.state(),
+                "rng": rng,
+                "history": history,
+                "best_top1": self.best_top1,
+                "compile_s": self.compile_s,
+                "metrics": self.history[-1] if self.history else None,
+            },
+        )
         if best:
             tmp = self.last_path.with_name("best.pt.tmp")
             shutil.copyfile(self.last_path, tmp)
@@ -615,8 +733,7 @@ class _Run:
         rt = self.runtime
         if outcome is not None:
             sums = outcome.global_sums(rt)
-            self.save(epoch, sums.steps, sums, capture_rng(rt.device, rt.world_size),
-                      self.history)
+            self.save(epoch, sums.steps, sums, capture_rng(rt.device, rt.world_size), self.history)
             where = f"epoch {epoch + 1}, step {sums.steps}"
         else:
             where = f"the end of epoch {epoch}"
@@ -624,8 +741,10 @@ class _Run:
             dist.barrier()  # has written the checkpoint
         received = self.signals.received
         name = signal.Signals(received).name if received else "a signal to another process"
-        message = (f"{name}: stopped at {where}; saved {self.last_path}. Continue with the same "
-                   f"command plus --resume --out {self.run_dir}")
+        message = (
+            f"{name}: stopped at {where}; saved {self.last_path}. Continue with the same "
+            f"command plus --resume --out {self.run_dir}"
+        )
         self.log(message)
         return RunResult(self.run_dir if self.main else None, "interrupted", message=message)
 
@@ -636,34 +755,49 @@ class _Run:
         rates = rates or [r["images_per_s"] for r in self.history[:1] if r["images_per_s"]]
         waited_s = sum(r.get("loader_wait_s", 0.0) for r in self.history)
         summary = {
-            "top1": last.get("val_top1"), "top5": last.get("val_top5"),
+            "top1": last.get("val_top1"),
+            "top5": last.get("val_top5"),
             "best_top1": self.best_top1 if self.history else None,
-            "epochs": len(self.history), "steps": self.global_step,
+            "epochs": len(self.history),
+            "steps": self.global_step,
             "epoch_s": [r["epoch_s"] for r in self.history],
             "images_per_s": median(rates) if rates else None,
             "loader_wait_s": waited_s,
             "loader_wait_pct": percent(waited_s, sum(r.get("timed_s", 0.0) for r in self.history)),
-            "compile_s": self.compile_s, "warmup_s": self.warmup_s,
-            "val_samples": last.get("val_samples"), "data": self.data,
-            "device": describe_device(rt), "loader": self.train_loader.backend, "amp": rt.amp,
-            "compile": rt.compile, "channels_last": rt.channels_last, "arch": cfg.arch,
-            "image_size": cfg.image_size, "batch_size": cfg.batch_size,
-            "world_size": rt.world_size, "peak_lr": peak_lr(cfg, rt.world_size),
-            "recipe": cfg.recipe, "git_sha": git_sha(), "versions": versions(rt),
+            "compile_s": self.compile_s,
+            "warmup_s": self.warmup_s,
+            "val_samples": last.get("val_samples"),
+            "data": self.data,
+            "device": describe_device(rt),
+            "loader": self.train_loader.backend,
+            "amp": rt.amp,
+            "compile": rt.compile,
+            "channels_last": rt.channels_last,
+            "arch": cfg.arch,
+            "image_size": cfg.image_size,
+            "batch_size": cfg.batch_size,
+            "world_size": rt.world_size,
+            "peak_lr": peak_lr(cfg, rt.world_size),
+            "recipe": cfg.recipe,
+            "git_sha": git_sha(),
+            "versions": versions(rt),
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if self.main:
             write_json(self.run_dir / "summary.json", summary)
         if self.history:
-            self.log(f"done: val top-1 {summary['top1']:.2f} %, top-5 {summary['top5']:.2f} % "
-                     f"(best top-1 {summary['best_top1']:.2f} %) after {summary['epochs']} "
-                     f"epochs; {summary['images_per_s'] or 0:.0f} img/s, compile "
-                     f"{summary['compile_s'] or 0:.1f} s; {self.run_dir}")
+            self.log(
+                f"done: val top-1 {summary['top1']:.2f} %, top-5 {summary['top5']:.2f} % "
+                f"(best top-1 {summary['best_top1']:.2f} %) after {summary['epochs']} "
+                f"epochs; {summary['images_per_s'] or 0:.0f} img/s, compile "
+                f"{summary['compile_s'] or 0:.1f} s; {self.run_dir}"
+            )
         return RunResult(self.run_dir if self.main else None, "done", summary)
 
 
-def evaluate_checkpoint(path: Path, shards: str, device: str = "auto", loader: str = "auto",
-                        loader_workers: int = 0) -> dict:
+def evaluate_checkpoint(
+    path: Path, shards: str, device: str = "auto", loader: str = "auto", loader_workers: int = 0
+) -> dict:
     """Val top-1/top-5 of a checkpoint, with the eval transform and TTA setting it trained with.
 
     Returns {"top1", "top5", "loss", "samples", "epoch", "arch"}.
@@ -671,8 +805,17 @@ def evaluate_checkpoint(path: Path, shards: str, device: str = "auto", loader: s
     state = load_checkpoint(Path(path))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in state["config"].items() if k in known}
-    cfg = TrainConfig(**{**saved, "shards": str(shards), "device": device, "loader": loader,
-                         "loader_workers": loader_workers, "compile": False, "resume": False})
+    cfg = TrainConfig(
+        **{
+            **saved,
+            "shards": str(shards),
+            "device": device,
+            "loader": loader,
+            "loader_workers": loader_workers,
+            "compile": False,
+            "resume": False,
+        }
+    )
     runtime = resolve_runtime(cfg)
     manifest = read_manifest(Path(shards))
     check_checkpoint(state, Path(path), cfg.arch, cfg.image_size, manifest, str(shards))

@@ -144,8 +144,14 @@ def ramp_pack(tmp_path_factory):
     import numpy as np
 
     ramp = 30 + RAMP_SLOPE * np.arange(64, dtype=np.uint8)
-    image = np.stack([np.broadcast_to(ramp, (64, 64)), np.broadcast_to(ramp[:, None], (64, 64)),
-                      np.full((64, 64), 128, np.uint8)], axis=-1)
+    image = np.stack(
+        [
+            np.broadcast_to(ramp, (64, 64)),
+            np.broadcast_to(ramp[:, None], (64, 64)),
+            np.full((64, 64), 128, np.uint8),
+        ],
+        axis=-1,
+    )
     root = tmp_path_factory.mktemp("ramp") / "tree"
     write_tree(root, 2, train_per_class=150, val_per_class=1, render=lambda i, label: image)
     out = tmp_path_factory.mktemp("ramppack") / "shards"
@@ -248,8 +254,14 @@ class Launched:
         import subprocess
 
         self.command = [str(part) for part in command]
-        self.process = subprocess.Popen(self.command, start_new_session=True, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+        self.process = subprocess.Popen(
+            self.command,
+            start_new_session=True,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            **kwargs,
+        )
 
     def __enter__(self):
         return self
@@ -284,8 +296,10 @@ class Launched:
         except subprocess.TimeoutExpired:
             self.kill_group()
             stdout, stderr = self.process.communicate()
-            pytest.fail(f"{' '.join(self.command)} ran past {timeout} s; killed its process "
-                        f"group.\n--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-4000:]}")
+            pytest.fail(
+                f"{' '.join(self.command)} ran past {timeout} s; killed its process "
+                f"group.\n--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-4000:]}"
+            )
 
     @property
     def returncode(self) -> int | None:
@@ -294,7 +308,8 @@ class Launched:
 
 @pytest.fixture
 def launch():
-    """launch(command, **popen_kwargs) -> Launched; every group still alive at teardown is killed."""
+    """launch(command, **popen_kwargs) -> Launched; every group still alive at teardown is
+    killed."""
     started = []
 
     def start(command, **kwargs):

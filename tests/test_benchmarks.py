@@ -20,10 +20,30 @@ from PIL import Image
 from fastalex.errors import UserError
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-ROW_KEYS = {"group", "name", "image_size", "device", "images_per_s", "min", "max", "spread_pct",
-            "repeats", "note"}
-MACHINE_KEYS = {"cpu", "cores", "gpu", "driver", "torch", "cuda", "dali", "git_sha", "git_dirty",
-                "date_utc"}
+ROW_KEYS = {
+    "group",
+    "name",
+    "image_size",
+    "device",
+    "images_per_s",
+    "min",
+    "max",
+    "spread_pct",
+    "repeats",
+    "note",
+}
+MACHINE_KEYS = {
+    "cpu",
+    "cores",
+    "gpu",
+    "driver",
+    "torch",
+    "cuda",
+    "dali",
+    "git_sha",
+    "git_dirty",
+    "date_utc",
+}
 
 
 def load_script(name: str):
@@ -45,8 +65,18 @@ def test_quick_throughput_reports_every_group_and_explains_skips(tmp_path, launc
     record = BENCHMARKS / "results" / "throughput.jsonl"
     before = record.read_bytes() if record.exists() else None
     # In its own process group: on a timeout its loader workers and pack pool die with it.
-    throughput = launch([sys.executable, BENCHMARKS / "throughput.py", "--quick", "--device", "cpu",
-                         "--json", out, "--no-record"])
+    throughput = launch(
+        [
+            sys.executable,
+            BENCHMARKS / "throughput.py",
+            "--quick",
+            "--device",
+            "cpu",
+            "--json",
+            out,
+            "--no-record",
+        ]
+    )
     stdout, stderr = throughput.communicate(timeout=240)
     done = subprocess.CompletedProcess(throughput.command, throughput.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -61,7 +91,9 @@ def test_quick_throughput_reports_every_group_and_explains_skips(tmp_path, launc
     names = {(row["group"], row["name"]) for row in rows}
     from fastalex.loaders import BACKENDS
 
-    assert {("loader", "reference"), ("loader", "ffcv")} | {("loader", b) for b in BACKENDS} <= names
+    assert {("loader", "reference"), ("loader", "ffcv")} | {
+        ("loader", b) for b in BACKENDS
+    } <= names
     assert {("model", n) for n in ("eager-fp32", "channels-last", "amp", "compiled")} <= names
     assert {("e2e", "reference"), ("e2e", "fastalex"), ("pack", "pack")} <= names
     for row in rows:
@@ -92,16 +124,35 @@ def test_quick_throughput_reports_every_group_and_explains_skips(tmp_path, launc
 
 
 def fake_row(run_id, gpu, date, group, name, size, rate, **extra):
-    machine = {"cpu": "Fake CPU", "cores": 16, "gpu": gpu, "driver": "550.1", "torch": "2.11.0",
-               "cuda": "12.8", "dali": "2.4.0", "git_sha": "abcdef1234", "git_dirty": False,
-               "date_utc": date}
-    return {"run_id": run_id, "unit": "images/s", "machine": machine,
-            "settings": {"source": "SYNTHETIC stand-in"}, "group": group, "name": name,
-            "image_size": size, "device": "cuda", "images_per_s": rate,
-            "min": rate and rate * 0.9, "max": rate and rate * 1.1, "repeats": 5 if rate else 0,
-            "status": "ok" if rate else "skipped",
-            "note": "" if rate else "skipped: DALI not installed",
-            **extra}
+    machine = {
+        "cpu": "Fake CPU",
+        "cores": 16,
+        "gpu": gpu,
+        "driver": "550.1",
+        "torch": "2.11.0",
+        "cuda": "12.8",
+        "dali": "2.4.0",
+        "git_sha": "abcdef1234",
+        "git_dirty": False,
+        "date_utc": date,
+    }
+    return {
+        "run_id": run_id,
+        "unit": "images/s",
+        "machine": machine,
+        "settings": {"source": "SYNTHETIC stand-in"},
+        "group": group,
+        "name": name,
+        "image_size": size,
+        "device": "cuda",
+        "images_per_s": rate,
+        "min": rate and rate * 0.9,
+        "max": rate and rate * 1.1,
+        "repeats": 5 if rate else 0,
+        "status": "ok" if rate else "skipped",
+        "note": "" if rate else "skipped: DALI not installed",
+        **extra,
+    }
 
 
 def test_render_results_makes_one_table_per_machine_and_quotes_the_blog(tmp_path):
@@ -113,19 +164,37 @@ def test_render_results_makes_one_table_per_machine_and_quotes_the_blog(tmp_path
         fake_row("new", "NVIDIA H100", "2025-02-01T00:00:00Z", "loader", "reference", 64, 1234.0),
         fake_row("new", "NVIDIA H100", "2025-02-01T00:00:00Z", "loader", "dali", 64, None),
         fake_row("new", "NVIDIA H100", "2025-02-01T00:00:00Z", "model", "compiled", 227, 20000.0),
-        fake_row("new", "NVIDIA H100", "2025-02-01T00:00:00Z", "e2e", "fastalex", 64, 50000.0,
-                 epoch_s_100k=2.0),
+        fake_row(
+            "new",
+            "NVIDIA H100",
+            "2025-02-01T00:00:00Z",
+            "e2e",
+            "fastalex",
+            64,
+            50000.0,
+            epoch_s_100k=2.0,
+        ),
         fake_row("cpu", None, "2025-01-15T00:00:00Z", "pack", "pack", None, 900.0),
     ]
     lines = [json.dumps(r) + "\n" for r in rows] + ["not json\n"]
     (results / "throughput.jsonl").write_text("".join(lines))
     run = tmp_path / "runs" / "fast-16"
     run.mkdir(parents=True)
-    (run / "summary.json").write_text(json.dumps({  # as train.py writes it: percent, per-epoch times
-        "recipe": "fast", "arch": "alexnet64", "image_size": 64, "epochs": 16,
-        "device": "cuda:0 (NVIDIA H100)", "epoch_s": [30.0, 12.0, 12.5, 13.0], "images_per_s": 8000.0,
-        "top1": 43.21, "top5": 67.89,
-    }))
+    (run / "summary.json").write_text(
+        json.dumps(
+            {  # as train.py writes it: percent, per-epoch times
+                "recipe": "fast",
+                "arch": "alexnet64",
+                "image_size": 64,
+                "epochs": 16,
+                "device": "cuda:0 (NVIDIA H100)",
+                "epoch_s": [30.0, 12.0, 12.5, 13.0],
+                "images_per_s": 8000.0,
+                "top1": 43.21,
+                "top5": 67.89,
+            }
+        )
+    )
     out = tmp_path / "RESULTS.md"
     assert render.main([str(run), "--results", str(results), "--out", str(out)]) == 0
     text = out.read_text()
@@ -134,11 +203,15 @@ def test_render_results_makes_one_table_per_machine_and_quotes_the_blog(tmp_path
     assert "1,234 (1,111–1,357, spread 20 %)" in text and "| 111 (" not in text  # latest run only
     assert "20,000" in text and "227 px" in text and "2 s/epoch" in text
     assert "DALI not installed" in text  # skipped rows keep their reason
-    assert ("| fast-16 | not recorded | fast | alexnet64 | 64 | cuda:0 (NVIDIA H100) | 16 | 12.5 "
-            "| 8,000 | not recorded | 43.21 | 67.89 |") in text  # epoch time: the median after
+    assert (
+        "| fast-16 | not recorded | fast | alexnet64 | 64 | cuda:0 (NVIDIA H100) | 16 | 12.5 "
+        "| 8,000 | not recorded | 43.21 | 67.89 |"
+    ) in text  # epoch time: the median after
     # the first epoch; a summary from before the loader wait was recorded says so
     blog = next(line for line in text.splitlines() if "31.75" in line)
-    assert "quoted, not measured here" in blog and "58.76" in blog and "~860" in blog and "T4" in blog
+    assert (
+        "quoted, not measured here" in blog and "58.76" in blog and "~860" in blog and "T4" in blog
+    )
     assert "1,234 (1,111–1,357, spread 20 %) |" in text  # the reference row: no speed-up
 
 
@@ -171,9 +244,17 @@ def test_render_results_without_results_says_so(tmp_path):
 def write_run(run: Path, epochs: int, top1: float) -> Path:
     run.mkdir(parents=True)
     lines = [
-        {"epoch": e, "lr": 0.1 / e, "train_loss": 5 / e, "train_top1": top1 * e / epochs,
-         "val_loss": 5.2 / e, "val_top1": top1 * e / epochs, "val_top5": min(1, 2 * top1 * e / epochs),
-         "epoch_s": 10.0, "images_per_s": 9000.0 + e}
+        {
+            "epoch": e,
+            "lr": 0.1 / e,
+            "train_loss": 5 / e,
+            "train_top1": top1 * e / epochs,
+            "val_loss": 5.2 / e,
+            "val_top1": top1 * e / epochs,
+            "val_top5": min(1, 2 * top1 * e / epochs),
+            "epoch_s": 10.0,
+            "images_per_s": 9000.0 + e,
+        }
         for e in range(1, epochs + 1)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -255,7 +336,9 @@ def test_reference_transform_output_and_the_noop_resize(tmp_path):
 
 def test_reference_loader_reads_an_image_folder_in_class_order(synth_tree):
     reference = load_script("reference")
-    loader = reference.ReferenceLoader(synth_tree / "train", 64, batch_size=16, device="cpu", workers=0)
+    loader = reference.ReferenceLoader(
+        synth_tree / "train", 64, batch_size=16, device="cpu", workers=0
+    )
     dataset = loader.dataset
     assert dataset.classes == sorted(dataset.classes) and len(dataset) == 240 and len(loader) == 15
     assert [label for _, label in dataset.samples] == sorted(label for _, label in dataset.samples)
@@ -279,7 +362,13 @@ def test_unpacked_pack_is_a_source_tree_with_the_same_samples(synth_pack, tmp_pa
 
 def test_training_table_marks_a_synthetic_run_as_such():
     render = load_script("render_results")
-    data = {"synthetic": True, "classes": 10, "train_images": 1000, "val_images": 200, "source": "/x/s"}
+    data = {
+        "synthetic": True,
+        "classes": 10,
+        "train_images": 1000,
+        "val_images": 200,
+        "source": "/x/s",
+    }
     assert render.describe_data(data).startswith("**synthetic stand-in**, 10 classes")
     assert render.describe_data(dict(data, synthetic=False)).startswith("s, 10 classes")
 
@@ -361,28 +450,36 @@ def test_run_group_interleaves_rows_in_rotating_windows_and_summarises_them():
         def wrapped():
             waited[0] += 0.1
             return advance()
+
         return wrapped
 
     def build(name, **fields):
-        subject = fake_subject(harness, clock, calls, name, close=lambda: closed.append(name),
-                               **fields)
+        subject = fake_subject(
+            harness, clock, calls, name, close=lambda: closed.append(name), **fields
+        )
         if name == "b":
             subject.advance = waiting(subject.advance)
             subject.waited_s = lambda: waited[0]
             subject.reset = lambda: resets.append(name)
         return subject
 
-    timing = harness.Timing(repeats=4, warmup=2, window_calls=1, window_s=1.0, lead_in=1,
-                            lead_in_s=0.5)
-    rows = harness.run_group("loader", 64, torch.device("cpu"),
-                             {n: (lambda n=n: build(n)) for n in ("a", "b", "c")}, timing,
-                             clock=clock)
+    timing = harness.Timing(
+        repeats=4, warmup=2, window_calls=1, window_s=1.0, lead_in=1, lead_in_s=0.5
+    )
+    rows = harness.run_group(
+        "loader",
+        64,
+        torch.device("cpu"),
+        {n: (lambda n=n: build(n)) for n in ("a", "b", "c")},
+        timing,
+        clock=clock,
+    )
     assert [r["name"] for r in rows] == ["a", "b", "c"] and sorted(closed) == ["a", "b", "c"]
     # Each row is warmed up (2 calls) as it is built; then per window 2 lead-in calls (0.5 s of
     # 0.25 s calls) and 4 timed ones (1 s): in rounds whose order rotates.
     assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
     runs = [calls[i] for i in range(6, len(calls), 6)]
-    assert all(calls[i:i + 6] == [calls[i]] * 6 for i in range(6, len(calls), 6))
+    assert all(calls[i : i + 6] == [calls[i]] * 6 for i in range(6, len(calls), 6))
     assert runs == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
     assert resets == ["b"] * 4  # before each of b's windows, untimed
     for row in rows:
@@ -408,13 +505,16 @@ def test_run_group_keeps_going_past_rows_that_skip_or_fail_and_says_why():
     builders = {
         "skips": skip,
         "missing": missing,
-        "breaks": lambda: fake_subject(harness, clock, calls, "breaks", fail_at=5,
-                                       close=lambda: closed.append("breaks")),
+        "breaks": lambda: fake_subject(
+            harness, clock, calls, "breaks", fail_at=5, close=lambda: closed.append("breaks")
+        ),
         "works": lambda: fake_subject(harness, clock, calls, "works", compiles=True),
     }
     timing = harness.Timing(repeats=3, warmup=1, window_calls=2, window_s=0.0)
-    rows = {r["name"]: r for r in harness.run_group("model", 64, torch.device("cpu"), builders,
-                                                      timing, clock=clock)}
+    rows = {
+        r["name"]: r
+        for r in harness.run_group("model", 64, torch.device("cpu"), builders, timing, clock=clock)
+    }
     assert (rows["skips"]["status"], rows["skips"]["note"]) == ("skipped", "skipped: no DALI here")
     assert rows["missing"]["status"] == "skipped"
     assert "not importable here" in rows["missing"]["note"]
@@ -444,11 +544,23 @@ def test_table_marks_a_ratio_whose_ranges_overlap_as_not_significant():
     report = load_script("report")
 
     def row(name, median, low, high, **extra):
-        return {"group": "loader", "name": name, "image_size": 64, "images_per_s": median,
-                "min": low, "max": high, "status": "ok", "note": "", **extra}
+        return {
+            "group": "loader",
+            "name": name,
+            "image_size": 64,
+            "images_per_s": median,
+            "min": low,
+            "max": high,
+            "status": "ok",
+            "note": "",
+            **extra,
+        }
 
-    rows = [row("reference", 100.0, 95.0, 105.0), row("cpu", 300.0, 290.0, 320.0),
-            row("dali", 104.0, 100.0, 130.0, wait_pct=12.0)]
+    rows = [
+        row("reference", 100.0, 95.0, 105.0),
+        row("cpu", 300.0, 290.0, 320.0),
+        row("dali", 104.0, 100.0, 130.0, wait_pct=12.0),
+    ]
     table = report.format_table(rows)
     cpu_line = next(line for line in table.splitlines() if line.startswith("loader  cpu"))
     dali_line = next(line for line in table.splitlines() if line.startswith("loader  dali"))
@@ -470,8 +582,9 @@ def test_ffcv_row_loader_keeps_the_batch_contract(synth_pack, tmp_path):
     written = path.stat().st_mtime_ns
     assert ffcv_loader.write_beton(synth_pack, "train", path, workers=2) == path  # reused
     assert path.stat().st_mtime_ns == written and not list(path.parent.glob("*.part"))
-    cfg = TrainConfig(shards=str(synth_pack), image_size=48, batch_size=16, loader="cpu",
-                      device="cpu")
+    cfg = TrainConfig(
+        shards=str(synth_pack), image_size=48, batch_size=16, loader="cpu", device="cpu"
+    )
     loader = ffcv_loader.FfcvLoader(cfg, path, torch.device("cpu"), workers=2)
     try:
         assert loader.backend == "ffcv" and len(loader) == 240 // 16
@@ -493,8 +606,20 @@ def test_ffcv_row_loader_keeps_the_batch_contract(synth_pack, tmp_path):
 def test_loader_memory_reports_the_bounded_canvas_of_a_mixed_size_pack(mixed_pack, launch):
     """benchmarks/loader_memory.py runs (two steps' worth: one epoch of a tiny pack) and says
     which canvas the loader decoded the 2000 x 1000 photo onto."""
-    job = launch([sys.executable, BENCHMARKS / "loader_memory.py", "--data", mixed_pack,
-                  "--loader", "cpu", "--batch-size", "8", "--epochs", "1"])
+    job = launch(
+        [
+            sys.executable,
+            BENCHMARKS / "loader_memory.py",
+            "--data",
+            mixed_pack,
+            "--loader",
+            "cpu",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+        ]
+    )
     stdout, stderr = job.communicate(timeout=120)
     assert job.returncode == 0, stdout + stderr
     report = json.loads(stdout.strip().splitlines()[-1])
@@ -508,8 +633,15 @@ def test_rows_measured_on_different_data_never_share_a_table():
     machine = {"cpu": "Xeon", "cores": 2, "date_utc": "2026-12-01T00:00:00Z"}
 
     def row(run_id, data, rate):
-        return {"run_id": run_id, "machine": machine, "group": "loader", "name": "cpu",
-                "image_size": 64, "images_per_s": rate, "settings": {"data": data}}
+        return {
+            "run_id": run_id,
+            "machine": machine,
+            "group": "loader",
+            "name": "cpu",
+            "image_size": 64,
+            "images_per_s": rate,
+            "settings": {"data": data},
+        }
 
     latest = render.latest_runs([row("a", "/packs/tiny", 100.0), row("b", "/packs/photos", 5.0)])
     assert sorted(data for _, data in latest) == ["/packs/photos", "/packs/tiny"]
@@ -524,9 +656,18 @@ def test_results_say_how_far_medians_and_ratios_move():
 
     def run(run_id, date, reference, cpu):
         machine = {"cpu": "Xeon", "cores": 2, "date_utc": date}
-        return [{"run_id": run_id, "machine": machine, "group": "loader", "name": name,
-                 "image_size": 64, "images_per_s": rate, "settings": {"data": "/p"}}
-                for name, rate in (("reference", reference), ("cpu", cpu))]
+        return [
+            {
+                "run_id": run_id,
+                "machine": machine,
+                "group": "loader",
+                "name": name,
+                "image_size": 64,
+                "images_per_s": rate,
+                "settings": {"data": "/p"},
+            }
+            for name, rate in (("reference", reference), ("cpu", cpu))
+        ]
 
     idle = run("a", "1", 100.0, 900.0) + run("b", "2", 100.0, 1000.0) + run("c", "3", 100.0, 1100.0)
     busy = run("d", "4", 50.0, 1000.0)

@@ -13,15 +13,32 @@ from fastalex.config import IMAGE_MEAN, IMAGE_STD
 from fastalex.errors import UserError
 from fastalex.plot import read_metrics
 
-TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1", "--loader", "cpu",
-        "--no-compile")
-TIMING_KEYS = {"epoch_s", "train_s", "eval_s", "images_per_s", "loader_wait_s", "loader_wait_pct",
-               "timed_s"}
+TINY = (
+    "--device",
+    "cpu",
+    "--batch-size",
+    "32",
+    "--loader-workers",
+    "1",
+    "--loader",
+    "cpu",
+    "--no-compile",
+)
+TIMING_KEYS = {
+    "epoch_s",
+    "train_s",
+    "eval_s",
+    "images_per_s",
+    "loader_wait_s",
+    "loader_wait_pct",
+    "timed_s",
+}
 
 
 def train_cli(pack, out, *args):
-    result = CliRunner().invoke(main, ["train", str(pack), "--out", str(out), *TINY,
-                                       *[str(a) for a in args]])
+    result = CliRunner().invoke(
+        main, ["train", str(pack), "--out", str(out), *TINY, *[str(a) for a in args]]
+    )
     assert result.exit_code == 0, result.output
     return result
 
@@ -49,8 +66,10 @@ def test_fp16_on_the_cpu_trains_and_resumes_exactly(hue_pack, tmp_path):
     assert len(resumed) == 1 and resumed[0]["steps"] == 4
     assert without_timing(resumed) == without_timing(straight)
     final = load_checkpoint(tmp_path / "parts" / "checkpoints" / "last.pt")
-    assert final["scaler"] == load_checkpoint(
-        tmp_path / "straight" / "checkpoints" / "last.pt")["scaler"]
+    assert (
+        final["scaler"]
+        == load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["scaler"]
+    )
 
 
 def test_resuming_with_another_amp_setting_starts_a_fresh_loss_scale(hue_pack, tmp_path):
@@ -63,8 +82,12 @@ def test_resuming_with_another_amp_setting_starts_a_fresh_loss_scale(hue_pack, t
 
 
 def test_a_partial_epoch_carries_global_totals_and_reads_old_checkpoints():
-    legacy = {"totals": {"loss_sum": 3.0, "correct": 2.0, "samples": 64, "steps": 2},
-              "train_s": 1.5, "timed_s": 1.0, "timed_samples": 32}
+    legacy = {
+        "totals": {"loss_sum": 3.0, "correct": 2.0, "samples": 64, "steps": 2},
+        "train_s": 1.5,
+        "timed_s": 1.0,
+        "timed_samples": 32,
+    }
     carried = PartialEpoch.from_state(legacy)
     assert (carried.loss_sum, carried.correct, carried.samples, carried.steps) == (3.0, 2.0, 64, 2)
     assert carried.loader_wait_s == 0.0 and PartialEpoch.from_state(None) == PartialEpoch()
@@ -100,8 +123,11 @@ def test_fp16_step_with_an_inf_gradient_is_skipped_not_applied():
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
     step(images, labels)  # momentum buffers exist from here on
     weights = [p.detach().clone() for p in training.module.parameters()]
-    momentum = [training.optimizer.state[p]["momentum_buffer"].clone()
-                for p in training.module.parameters() if p in training.optimizer.state]
+    momentum = [
+        training.optimizer.state[p]["momentum_buffer"].clone()
+        for p in training.module.parameters()
+        if p in training.optimizer.state
+    ]
     scale = training.scaler.get_scale()
     first = next(training.module.parameters())
     hook = first.register_hook(lambda grad: torch.full_like(grad, float("inf")))
@@ -109,9 +135,12 @@ def test_fp16_step_with_an_inf_gradient_is_skipped_not_applied():
     hook.remove()
     assert torch.isfinite(loss_sum)
     assert all(torch.equal(w, p) for w, p in zip(weights, training.module.parameters()))
-    assert all(torch.equal(m, training.optimizer.state[p]["momentum_buffer"])
-               for m, p in zip(momentum, [p for p in training.module.parameters()
-                                          if p in training.optimizer.state]))
+    assert all(
+        torch.equal(m, training.optimizer.state[p]["momentum_buffer"])
+        for m, p in zip(
+            momentum, [p for p in training.module.parameters() if p in training.optimizer.state]
+        )
+    )
     assert momentum and training.scaler.get_scale() == scale / 2
     step(images, labels)  # the next step applies again
     assert not torch.equal(weights[0], first)
@@ -120,8 +149,9 @@ def test_fp16_step_with_an_inf_gradient_is_skipped_not_applied():
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-@pytest.mark.parametrize("loader", ["cpu", pytest.param("dali", marks=pytest.mark.dali),
-                                    "resident"])
+@pytest.mark.parametrize(
+    "loader", ["cpu", pytest.param("dali", marks=pytest.mark.dali), "resident"]
+)
 def test_cuda_training_compiled_resumes_with_each_amp_and_loader(hue_pack, tmp_path, amp, loader):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -130,8 +160,21 @@ def test_cuda_training_compiled_resumes_with_each_amp_and_loader(hue_pack, tmp_p
     if amp == "bf16" and torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("no native bf16 on this GPU")
     out = tmp_path / "run"
-    args = ("--device", "cuda", "--amp", amp, "--loader", loader, "--compile",
-            "--batch-size", "32", "--loader-workers", "2", "--epochs", "2")
+    args = (
+        "--device",
+        "cuda",
+        "--amp",
+        amp,
+        "--loader",
+        loader,
+        "--compile",
+        "--batch-size",
+        "32",
+        "--loader-workers",
+        "2",
+        "--epochs",
+        "2",
+    )
     invoke = CliRunner().invoke
     first = invoke(main, ["train", str(hue_pack), "--out", str(out), *args, "--max-steps", "3"])
     assert first.exit_code == 0, first.output

@@ -7,11 +7,12 @@ import sys
 import time
 import zipfile
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from fastalex.cli import main
-from fastalex.config import PackConfig
+from fastalex.config import PackConfig, TrainConfig
 
 
 def run(*args: str):
@@ -20,8 +21,18 @@ def run(*args: str):
 
 def test_synth_pack_verify_round_trip(tmp_path):
     tree, out = tmp_path / "tree", tmp_path / "shards"
-    result = run("synth", tree, "--classes", 3, "--train-per-class", 8, "--val-per-class", 2,
-                 "--test-images", 2)
+    result = run(
+        "synth",
+        tree,
+        "--classes",
+        3,
+        "--train-per-class",
+        8,
+        "--val-per-class",
+        2,
+        "--test-images",
+        2,
+    )
     assert result.exit_code == 0 and "SYNTHETIC" in result.output
     result = run("pack", tree, out, "--shard-size", 10)
     assert result.exit_code == 0, result.output
@@ -55,6 +66,16 @@ def test_pack_options_match_pack_config_fields():
     assert {f.name for f in dataclasses.fields(PackConfig)} <= options
 
 
+@pytest.mark.parametrize("command, cls", [("pack", PackConfig), ("train", TrainConfig)])
+def test_every_config_option_shows_its_fields_help(command, cls):
+    import dataclasses
+
+    options = {p.name: p for p in main.commands[command].params if isinstance(p, click.Option)}
+    for f in dataclasses.fields(cls):
+        if f.name in options:
+            assert f.metadata["help"] and options[f.name].help == f.metadata["help"], f.name
+
+
 def test_python_dash_m_runs_the_cli(launch):
     cli = launch([sys.executable, "-m", "fastalex", "--help"])
     stdout, stderr = cli.communicate(timeout=120)
@@ -70,25 +91,34 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-def test_a_launch_past_its_timeout_is_killed_with_its_children_and_fails_saying_so(launch, tmp_path):
+def test_a_launch_past_its_timeout_is_killed_with_its_children_and_fails_saying_so(
+    launch, tmp_path
+):
     """What every process-starting test relies on (conftest's `launch`): a hung command dies with
     the processes it started, and the test fails with what they printed."""
     pid_file = tmp_path / "child.pid"
     # The child holds no pipe (nothing waits on it) and, as torchrun's ranks do, runs in a session
     # of its own, outside the launched command's process group.
-    script = ("import subprocess, sys, time; "
-              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
-              "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True); "
-              "print('started', flush=True); "
-              f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(600)")
+    script = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True); "
+        "print('started', flush=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(600)"
+    )
     hung = launch([sys.executable, "-c", script])
     deadline = time.monotonic() + 60
     while not pid_file.exists() or not pid_file.read_text():
-        assert time.monotonic() < deadline and hung.process.poll() is None, "the script never started"
+        assert time.monotonic() < deadline and hung.process.poll() is None, (
+            "the script never started"
+        )
         time.sleep(0.05)
     child = int(pid_file.read_text())
-    with pytest.raises(pytest.fail.Exception, match=r"ran past 0.5 s; killed its process group"
-                       r"(.|\n)*--- stdout\nstarted"):
+    with pytest.raises(
+        pytest.fail.Exception,
+        match=r"ran past 0.5 s; killed its process group"
+        r"(.|\n)*--- stdout\nstarted",
+    ):
         hung.communicate(timeout=0.5)
     assert hung.returncode is not None
     deadline = time.monotonic() + 10
@@ -110,6 +140,18 @@ def test_pack_download_fetches_checks_and_packs(synth_tree, server, tmp_path):
     assert result.exit_code == 0, result.output
     assert "train: 240 images" in result.output
     assert (cache / "tiny-imagenet-200.zip").read_bytes() == archive.read_bytes()
-    bad = CliRunner().invoke(main, ["pack", "--download", "--url", url, "--md5", "0" * 32,
-                                    "--cache-dir", str(tmp_path / "c2"), str(tmp_path / "o2")])
+    bad = CliRunner().invoke(
+        main,
+        [
+            "pack",
+            "--download",
+            "--url",
+            url,
+            "--md5",
+            "0" * 32,
+            "--cache-dir",
+            str(tmp_path / "c2"),
+            str(tmp_path / "o2"),
+        ],
+    )
     assert bad.exit_code == 2 and "md5" in bad.output

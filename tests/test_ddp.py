@@ -23,16 +23,39 @@ from fastalex.cli import main
 from fastalex.plot import read_metrics
 
 TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1", "--no-compile")
-TIMING_KEYS = {"epoch_s", "train_s", "eval_s", "images_per_s", "loader_wait_s", "loader_wait_pct",
-               "timed_s"}
+TIMING_KEYS = {
+    "epoch_s",
+    "train_s",
+    "eval_s",
+    "images_per_s",
+    "loader_wait_s",
+    "loader_wait_pct",
+    "timed_s",
+}
 TIMEOUT_S = 240  # one torchrun of a few epochs takes ~20-40 s on the 2-core box
 
 
 def torchrun(launch, pack, out, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc_per_node", "2", "-m", "fastalex", "train", pack, "--out", out,
-                   *TINY, *args], env=env)
+    return launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fastalex",
+            "train",
+            pack,
+            "--out",
+            out,
+            *TINY,
+            *args,
+        ],
+        env=env,
+    )
 
 
 def run_to_end(launch, pack, out, *args) -> str:
@@ -63,8 +86,10 @@ def test_ranks_agree_on_stopping_and_on_the_earliest_bad_step(tmp_path):
     """One rank signalled or one rank's non-finite loss: both ranks take the same decision."""
     import torch.multiprocessing as mp
 
-    views = [[(False, None), (False, 7), (False, None), (True, 5)],  # rank 0's own views
-             [(True, None), (False, 3), (False, None), (False, None)]]  # rank 1's
+    views = [
+        [(False, None), (False, 7), (False, None), (True, 5)],  # rank 0's own views
+        [(True, None), (False, 3), (False, None), (False, None)],
+    ]  # rank 1's
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(agree_on_two_ranks, (str(tmp_path / "store"), views, results), nprocs=2)
@@ -98,9 +123,11 @@ def rank_pids(launcher_pid: int) -> dict[int, int]:
             parent = int(stat.rsplit(")", 1)[1].split()[1])
             if parent != launcher_pid:
                 continue
-            env = dict(item.split("=", 1) for item in
-                       (entry / "environ").read_bytes().decode(errors="replace").split("\0")
-                       if "=" in item)
+            env = dict(
+                item.split("=", 1)
+                for item in (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in item
+            )
         except (OSError, ValueError, IndexError):
             continue
         if "RANK" in env:
@@ -146,15 +173,27 @@ def test_ddp_val_metrics_equal_a_single_process_eval(hue_pack, tmp_path, launch,
     stdout = run_to_end(launch, hue_pack, out, "--loader", backend, "--epochs", "1")
     assert stdout.count("epoch 1/1:") == 1  # only rank 0 reports
     assert sorted(p.name for p in out.rglob("*")) == sorted(
-        ["checkpoints", "config.json", "metrics.jsonl", "summary.json", "last.pt", "best.pt"])
+        ["checkpoints", "config.json", "metrics.jsonl", "summary.json", "last.pt", "best.pt"]
+    )
     (row,) = read_metrics(out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["loader"] == backend
     assert row["train_samples"] == 256 and row["steps"] == 4 and row["val_samples"] == 128
     report = tmp_path / "eval.json"
-    result = CliRunner().invoke(main, ["eval", str(out / "checkpoints" / "last.pt"),
-                                       str(hue_pack), "--device", "cpu", "--loader", "cpu",
-                                       "--json", str(report)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(out / "checkpoints" / "last.pt"),
+            str(hue_pack),
+            "--device",
+            "cpu",
+            "--loader",
+            "cpu",
+            "--json",
+            str(report),
+        ],
+    )
     assert result.exit_code == 0, result.output
     single = json.loads(report.read_text())
     assert single["samples"] == row["val_samples"]
@@ -169,9 +208,30 @@ def test_nccl_two_gpus_share_the_data_and_rank0_writes(hue_pack, tmp_path, launc
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     out = tmp_path / "ddp"
-    job = launch([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                  "--nproc_per_node", "2", "-m", "fastalex", "train", hue_pack, "--out", out,
-                  "--device", "cuda", "--batch-size", "32", "--loader", "cpu", "--epochs", "1"])
+    job = launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fastalex",
+            "train",
+            hue_pack,
+            "--out",
+            out,
+            "--device",
+            "cuda",
+            "--batch-size",
+            "32",
+            "--loader",
+            "cpu",
+            "--epochs",
+            "1",
+        ]
+    )
     stdout, stderr = job.communicate(TIMEOUT_S)
     assert job.returncode == 0, stdout + stderr
     (row,) = read_metrics(out)

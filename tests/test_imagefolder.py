@@ -16,7 +16,6 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-
 pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
 
 from fastalex.cli import main
@@ -37,8 +36,11 @@ def pack_tree(src, out, **settings):
 
 def stored(out: Path, split: str) -> list[tuple[bytes, int]]:
     manifest = read_manifest(out)
-    return [sample for shard in manifest.splits[split].shards
-            for sample in iter_shard(out / shard.name, read_index(out / shard.index_name))]
+    return [
+        sample
+        for shard in manifest.splits[split].shards
+        for sample in iter_shard(out / shard.name, read_index(out / shard.index_name))
+    ]
 
 
 def centre_grey(jpeg: bytes) -> int:
@@ -51,8 +53,11 @@ def tree_images(root: Path, split: str) -> dict[str, list[str]]:
     """{class directory: [image paths]} as the tree itself lists them, corrupt file and
     non-images left out."""
     return {
-        folder.name: [p.relative_to(root).as_posix() for p in sorted(folder.rglob("*"))
-                      if p.is_file() and p.suffix != ".txt" and p.relative_to(root).as_posix() not in BAD]
+        folder.name: [
+            p.relative_to(root).as_posix()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix != ".txt" and p.relative_to(root).as_posix() not in BAD
+        ]
         for folder in sorted((root / split).iterdir())
     }
 
@@ -93,7 +98,9 @@ def test_every_format_packs_with_labels_from_the_directory_names(folder_tree, fo
     assert manifest.splits["train"].image_px == (256, 512)  # the 2000 x 1000 JPEG, downscaled
     assert [r["path"] for r in manifest.rejected] == ["train/dog/broken.png"]
     assert "does not decode" in manifest.rejected[0]["reason"]
-    assert any("1 files that are not images" in note and "notes.txt" in note for note in manifest.skipped)
+    assert any(
+        "1 files that are not images" in note and "notes.txt" in note for note in manifest.skipped
+    )
     assert manifest.source["layout"] == "imagefolder" and manifest.pack["max_side"] == 512
     assert verify_pack(folder_pack) == []
 
@@ -125,7 +132,10 @@ def test_a_dir_and_its_zip_give_identical_packs(folder_tree, folder_pack, tmp_pa
                 assert (tmp_path / "z" / name).read_bytes() == (folder_pack / name).read_bytes()
     from_dir = read_manifest(folder_pack)
     assert (from_dir.splits, from_dir.classes, from_dir.skipped) == (
-        manifest.splits, manifest.classes, manifest.skipped)
+        manifest.splits,
+        manifest.classes,
+        manifest.skipped,
+    )
     assert [r["path"] for r in manifest.rejected] == ["photos/train/dog/broken.png"]
 
 
@@ -166,8 +176,7 @@ def test_val_fraction_holds_out_each_class_seeded(folder_tree, tmp_path):
     assert manifest.splits["val"].samples == 2 + 2 + 2 and manifest.pack["val_fraction"] == 0.2
 
 
-def test_a_header_bomb_is_rejected_without_decoding(monkeypatch, tmp_path, folder_tree,
-                                                    bomb_jpeg):
+def test_a_header_bomb_is_rejected_without_decoding(monkeypatch, tmp_path, folder_tree, bomb_jpeg):
     data = bomb_jpeg()
     assert len(data) < 1000
 
@@ -181,7 +190,9 @@ def test_a_header_bomb_is_rejected_without_decoding(monkeypatch, tmp_path, folde
         patch.setattr(Image.Image, "load", no_decoding)
         patch.setattr(Image.Image, "draft", no_decoding)
         for check in (check_image_header, prepare_image):
-            with pytest.raises(Rejected, match=r"60000x60000 pixels .* over the limit .*not decoded"):
+            with pytest.raises(
+                Rejected, match=r"60000x60000 pixels .* over the limit .*not decoded"
+            ):
                 check(data)
     tree = tmp_path / "tree"
     shutil.copytree(folder_tree.path, tree)
@@ -272,8 +283,12 @@ def test_cli_user_errors_are_one_line_and_exit_2(folder_tree, tmp_path):
 def readme_commands() -> list[str]:
     section = README.read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
-    return [line.split("  #", 1)[0].strip() for block in blocks for line in block.splitlines()
-            if line.strip()]
+    return [
+        line.split("  #", 1)[0].strip()
+        for block in blocks
+        for line in block.splitlines()
+        if line.strip()
+    ]
 
 
 def test_readme_your_own_data_commands_run(folder_tree, tmp_path, monkeypatch):
@@ -286,8 +301,12 @@ def test_readme_your_own_data_commands_run(folder_tree, tmp_path, monkeypatch):
     shutil.copytree(folder_tree.path, data / "flowers", ignore=shutil.ignore_patterns("val"))
     monkeypatch.chdir(tmp_path)
     for command in commands:
-        result = CliRunner().invoke(main, shlex.split(command)[1:] + ["--workers", "2"]
-                                    if " pack " in f" {command} " else shlex.split(command)[1:])
+        result = CliRunner().invoke(
+            main,
+            shlex.split(command)[1:] + ["--workers", "2"]
+            if " pack " in f" {command} "
+            else shlex.split(command)[1:],
+        )
         assert result.exit_code == 0, (command, result.output)
     for out in Path("data").glob("*shards*"):
         assert verify_pack(out) == []

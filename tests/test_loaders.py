@@ -14,8 +14,7 @@ import torch
 
 from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Placement, build_loader, rank_share, steps_per_epoch
-from fastalex.loaders import augment
+from fastalex.loaders import Placement, augment, build_loader, rank_share, steps_per_epoch
 from fastalex.loaders.augment import crop_resize, sample_crop_boxes
 from fastalex.shards import read_manifest
 
@@ -153,7 +152,9 @@ def test_epoch_seed_is_distinct_for_each_seed_epoch_and_rank():
 @pytest.mark.parametrize("backend", ["dali", "resident"])
 def test_val_pixels_agree_with_the_cpu_reference(synth_pack, backend, image_size):
     needs(backend)
-    loaders = [make(synth_pack, b, "val", batch_size=30, image_size=image_size) for b in ("cpu", backend)]
+    loaders = [
+        make(synth_pack, b, "val", batch_size=30, image_size=image_size) for b in ("cpu", backend)
+    ]
     batches = 0
     for (cpu_images, cpu_labels), (images, labels) in zip(*loaders):
         batches += 1
@@ -192,7 +193,9 @@ def crop_summary(w: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.array([area.mean(), area.std(), log_ratio.mean(), log_ratio.std()])
 
 
-def reference_crop_size(height: int, width: int, scale, ratio, rng: random.Random) -> tuple[int, int]:
+def reference_crop_size(
+    height: int, width: int, scale, ratio, rng: random.Random
+) -> tuple[int, int]:
     """(w, h) of one random-resized-crop window by its definition (augment.py's docstring, after
     DALI's RandomCropGenerator), written apart from the code under test: scalar, plain Python."""
     (area_lo, area_hi), (ratio_lo, ratio_hi) = scale, ratio
@@ -228,15 +231,23 @@ KS_C_001 = 1.95  # two-sample KS critical coefficient at alpha = 0.001: D > 1.95
 DEFAULT_SCALE, DEFAULT_RATIO = (0.35, 1.0), (3 / 4, 4 / 3)  # TrainConfig's crop_* defaults
 
 
-@pytest.mark.parametrize("height, width, scale, ratio", [
-    (64, 64, DEFAULT_SCALE, DEFAULT_RATIO),  # Tiny ImageNet
-    (24, 64, DEFAULT_SCALE, DEFAULT_RATIO),  # wide: ~10 % of draws take the clamped fallback
-    (64, 24, DEFAULT_SCALE, DEFAULT_RATIO),  # tall
-    (12, 17, DEFAULT_SCALE, DEFAULT_RATIO),  # small: rounding moves many aspects
-    (10, 200, DEFAULT_SCALE, DEFAULT_RATIO),  # too wide for any allowed crop: 13 x 10
-    (200, 10, DEFAULT_SCALE, DEFAULT_RATIO),  # too tall: 10 x 13
-    (2, 2, (0.3, 0.4), (1.2, 1.3)),  # no rounded attempt in range: fallback 2 x 1 shrunk to 1 x 1
-])
+@pytest.mark.parametrize(
+    "height, width, scale, ratio",
+    [
+        (64, 64, DEFAULT_SCALE, DEFAULT_RATIO),  # Tiny ImageNet
+        (24, 64, DEFAULT_SCALE, DEFAULT_RATIO),  # wide: ~10 % of draws take the clamped fallback
+        (64, 24, DEFAULT_SCALE, DEFAULT_RATIO),  # tall
+        (12, 17, DEFAULT_SCALE, DEFAULT_RATIO),  # small: rounding moves many aspects
+        (10, 200, DEFAULT_SCALE, DEFAULT_RATIO),  # too wide for any allowed crop: 13 x 10
+        (200, 10, DEFAULT_SCALE, DEFAULT_RATIO),  # too tall: 10 x 13
+        (
+            2,
+            2,
+            (0.3, 0.4),
+            (1.2, 1.3),
+        ),  # no rounded attempt in range: fallback 2 x 1 shrunk to 1 x 1
+    ],
+)
 def test_crop_boxes_follow_the_random_resized_crop_definition(height, width, scale, ratio):
     """sample_crop_boxes against a reference sampler written from the definition: the same
     distribution of area fraction and aspect (KS test), whole-pixel boxes inside the image, the
@@ -249,8 +260,9 @@ def test_crop_boxes_follow_the_random_resized_crop_definition(height, width, sca
     assert (x0 >= 0).all() and (y0 >= 0).all() and (w >= 1).all() and (h >= 1).all()
     assert (x0 + w <= width).all() and (y0 + h <= height).all()
     rng = random.Random(1)
-    ref_w, ref_h = np.array([reference_crop_size(height, width, scale, ratio, rng)
-                             for _ in range(n)], dtype=np.float64).T
+    ref_w, ref_h = np.array(
+        [reference_crop_size(height, width, scale, ratio, rng) for _ in range(n)], dtype=np.float64
+    ).T
     bound = KS_C_001 * math.sqrt(2 / n)
     assert ks_distance(w * h, ref_w * ref_h) < bound, "crop area"
     assert ks_distance(np.log(w / h), np.log(ref_w / ref_h)) < bound, "crop aspect"
@@ -341,8 +353,9 @@ def test_train_augmentation_statistics_agree(ramp_pack):
     scale = (cfg.crop_scale_min, cfg.crop_scale_max)
     ratio = (cfg.crop_ratio_min, cfg.crop_ratio_max)
     rng = random.Random(1)
-    w, h = np.array([reference_crop_size(64, 64, scale, ratio, rng) for _ in range(50_000)],
-                    dtype=np.float64).T
+    w, h = np.array(
+        [reference_crop_size(64, 64, scale, ratio, rng) for _ in range(50_000)], dtype=np.float64
+    ).T
     expected = crop_summary(w, h)
     for backend in BACKENDS:
         if backend == "dali":
@@ -369,7 +382,6 @@ def test_tampered_shard_is_refused_before_any_batch(coded_pack, tmp_path, backen
     with pytest.raises(UserError, match="sha256"):
         make(copy, backend, "train", batch_size=32)
     make(copy, backend, "val", batch_size=32).close()  # only the tampered split is refused
-
 
 
 @pytest.mark.dali
@@ -460,8 +472,9 @@ def test_the_shared_memory_ring_shrinks_to_fit_or_names_the_fix(coded_pack, monk
     monkeypatch.setattr("fastalex.loaders.default_workers", lambda: 8)
     batch_bytes = 10 * 24 * 24 * 3  # batch 10 of coded_pack's largest (24 x 24) images
     # room for (prefetch 2 * 3 workers + 2) = 8 slots of each of 2 ranks' train rings
-    monkeypatch.setattr(cpu, "free_shared_memory",
-                        lambda: int(8 * batch_bytes * 2 * 2 / cpu.SHM_HEADROOM) + 1)
+    monkeypatch.setattr(
+        cpu, "free_shared_memory", lambda: int(8 * batch_bytes * 2 * 2 / cpu.SHM_HEADROOM) + 1
+    )
     two_ranks = Placement(CPU, 0, 2, local_world_size=2)
     cfg = TrainConfig(shards=str(coded_pack.path), loader="cpu", batch_size=10)
     assert cpu.fit_ring(cfg, two_ranks, batch_bytes, train=True) == 3  # 4 would not fit
@@ -471,8 +484,9 @@ def test_the_shared_memory_ring_shrinks_to_fit_or_names_the_fix(coded_pack, monk
     monkeypatch.setattr(cpu, "free_shared_memory", lambda: 64 << 10)
     with pytest.raises(UserError, match=r"shared-memory ring needs .*--shm-size"):
         cpu.fit_ring(cfg, two_ranks, batch_bytes, train=True)
-    explicit = TrainConfig(shards=str(coded_pack.path), loader="cpu", batch_size=10,
-                           loader_workers=8)
+    explicit = TrainConfig(
+        shards=str(coded_pack.path), loader="cpu", batch_size=10, loader_workers=8
+    )
     with pytest.raises(UserError, match="--loader-workers"):  # an explicit count is not shrunk
         build_loader(explicit, "train", Placement(CPU))
 
@@ -523,7 +537,7 @@ def test_gpu_batches_are_kept_until_the_work_that_reads_them_has_run():
     for number in range(3, 3 + HELD_MAX):
         kept.keep(f"batch {number}")
     assert len(kept.held) == HELD_MAX and events[1].done  # waited for the oldest only
-    assert not any(event.done for event in events[2 + 1:])
+    assert not any(event.done for event in events[2 + 1 :])
     kept.release_all()
     assert not kept.held and all(event.done for event in events)
     nothing = KeepUntilDone(None)  # the CPU: batches are read synchronously
@@ -577,19 +591,36 @@ def test_a_mixed_size_pack_trains_with_memory_bounded_by_the_batch(mixed_pack, b
         seen += len(labels)
     assert seen == train.samples
     train.close()
-    result = CliRunner().invoke(main, [
-        "train", str(mixed_pack), "--out", str(tmp_path / "run"), "--loader", backend,
-        "--device", "cpu", "--no-compile", "--batch-size", "8", "--epochs", "1",
-        "--loader-workers", "1"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(mixed_pack),
+            "--out",
+            str(tmp_path / "run"),
+            "--loader",
+            backend,
+            "--device",
+            "cpu",
+            "--no-compile",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--loader-workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "epoch 1/1:" in result.output
 
 
 def test_an_image_larger_than_the_canvas_is_scaled_to_fit_as_it_is_decoded():
+    import io
+
     from PIL import Image
 
     from fastalex.loaders.cpu import decode_to_fit, jpeg_size
-    import io
 
     rows = np.linspace(0, 255, 1000)[:, None] * np.ones((1, 2000))
     photo = np.stack([rows, rows[::-1], np.full_like(rows, 90)], axis=-1).astype(np.uint8)

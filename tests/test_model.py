@@ -20,7 +20,11 @@ from fastalex.model import (
 
 # Native sizes plus sizes that do not tile exactly (56: Tiny ImageNet's usual crop).
 ARCH_SIZES = [
-    ("alexnet", 227), ("alexnet", 224), ("alexnet64", 64), ("alexnet64", 56), ("alexnet64", 72),
+    ("alexnet", 227),
+    ("alexnet", 224),
+    ("alexnet64", 64),
+    ("alexnet64", 56),
+    ("alexnet64", 72),
 ]
 
 
@@ -29,7 +33,7 @@ def lrn_reference(activations, size, alpha, beta, k):
     channels = activations.shape[1]
     outputs = []
     for c in range(channels):
-        window = activations[:, max(0, c - size // 2): min(channels, c + (size - 1) // 2 + 1)]
+        window = activations[:, max(0, c - size // 2) : min(channels, c + (size - 1) // 2 + 1)]
         outputs.append(activations[:, c] / (k + alpha * window.pow(2).sum(dim=1)) ** beta)
     return torch.stack(outputs, dim=1)
 
@@ -48,8 +52,11 @@ def test_described_feature_maps_and_params_match_the_real_model(arch, image_size
     model = build_model(arch, num_classes=10, image_size=image_size)
     shapes = [("input", (3, image_size, image_size))]
     for name, layer in model.named_children():
-        layer.register_forward_hook(lambda _m, _i, out, name=name: shapes.append(
-            (name, tuple(out.shape[1:]) + (1,) * (4 - out.ndim))))
+        layer.register_forward_hook(
+            lambda _m, _i, out, name=name: shapes.append(
+                (name, tuple(out.shape[1:]) + (1,) * (4 - out.ndim))
+            )
+        )
     with torch.no_grad():
         model(torch.randn(1, 3, image_size, image_size))
     info = describe_model(arch, num_classes=10, image_size=image_size)
@@ -58,8 +65,10 @@ def test_described_feature_maps_and_params_match_the_real_model(arch, image_size
 
 
 def test_native_sizes_give_paper_and_documented_final_maps():
-    maps = {arch: dict(describe_model(arch, 200, NATIVE_IMAGE_SIZE_PX[arch])["feature_maps"])
-            for arch in ARCHS}
+    maps = {
+        arch: dict(describe_model(arch, 200, NATIVE_IMAGE_SIZE_PX[arch])["feature_maps"])
+        for arch in ARCHS
+    }
     assert maps["alexnet"]["conv1"] == (96, 55, 55)
     assert maps["alexnet"]["pool5"] == (256, 6, 6)
     assert maps["alexnet64"]["conv1"] == (96, 16, 16)

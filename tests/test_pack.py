@@ -17,14 +17,21 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-
 pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
 
 from fastalex.config import PackConfig
 from fastalex.errors import UserError
 from fastalex.pack import pack, verify_pack
-from fastalex.shards import (MANIFEST, check_shard, decode_label, iter_shard, read_index,
-                             read_manifest, write_manifest, write_shard)
+from fastalex.shards import (
+    MANIFEST,
+    check_shard,
+    decode_label,
+    iter_shard,
+    read_index,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
 from fastalex.tinyimagenet import open_source, synth
 
 
@@ -143,7 +150,9 @@ def test_dir_and_zip_give_byte_identical_shards(synth_tree, synth_pack, tmp_path
     assert wrote and manifest.source["kind"] == "zip"
     for split in ("train", "val"):
         for shard in manifest.splits[split].shards:
-            assert (tmp_path / "z" / shard.name).read_bytes() == (synth_pack / shard.name).read_bytes()
+            assert (tmp_path / "z" / shard.name).read_bytes() == (
+                synth_pack / shard.name
+            ).read_bytes()
             assert (tmp_path / "z" / shard.index_name).read_bytes() == (
                 synth_pack / shard.index_name
             ).read_bytes()
@@ -196,10 +205,15 @@ def test_out_holding_another_pack_is_refused_unless_overwrite(synth_tree, synth_
     assert not wrote  # the same pack: nothing to do
     with pytest.raises(UserError, match="--overwrite"):
         pack(open_source(synth_tree), out, PackConfig(shard_size=100), False)
-    manifest, wrote = pack(open_source(synth_tree), out, PackConfig(shard_size=100, overwrite=True), False)
+    manifest, wrote = pack(
+        open_source(synth_tree), out, PackConfig(shard_size=100, overwrite=True), False
+    )
     assert wrote and len(manifest.splits["train"].shards) == 3
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".tar") == [
-        "train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar"
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+        "val-000000.tar",
     ]
     assert verify_pack(out) == []
     foreign = tmp_path / "foreign"
@@ -236,8 +250,18 @@ def test_sigkill_part_way_leaves_no_manifest_and_a_rerun_completes(tmp_path, lau
     tree = tmp_path / "tree"
     synth(tree, classes=4, train_per_class=1500, val_per_class=50, workers=2, progress=False)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "fastalex", "pack", tree, out, "--shard-size", "200",
-               "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "fastalex",
+        "pack",
+        tree,
+        out,
+        "--shard-size",
+        "200",
+        "--workers",
+        "1",
+    ]
     first = launch(command)  # its own process group: the pack and its pool die together
     deadline = time.monotonic() + 60
     while not list(out.glob(".staging/*.tar")) and time.monotonic() < deadline:
@@ -282,13 +306,17 @@ def rewrite_shard(pack_dir: Path, split: str, number: int, change) -> str:
     manifest = read_manifest(pack_dir)
     shard = manifest.splits[split].shards[number]
     index = read_index(pack_dir / shard.index_name)
-    samples = [(key, *change(jpeg, label))
-               for key, (jpeg, label) in zip(index.names, iter_shard(pack_dir / shard.name, index))]
+    samples = [
+        (key, *change(jpeg, label))
+        for key, (jpeg, label) in zip(index.names, iter_shard(pack_dir / shard.name, index))
+    ]
     info = write_shard(pack_dir / shard.name, samples)
     shards = list(manifest.splits[split].shards)
     shards[number] = info
-    splits = {**manifest.splits,
-              split: dataclasses.replace(manifest.splits[split], shards=tuple(shards))}
+    splits = {
+        **manifest.splits,
+        split: dataclasses.replace(manifest.splits[split], shards=tuple(shards)),
+    }
     write_manifest(pack_dir, dataclasses.replace(manifest, splits=splits))
     assert check_shard(pack_dir, info) == []  # size, sha256 and index all agree
     return shard.name
@@ -313,4 +341,6 @@ def test_verify_finds_labels_outside_the_class_range(synth_pack, tmp_path):
     name = rewrite_shard(bad, "val", 0, lambda jpeg, label: (jpeg, classes))
     problems = verify_pack(bad)
     assert len(problems) == 32, problems
-    assert all(p.startswith(f"{name}: sample ") and p.endswith(f"label {classes}") for p in problems)
+    assert all(
+        p.startswith(f"{name}: sample ") and p.endswith(f"label {classes}") for p in problems
+    )

@@ -40,14 +40,25 @@ from PIL import Image
 from fastalex.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1", "--loader", "cpu",
-        "--no-compile")
+TINY = (
+    "--device",
+    "cpu",
+    "--batch-size",
+    "32",
+    "--loader-workers",
+    "1",
+    "--loader",
+    "cpu",
+    "--no-compile",
+)
 PIXEL_TOL = 1 / 255 / 0.2691 + 1e-5  # one grey level of the channel with the smallest std
 LOGIT_TOL = 1e-4
 ONNX_TOL = 1e-3
 # Python run with fastalex unimportable: sys.modules[name] = None makes `import fastalex` raise.
-WITHOUT_FASTALEX = ("import sys; sys.modules['fastalex'] = None; "
-                    "sys.path[:] = [p for p in sys.path if 'fastalex' not in p and p]; ")
+WITHOUT_FASTALEX = (
+    "import sys; sys.modules['fastalex'] = None; "
+    "sys.path[:] = [p for p in sys.path if 'fastalex' not in p and p]; "
+)
 
 
 def cli(*args, **kwargs):
@@ -87,8 +98,17 @@ def val_loader_batches(checkpoint, hue_pack):
     from fastalex.loaders import Placement, build_loader
 
     saved = load_checkpoint(checkpoint)["config"]
-    cfg = TrainConfig(**{**saved, "shards": str(hue_pack), "device": "cpu", "loader": "cpu",
-                         "loader_workers": 1, "compile": False, "resume": False})
+    cfg = TrainConfig(
+        **{
+            **saved,
+            "shards": str(hue_pack),
+            "device": "cpu",
+            "loader": "cpu",
+            "loader_workers": 1,
+            "compile": False,
+            "resume": False,
+        }
+    )
     loader = build_loader(cfg, "val", Placement(torch.device("cpu")))
     try:
         batches = list(loader)
@@ -106,13 +126,13 @@ def test_predict_sees_the_val_transform_and_matches_eval(checkpoint, hue_pack, v
     paths, labels = val_files
     batches = range(0, len(paths), load_checkpoint(checkpoint)["config"]["batch_size"])
     pixels = [read_image(str(p)) for p in paths]
-    images = torch.cat([model.preprocess(pixels[i: i + 32]) for i in batches])
+    images = torch.cat([model.preprocess(pixels[i : i + 32]) for i in batches])
     loader_images, loader_labels = val_loader_batches(checkpoint, hue_pack)
     assert loader_labels.tolist() == labels.tolist()
     assert images.shape == loader_images.shape == (128, 3, 64, 64)
     assert (images - loader_images).abs().max() <= PIXEL_TOL
 
-    logits = torch.cat([model.predict(pixels[i: i + 32]) for i in batches])  # eval's batches
+    logits = torch.cat([model.predict(pixels[i : i + 32]) for i in batches])  # eval's batches
     evaluated = evaluate_checkpoint(checkpoint, str(hue_pack), "cpu", "cpu", 1)
     assert evaluated["samples"] == len(labels)
     assert 100 * (logits.argmax(1).numpy() == labels).mean() == evaluated["top1"]
@@ -125,8 +145,9 @@ def predicted_paths(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line and not line.startswith(" ")]
 
 
-def test_predict_names_each_bad_file_and_predicts_the_rest(checkpoint, val_files, tmp_path,
-                                                          bomb_jpeg):
+def test_predict_names_each_bad_file_and_predicts_the_rest(
+    checkpoint, val_files, tmp_path, bomb_jpeg
+):
     paths, _ = val_files
     photos = tmp_path / "photos"
     (photos / "nested" / "deeper").mkdir(parents=True)
@@ -143,8 +164,17 @@ def test_predict_names_each_bad_file_and_predicts_the_rest(checkpoint, val_files
     for i in (6, 7):
         shutil.copy(paths[i], more / f"more{i}.jpg")
     Image.open(paths[8]).convert("L").save(more / "grey.png")  # not matched by *.jpg
-    result = cli("predict", checkpoint, photos, more / "*.jpg", paths[9], photos / "val0.jpg",
-                 tmp_path / "missing.jpg", "--top", 2)
+    result = cli(
+        "predict",
+        checkpoint,
+        photos,
+        more / "*.jpg",
+        paths[9],
+        photos / "val0.jpg",
+        tmp_path / "missing.jpg",
+        "--top",
+        2,
+    )
     assert result.exit_code == 1, result.output
     skipped = result.stderr.strip().splitlines()
     assert len(skipped) == 3, result.stderr
@@ -152,18 +182,29 @@ def test_predict_names_each_bad_file_and_predicts_the_rest(checkpoint, val_files
     assert "does not decode" in reasons[f"skipped {photos / 'broken.jpg'}"]
     assert "60000x60000 pixels" in reasons[f"skipped {photos / 'bomb.jpg'}"]
     assert "no such file" in reasons[f"skipped {tmp_path / 'missing.jpg'}"]
-    expected = [photos / "nested" / "alpha.PNG", photos / "nested" / "deeper" / "wide.webp",
-                photos / "val0.jpg", photos / "val1.jpg", photos / "val2.jpg",
-                more / "more6.jpg", more / "more7.jpg", paths[9]]  # val0.jpg once
+    expected = [
+        photos / "nested" / "alpha.PNG",
+        photos / "nested" / "deeper" / "wide.webp",
+        photos / "val0.jpg",
+        photos / "val1.jpg",
+        photos / "val2.jpg",
+        more / "more6.jpg",
+        more / "more7.jpg",
+        paths[9],
+    ]  # val0.jpg once
     assert predicted_paths(result.stdout) == [str(p) for p in expected]
     lines = result.stdout.splitlines()
     assert len(lines) == 3 * len(expected)  # the path and its top 2
-    assert all(re.fullmatch(r"  [ \d]{3}\.\d\d %  n\d{8}", line)  # the pack has no class names
-               for line in lines if line.startswith(" "))
+    assert all(
+        re.fullmatch(r"  [ \d]{3}\.\d\d %  n\d{8}", line)  # the pack has no class names
+        for line in lines
+        if line.startswith(" ")
+    )
 
 
-def test_a_header_bomb_is_refused_before_any_pixel_is_decoded(checkpoint, tmp_path, monkeypatch,
-                                                              bomb_jpeg):
+def test_a_header_bomb_is_refused_before_any_pixel_is_decoded(
+    checkpoint, tmp_path, monkeypatch, bomb_jpeg
+):
     import simplejpeg
 
     from fastalex.predict import predict_paths
@@ -177,8 +218,10 @@ def test_a_header_bomb_is_refused_before_any_pixel_is_decoded(checkpoint, tmp_pa
     monkeypatch.setattr(Image.Image, "load", no_decoding)
     monkeypatch.setattr(Image.Image, "draft", no_decoding)
     out, err = [], []
-    assert predict_paths(checkpoint, [str(tmp_path)], device="cpu", write=out.append,
-                         warn=err.append) == 1
+    assert (
+        predict_paths(checkpoint, [str(tmp_path)], device="cpu", write=out.append, warn=err.append)
+        == 1
+    )
     assert out == [] and len(err) == 1 and "over the limit" in err[0] and "not decoded" in err[0]
 
 
@@ -203,11 +246,20 @@ def test_json_and_csv_carry_ids_names_and_probabilities(checkpoint, val_files):
     as_csv = cli("predict", checkpoint, *files, "--csv", "--top", 3)
     assert as_csv.exit_code == 0, as_csv.output
     rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
-    assert len(rows) == 15 and list(rows[0]) == ["path", "rank", "index", "class", "name",
-                                                   "probability"]
+    assert len(rows) == 15 and list(rows[0]) == [
+        "path",
+        "rank",
+        "index",
+        "class",
+        "name",
+        "probability",
+    ]
     for row, (record, top) in zip(rows, ((r, t) for r in records for t in r["top"])):
-        assert (row["path"], int(row["index"]), row["name"]) == (record["path"], top["index"],
-                                                                 top["name"])
+        assert (row["path"], int(row["index"]), row["name"]) == (
+            record["path"],
+            top["index"],
+            top["name"],
+        )
         assert float(row["probability"]) == pytest.approx(top["probability"], abs=1e-6)
 
 
@@ -301,8 +353,7 @@ def test_exported_program_agrees_with_the_eager_model(checkpoint, exported, val_
 def test_nchw_export_without_tta_is_the_single_pass_model(checkpoint, val_pixels, tmp_path):
     from fastalex.predict import load_model
 
-    result = cli("export", checkpoint, tmp_path / "plain.pt2", "--layout", "nchw",
-                 "--no-flip-tta")
+    result = cli("export", checkpoint, tmp_path / "plain.pt2", "--layout", "nchw", "--no-flip-tta")
     assert result.exit_code == 0, result.output
     model = load_model(checkpoint, "cpu", amp="off")
     model.card = {**model.card, "flip_tta": False}
@@ -321,24 +372,34 @@ def run_without_fastalex(launch, code: str, *args, cwd) -> str:
     return stdout
 
 
-def test_the_exported_program_loads_with_torch_alone(exported, val_pixels, checkpoint, tmp_path,
-                                                     launch):
+def test_the_exported_program_loads_with_torch_alone(
+    exported, val_pixels, checkpoint, tmp_path, launch
+):
     from fastalex.predict import load_model
 
     np.save(tmp_path / "pixels.npy", val_pixels)
-    run_without_fastalex(launch, (
-        "import numpy as np, torch; "
-        "program = torch.export.load(sys.argv[1]).module(); "
-        "np.save(sys.argv[3], program(torch.from_numpy(np.load(sys.argv[2]))).detach().numpy()); "
-        "assert sys.modules['fastalex'] is None"),
-        exported, tmp_path / "pixels.npy", tmp_path / "logits.npy", cwd=tmp_path)
+    run_without_fastalex(
+        launch,
+        (
+            "import numpy as np, torch; "
+            "program = torch.export.load(sys.argv[1]).module(); "
+            "pixels = torch.from_numpy(np.load(sys.argv[2])); "
+            "np.save(sys.argv[3], program(pixels).detach().numpy()); "
+            "assert sys.modules['fastalex'] is None"
+        ),
+        exported,
+        tmp_path / "pixels.npy",
+        tmp_path / "logits.npy",
+        cwd=tmp_path,
+    )
     eager = load_model(checkpoint, "cpu", amp="off").predict(list(val_pixels)).numpy()
     logits = np.load(tmp_path / "logits.npy")
     assert np.abs(logits - eager).max() <= LOGIT_TOL * np.abs(eager).max()
 
 
-def test_onnx_export_agrees_with_the_eager_model_in_onnxruntime(checkpoint, val_pixels, tmp_path,
-                                                                launch):
+def test_onnx_export_agrees_with_the_eager_model_in_onnxruntime(
+    checkpoint, val_pixels, tmp_path, launch
+):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from fastalex.predict import load_model
@@ -347,13 +408,22 @@ def test_onnx_export_agrees_with_the_eager_model_in_onnxruntime(checkpoint, val_
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "model.onnx.json").read_text())["program_format"] == "onnx"
     np.save(tmp_path / "pixels.npy", val_pixels)
-    run_without_fastalex(launch, (
-        "sys.modules['torch'] = None; import numpy as np, onnxruntime; "
-        "session = onnxruntime.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
-        "pixels = np.load(sys.argv[2]); "
-        "outs = [session.run(None, {'images': pixels[i:i + n]})[0] for i, n in ((0, 1), (1, 39))]; "
-        "np.save(sys.argv[3], np.concatenate(outs))"),
-        tmp_path / "model.onnx", tmp_path / "pixels.npy", tmp_path / "logits.npy", cwd=tmp_path)
+    run_without_fastalex(
+        launch,
+        (
+            "sys.modules['torch'] = None; import numpy as np, onnxruntime; "
+            "session = onnxruntime.InferenceSession("
+            "sys.argv[1], providers=['CPUExecutionProvider']); "
+            "pixels = np.load(sys.argv[2]); "
+            "outs = [session.run(None, {'images': pixels[i:i + n]})[0] "
+            "for i, n in ((0, 1), (1, 39))]; "
+            "np.save(sys.argv[3], np.concatenate(outs))"
+        ),
+        tmp_path / "model.onnx",
+        tmp_path / "pixels.npy",
+        tmp_path / "logits.npy",
+        cwd=tmp_path,
+    )
     eager = load_model(checkpoint, "cpu", amp="off").predict(list(val_pixels)).numpy()
     logits = np.load(tmp_path / "logits.npy")
     assert logits.shape == eager.shape
@@ -388,8 +458,12 @@ def readme_blocks(language: str) -> list[str]:
 
 
 def test_readme_using_the_trained_model_runs(checkpoint, val_files, tmp_path, monkeypatch, launch):
-    commands = [line.split("  #", 1)[0].strip() for block in readme_blocks("bash")
-                for line in block.splitlines() if line.strip()]
+    commands = [
+        line.split("  #", 1)[0].strip()
+        for block in readme_blocks("bash")
+        for line in block.splitlines()
+        if line.strip()
+    ]
     assert commands and all(c.startswith("fastalex ") for c in commands)
     assert any(" predict " in c for c in commands) and any(" export " in c for c in commands)
     (tmp_path / "runs/fast/checkpoints").mkdir(parents=True)

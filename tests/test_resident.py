@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("simplejpeg", reason="the resident loader decodes with the cpu loader's simplejpeg")
+pytest.importorskip(
+    "simplejpeg", reason="the resident loader decodes with the cpu loader's simplejpeg"
+)
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Placement, build_loader
-from fastalex.loaders import resident
+from fastalex.loaders import Placement, build_loader, resident
 
 CPU = torch.device("cpu")
 
@@ -26,16 +27,18 @@ def test_resident_epochs_on_the_cpu_are_the_cpu_loaders(coded_pack, world):
     for split, epochs in (("train", 2), ("val", 1)):
         loaders = {}
         for backend in ("cpu", "resident"):
-            cfg = TrainConfig(shards=str(coded_pack.path), loader=backend, batch_size=32, seed=5,
-                              loader_workers=1)
+            cfg = TrainConfig(
+                shards=str(coded_pack.path), loader=backend, batch_size=32, seed=5, loader_workers=1
+            )
             loaders[backend] = build_loader(cfg, split, Placement(CPU, rank, world), first_epoch=1)
         assert len(loaders["cpu"]) == len(loaders["resident"]) > 0
         for _ in range(epochs):
             batches = 0
             for (images, labels), (resident_images, resident_labels) in zip(*loaders.values()):
                 batches += 1
-                np.testing.assert_array_equal(coded_pack.decode(resident_images),
-                                              coded_pack.decode(images))
+                np.testing.assert_array_equal(
+                    coded_pack.decode(resident_images), coded_pack.decode(images)
+                )
                 assert torch.equal(resident_labels, labels)
                 torch.testing.assert_close(resident_images, images, atol=1e-5, rtol=0)
             assert batches == len(loaders["cpu"])
@@ -44,7 +47,9 @@ def test_resident_epochs_on_the_cpu_are_the_cpu_loaders(coded_pack, world):
 
 
 def test_split_over_the_cap_is_refused_naming_the_alternative(synth_pack):
-    cfg = TrainConfig(shards=str(synth_pack), loader="resident", batch_size=16, resident_max_gb=1e-6)
+    cfg = TrainConfig(
+        shards=str(synth_pack), loader="resident", batch_size=16, resident_max_gb=1e-6
+    )
     with pytest.raises(UserError, match=r"needs 0\.00 GiB, over --resident-max-gb .*--loader dali"):
         build_loader(cfg, "train", Placement(CPU))
 

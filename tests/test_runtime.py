@@ -60,9 +60,14 @@ def test_local_world_size_is_kept_for_the_loaders():
     assert (runtime.rank, runtime.world_size, runtime.local_world_size) == (1, 4, 2)
 
 
-@pytest.mark.parametrize("flags, auto", [({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "bf16"),
-                                         ({"avx512f", "avx512_bf16"}, "off"),
-                                         ({"avx2"}, "off")])
+@pytest.mark.parametrize(
+    "flags, auto",
+    [
+        ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "bf16"),
+        ({"avx512f", "avx512_bf16"}, "off"),
+        ({"avx2"}, "off"),
+    ],
+)
 def test_auto_amp_on_the_cpu_is_bf16_only_where_it_measured_faster(monkeypatch, flags, auto):
     """AMX makes the bf16 step faster; AVX512-BF16 alone made it slower (0.7x fp32)."""
     monkeypatch.setattr("fastalex.runtime.cpu_flags", lambda: flags)

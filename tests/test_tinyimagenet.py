@@ -46,9 +46,33 @@ def test_synth_writes_the_tiny_imagenet_layout(synth_tree):
 
 
 def test_synth_is_deterministic_for_a_seed_whatever_the_workers(tmp_path):
-    synth(tmp_path / "a", classes=3, train_per_class=5, val_per_class=2, seed=7, workers=1, progress=False)
-    synth(tmp_path / "b", classes=3, train_per_class=5, val_per_class=2, seed=7, workers=2, progress=False)
-    synth(tmp_path / "c", classes=3, train_per_class=5, val_per_class=2, seed=8, workers=1, progress=False)
+    synth(
+        tmp_path / "a",
+        classes=3,
+        train_per_class=5,
+        val_per_class=2,
+        seed=7,
+        workers=1,
+        progress=False,
+    )
+    synth(
+        tmp_path / "b",
+        classes=3,
+        train_per_class=5,
+        val_per_class=2,
+        seed=7,
+        workers=2,
+        progress=False,
+    )
+    synth(
+        tmp_path / "c",
+        classes=3,
+        train_per_class=5,
+        val_per_class=2,
+        seed=8,
+        workers=1,
+        progress=False,
+    )
 
     def digest(root: Path) -> str:
         h = hashlib.sha256()
@@ -61,7 +85,9 @@ def test_synth_is_deterministic_for_a_seed_whatever_the_workers(tmp_path):
 
 
 def test_synth_images_are_structured_with_about_one_percent_grayscale(tmp_path):
-    synth(tmp_path / "t", classes=2, train_per_class=1000, val_per_class=1, workers=2, progress=False)
+    synth(
+        tmp_path / "t", classes=2, train_per_class=1000, val_per_class=1, workers=2, progress=False
+    )
     gray = 0
     for path in (tmp_path / "t" / "train").rglob("*.JPEG"):
         with Image.open(path) as image:
@@ -184,8 +210,12 @@ def test_a_complete_part_file_is_checked_and_kept(server, tmp_path):
     (tmp_path / "t.zip.part").write_bytes(server.RequestHandlerClass.payload)
     md5 = hashlib.md5(server.RequestHandlerClass.payload).hexdigest()
     received = []
-    path = download_zip(f"http://127.0.0.1:{server.server_port}/t.zip", tmp_path, md5,
-                        progress=lambda done, total: received.append(done))
+    path = download_zip(
+        f"http://127.0.0.1:{server.server_port}/t.zip",
+        tmp_path,
+        md5,
+        progress=lambda done, total: received.append(done),
+    )
     assert path == tmp_path / "t.zip" and path.read_bytes() == server.RequestHandlerClass.payload
     assert requests == ["bytes=9000-"] and received == []  # asked from the end; nothing came
 

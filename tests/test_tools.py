@@ -38,8 +38,9 @@ def test_each_tool_runs_as_a_script_and_has_help(name, launch):
 
 
 def test_show_batches_draws_every_loader_and_val(tool, hue_pack, tmp_path):
-    result = invoke(tool("show_batches"), hue_pack, "--out", tmp_path / "grid.png", "--images", 4,
-                    *CPU)
+    result = invoke(
+        tool("show_batches"), hue_pack, "--out", tmp_path / "grid.png", "--images", 4, *CPU
+    )
     assert result.exit_code == 0, result.output
     shown = result.output.strip().splitlines()[-1]
     assert shown.startswith(f"wrote {tmp_path / 'grid.png'}: ")
@@ -56,9 +57,23 @@ def test_show_batches_refuses_an_unknown_loader_in_one_line(tool, hue_pack, tmp_
 
 
 def test_lr_find_sweeps_exponentially_and_suggests_an_lr(tool, hue_pack, tmp_path):
-    result = invoke(tool("lr_find"), hue_pack, "--steps", 12, "--min-lr", 1e-3, "--max-lr", 1.0,
-                    "--out", tmp_path / "lr.png", "--json", tmp_path / "lr.json", "--loader",
-                    "cpu", *CPU)
+    result = invoke(
+        tool("lr_find"),
+        hue_pack,
+        "--steps",
+        12,
+        "--min-lr",
+        1e-3,
+        "--max-lr",
+        1.0,
+        "--out",
+        tmp_path / "lr.png",
+        "--json",
+        tmp_path / "lr.json",
+        "--loader",
+        "cpu",
+        *CPU,
+    )
     assert result.exit_code == 0, result.output
     found = json.loads((tmp_path / "lr.json").read_text())
     lrs = [row["lr"] for row in found["rows"]]
@@ -93,8 +108,12 @@ def test_lr_find_sets_the_optimizer_lr_per_step_and_finds_the_valley(tool):
         while True:
             yield torch.zeros(64, 3, 8, 8), torch.zeros(64, dtype=torch.int64)
 
-    trainer = types.SimpleNamespace(cfg=TrainConfig(batch_size=64), step=step, batches=batches,
-                                    training=types.SimpleNamespace(optimizer=optimizer))
+    trainer = types.SimpleNamespace(
+        cfg=TrainConfig(batch_size=64),
+        step=step,
+        batches=batches,
+        training=types.SimpleNamespace(optimizer=optimizer),
+    )
     rows = lr_find.sweep(trainer, 1e-5, 1e3, 81, log=lambda line: None)
     assert seen == pytest.approx([row["lr"] * 64 / 256 for row in rows])
     assert len(rows) < 81  # stopped: the loss rose past DIVERGED_FACTOR x its lowest
@@ -104,9 +123,21 @@ def test_lr_find_sets_the_optimizer_lr_per_step_and_finds_the_valley(tool):
 
 
 def test_profile_step_splits_a_step_into_phases_and_writes_a_trace(tool, hue_pack, tmp_path):
-    result = invoke(tool("profile_step"), hue_pack, "--steps", 2, "--warmup", 1, "--trace",
-                    tmp_path / "trace.json", "--json", tmp_path / "table.json", "--loader", "cpu",
-                    *CPU)
+    result = invoke(
+        tool("profile_step"),
+        hue_pack,
+        "--steps",
+        2,
+        "--warmup",
+        1,
+        "--trace",
+        tmp_path / "trace.json",
+        "--json",
+        tmp_path / "table.json",
+        "--loader",
+        "cpu",
+        *CPU,
+    )
     assert result.exit_code == 0, result.output
     table = json.loads((tmp_path / "table.json").read_text())
     host = {phase: row["host_ms"] for phase, row in table.items() if phase != "host syncs"}

@@ -27,13 +27,45 @@ TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1")
 # 3 epochs from chance (25 %): measured val top-1 97.7 / 79.7 / 97.7 / 97.7 % for seeds 0-3
 # (eager, CPU loader); 50 % is twice chance and well under the worst seed.
 MIN_TOP1 = 50.0
-METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
-               "epoch_s", "images_per_s"}
-SUMMARY_KEYS = {"top1", "top5", "best_top1", "epochs", "epoch_s", "images_per_s", "compile_s",
-                "device", "loader", "amp", "compile", "arch", "image_size", "batch_size",
-                "world_size", "git_sha", "versions"}
-TIMING_KEYS = {"epoch_s", "train_s", "eval_s", "images_per_s", "loader_wait_s", "loader_wait_pct",
-               "timed_s"}
+METRIC_KEYS = {
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "epoch_s",
+    "images_per_s",
+}
+SUMMARY_KEYS = {
+    "top1",
+    "top5",
+    "best_top1",
+    "epochs",
+    "epoch_s",
+    "images_per_s",
+    "compile_s",
+    "device",
+    "loader",
+    "amp",
+    "compile",
+    "arch",
+    "image_size",
+    "batch_size",
+    "world_size",
+    "git_sha",
+    "versions",
+}
+TIMING_KEYS = {
+    "epoch_s",
+    "train_s",
+    "eval_s",
+    "images_per_s",
+    "loader_wait_s",
+    "loader_wait_pct",
+    "timed_s",
+}
 
 
 def invoke(*args):
@@ -80,8 +112,17 @@ def test_compiled_training_learns_and_writes_run_files(compiled_run):
 @pytest.mark.slow
 def test_eval_reproduces_the_runs_final_top1(compiled_run, hue_pack, tmp_path):
     report = tmp_path / "eval.json"
-    result = invoke("eval", compiled_run / "checkpoints" / "last.pt", hue_pack,
-                    "--device", "cpu", "--loader", "cpu", "--json", report)
+    result = invoke(
+        "eval",
+        compiled_run / "checkpoints" / "last.pt",
+        hue_pack,
+        "--device",
+        "cpu",
+        "--loader",
+        "cpu",
+        "--json",
+        report,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((compiled_run / "summary.json").read_text())
     scores = json.loads(report.read_text())
@@ -131,8 +172,9 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(hue_pack, tmp
     train_cli(hue_pack, out, *common, "--epochs", 1)
     last = out / "checkpoints" / "last.pt"
     digest = hashlib.sha256(last.read_bytes()).hexdigest()
-    result = invoke("train", hue_pack, "--out", out, *TINY, *common, "--epochs", 2,
-                    "--resume", "--lr", "1e30")
+    result = invoke(
+        "train", hue_pack, "--out", out, *TINY, *common, "--epochs", 2, "--resume", "--lr", "1e30"
+    )
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     message = result.output.strip().splitlines()[-1]
@@ -145,8 +187,23 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(hue_pack, tmp
 @pytest.mark.slow
 def test_sigint_finishes_the_step_saves_and_exits_130(hue_pack, tmp_path, launch):
     out = tmp_path / "run"
-    job = launch([sys.executable, "-m", "fastalex", "train", hue_pack, "--out", out, *TINY,
-                  "--loader", "cpu", "--no-compile", "--epochs", "3"])
+    job = launch(
+        [
+            sys.executable,
+            "-m",
+            "fastalex",
+            "train",
+            hue_pack,
+            "--out",
+            out,
+            *TINY,
+            "--loader",
+            "cpu",
+            "--no-compile",
+            "--epochs",
+            "3",
+        ]
+    )
     for line in job.process.stdout:  # the first epoch's line: a checkpoint exists, epoch 2 runs
         if line.startswith("epoch 1/3:"):
             break
@@ -162,8 +219,21 @@ def test_sigint_finishes_the_step_saves_and_exits_130(hue_pack, tmp_path, launch
 
 def test_cli_smoke_two_steps(synth_pack, tmp_path):
     out = tmp_path / "run"
-    result = invoke("train", synth_pack, "--loader", "cpu", "--device", "cpu", "--no-compile",
-                    "--max-steps", 2, "--batch-size", 32, "--out", out)
+    result = invoke(
+        "train",
+        synth_pack,
+        "--loader",
+        "cpu",
+        "--device",
+        "cpu",
+        "--no-compile",
+        "--max-steps",
+        2,
+        "--batch-size",
+        32,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["epochs"] == 1 and summary["val_samples"] == 60
@@ -183,6 +253,7 @@ def test_reference_recipe_fills_options_not_given(monkeypatch, synth_pack, tmp_p
     def fake_train(cfg, *args, **kwargs):
         seen["cfg"] = cfg
         from fastalex.train import RunResult
+
         return RunResult(None, "done")
 
     monkeypatch.setattr("fastalex.train.train", fake_train)
@@ -198,11 +269,13 @@ def test_reference_recipe_fills_options_not_given(monkeypatch, synth_pack, tmp_p
 def test_lr_schedules():
     from fastalex.train import lr_factor, peak_lr
 
-    reference = TrainConfig(recipe="reference", lr=0.02, batch_size=128, lr_schedule="step",
-                            epochs=30)
+    reference = TrainConfig(
+        recipe="reference", lr=0.02, batch_size=128, lr_schedule="step", epochs=30
+    )
     assert peak_lr(reference, 1) == pytest.approx(0.01)
     assert [lr_factor(reference, 10, s) for s in (0, 69, 70, 139, 140)] == pytest.approx(
-        [1, 1, 0.1, 0.1, 0.01])
+        [1, 1, 0.1, 0.1, 0.01]
+    )
     fast = TrainConfig(epochs=4, warmup_epochs=1)
     factors = [lr_factor(fast, 10, s) for s in range(40)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
@@ -220,8 +293,18 @@ def test_bad_input_exits_2_with_one_line(synth_pack, hue_pack, tmp_path):
         ("train", synth_pack, "--device", "cpu", "--batch-size", 100000),
         ("train", synth_pack, *TINY, "--resume"),  # no --out
         ("train", hue_pack, *TINY, "--out", run),  # holds a run, no --resume
-        ("train", hue_pack, *TINY, "--out", run, "--resume", "--arch", "alexnet",
-         "--image-size", 227),
+        (
+            "train",
+            hue_pack,
+            *TINY,
+            "--out",
+            run,
+            "--resume",
+            "--arch",
+            "alexnet",
+            "--image-size",
+            227,
+        ),
         ("eval", checkpoint, synth_pack, "--device", "cpu"),  # 4-class checkpoint, 6-class pack
         ("eval", tmp_path / "missing.pt", synth_pack),
         ("eval", synth_pack / "manifest.json", synth_pack),  # not a checkpoint
@@ -293,12 +376,15 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_left_right_mirror():
     expected = (top_row + top_row.flip(1)) / 2
     result = evaluate(FirstRow(), [Batch(images, labels)], eager_cpu_runtime(), flip_tta=True)
     assert result["loss"] == pytest.approx(
-        torch.nn.functional.cross_entropy(expected, labels).item(), rel=1e-6)
+        torch.nn.functional.cross_entropy(expected, labels).item(), rel=1e-6
+    )
     assert result["top1"] == pytest.approx(
-        100 * (expected.argmax(1) == labels).float().mean().item())
+        100 * (expected.argmax(1) == labels).float().mean().item()
+    )
     plain = evaluate(FirstRow(), [Batch(images, labels)], eager_cpu_runtime(), flip_tta=False)
     assert plain["loss"] == pytest.approx(
-        torch.nn.functional.cross_entropy(top_row, labels).item(), rel=1e-6)
+        torch.nn.functional.cross_entropy(top_row, labels).item(), rel=1e-6
+    )
 
 
 def smoothed_cross_entropy(logits, labels, smoothing):
@@ -339,8 +425,9 @@ def test_peak_lr_scales_with_the_global_batch_of_all_processes():
     assert [peak_lr(cfg, world) for world in (1, 2, 8)] == pytest.approx([0.01, 0.02, 0.08])
 
 
-def test_a_slow_loader_is_reported_as_waiting_and_a_ready_one_is_not(hue_pack, tmp_path,
-                                                                    monkeypatch):
+def test_a_slow_loader_is_reported_as_waiting_and_a_ready_one_is_not(
+    hue_pack, tmp_path, monkeypatch
+):
     """A train loader that takes 1 s per batch: the epoch's row, summary and log say the model
     waited at least the delays of the 8 - WARMUP_STEPS timed steps, and the run is called
     loader-bound; the same run without the delay waits far less and is not."""
@@ -370,11 +457,11 @@ def test_a_slow_loader_is_reported_as_waiting_and_a_ready_one_is_not(hue_pack, t
         loader = real_build(cfg, split, *args)
         return Slow(loader) if split == "train" else loader
 
-    ready = train_cli(hue_pack, tmp_path / "ready", "--loader", "cpu", "--no-compile",
-                      "--epochs", 1)
+    ready = train_cli(
+        hue_pack, tmp_path / "ready", "--loader", "cpu", "--no-compile", "--epochs", 1
+    )
     monkeypatch.setattr(fastalex.train, "build_loader", build_slow)
-    slow = train_cli(hue_pack, tmp_path / "slow", "--loader", "cpu", "--no-compile",
-                     "--epochs", 1)
+    slow = train_cli(hue_pack, tmp_path / "slow", "--loader", "cpu", "--no-compile", "--epochs", 1)
     (slow_row,), (ready_row,) = read_metrics(tmp_path / "slow"), read_metrics(tmp_path / "ready")
     assert slow_row["loader_wait_s"] >= (8 - fastalex.train.WARMUP_STEPS) * 1.0
     assert slow_row["loader_wait_pct"] > 20 and "loader-bound" in slow.output

@@ -32,8 +32,11 @@ def train_config(ctx: click.Context, shards, options: dict, **fixed) -> TrainCon
     """The recipe's config with the options given on the command line (as `fastalex train`
     builds it) and `fixed` on top; UserError for an invalid combination."""
     train_names = {name for name in options if name in TrainConfig.__dataclass_fields__}
-    explicit = {name: options[name] for name in train_names if name != "recipe"
-                and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    explicit = {
+        name: options[name]
+        for name in train_names
+        if name != "recipe" and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    }
     try:
         return config.recipe_config(options["recipe"], shards=str(shards), **{**explicit, **fixed})
     except ValueError as e:

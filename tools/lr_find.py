@@ -30,7 +30,6 @@ import math
 from pathlib import Path
 
 import click
-
 from _common import Tool, build_trainer, train_config, train_options
 
 EMA_BETA = 0.98  # weight of the past in the stopping rule's average (fastai's lr_find)
@@ -79,7 +78,7 @@ def smooth(rows: list[dict]) -> list[dict]:
     half = max(1, round(len(rows) * SMOOTH_SHARE))
     losses = [row["loss"] for row in rows]
     for index, row in enumerate(rows):
-        window = [x for x in losses[max(0, index - half): index + half + 1] if math.isfinite(x)]
+        window = [x for x in losses[max(0, index - half) : index + half + 1] if math.isfinite(x)]
         row["smoothed"] = sum(window) / len(window) if window else math.nan
     return rows
 
@@ -91,8 +90,10 @@ def suggest(rows: list[dict]) -> dict:
     start = min(int(len(usable) * SKIP_START), max(0, len(usable) - 2))
     usable = usable[start:]
     lowest = min(usable, key=lambda r: r["smoothed"])["lr"]
-    slopes = [((b["smoothed"] - a["smoothed"]) / math.log(b["lr"] / a["lr"]), a["lr"])
-              for a, b in zip(usable, usable[1:])]
+    slopes = [
+        ((b["smoothed"] - a["smoothed"]) / math.log(b["lr"] / a["lr"]), a["lr"])
+        for a, b in zip(usable, usable[1:])
+    ]
     steepest = min(slopes)[1] if slopes else lowest
     return {"lr": lowest / SUGGESTION_DIVISOR, "lowest": lowest, "steepest": steepest}
 
@@ -105,10 +106,17 @@ def draw(rows: list[dict], found: dict, title: str, out_png: Path) -> None:
     lrs = [r["lr"] for r in rows]
     axis.plot(lrs, [r["loss"] for r in rows], color="0.75", label="loss per step")
     axis.plot(lrs, [r["smoothed"] for r in rows], label="smoothed (centred mean)")
-    for key, style, label in (("lr", "-", "suggested --lr"), ("lowest", ":", "lowest loss"),
-                              ("steepest", "--", "steepest descent")):
-        axis.axvline(found[key], linestyle=style, color="C3" if key == "lr" else "0.4",
-                     label=f"{label}: {found[key]:.3g}")
+    for key, style, label in (
+        ("lr", "-", "suggested --lr"),
+        ("lowest", ":", "lowest loss"),
+        ("steepest", "--", "steepest descent"),
+    ):
+        axis.axvline(
+            found[key],
+            linestyle=style,
+            color="C3" if key == "lr" else "0.4",
+            label=f"{label}: {found[key]:.3g}",
+        )
     finite = [r["smoothed"] for r in rows if math.isfinite(r["smoothed"])]
     axis.set_ylim(min(finite) * 0.9, min(max(finite), 2 * finite[0]) * 1.1)
     axis.set_xscale("log")
@@ -124,16 +132,42 @@ def draw(rows: list[dict], found: dict, title: str, out_png: Path) -> None:
 
 @click.command(cls=Tool, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("shards", type=click.Path(path_type=Path))
-@click.option("--out", "out_png", type=click.Path(path_type=Path), default=Path("lr_find.png"),
-              show_default=True, help="PNG of the loss against the learning rate.")
-@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=2),
-              help="Steps of the sweep.")
-@click.option("--min-lr", default=1e-4, show_default=True, type=POSITIVE,
-              help="First learning rate (--lr units).")
-@click.option("--max-lr", default=10.0, show_default=True, type=POSITIVE,
-              help="Last learning rate (--lr units).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
-              help="Also write the rows and the suggestion here.")
+@click.option(
+    "--out",
+    "out_png",
+    type=click.Path(path_type=Path),
+    default=Path("lr_find.png"),
+    show_default=True,
+    help="PNG of the loss against the learning rate.",
+)
+@click.option(
+    "--steps",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Steps of the sweep.",
+)
+@click.option(
+    "--min-lr",
+    default=1e-4,
+    show_default=True,
+    type=POSITIVE,
+    help="First learning rate (--lr units).",
+)
+@click.option(
+    "--max-lr",
+    default=10.0,
+    show_default=True,
+    type=POSITIVE,
+    help="Last learning rate (--lr units).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the rows and the suggestion here.",
+)
 @train_options(skip=SWEPT)
 @click.pass_context
 def main(ctx, shards, out_png, steps, min_lr, max_lr, json_path, **options) -> None:
@@ -149,16 +183,30 @@ def main(ctx, shards, out_png, steps, min_lr, max_lr, json_path, **options) -> N
         trainer.loader.close()
     found = suggest(rows)
     rt = trainer.runtime
-    title = (f"{cfg.recipe} recipe: {cfg.arch} at {cfg.image_size} px, batch {cfg.batch_size}, "
-             f"{rt.device.type}, amp {rt.amp}, {len(rows)} steps")
+    title = (
+        f"{cfg.recipe} recipe: {cfg.arch} at {cfg.image_size} px, batch {cfg.batch_size}, "
+        f"{rt.device.type}, amp {rt.amp}, {len(rows)} steps"
+    )
     draw(rows, found, title, out_png)
     if json_path is not None:
-        json_path.write_text(json.dumps({"suggested_lr": found["lr"], **found, "rows": rows,
-                                         "config": dataclasses.asdict(cfg)}, indent=1) + "\n")
-    click.echo(f"{title}\nsuggested --lr {found['lr']:.3g} (per 256 images: the optimizer's "
-               f"{found['lr'] * cfg.batch_size / 256:.3g} at batch {cfg.batch_size}); lowest "
-               f"loss at {found['lowest']:.3g}, steepest descent at {found['steepest']:.3g}; "
-               f"wrote {out_png}")
+        json_path.write_text(
+            json.dumps(
+                {
+                    "suggested_lr": found["lr"],
+                    **found,
+                    "rows": rows,
+                    "config": dataclasses.asdict(cfg),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+    click.echo(
+        f"{title}\nsuggested --lr {found['lr']:.3g} (per 256 images: the optimizer's "
+        f"{found['lr'] * cfg.batch_size / 256:.3g} at batch {cfg.batch_size}); lowest "
+        f"loss at {found['lowest']:.3g}, steepest descent at {found['steepest']:.3g}; "
+        f"wrote {out_png}"
+    )
 
 
 if __name__ == "__main__":

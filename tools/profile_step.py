@@ -27,7 +27,6 @@ import json
 from pathlib import Path
 
 import click
-
 from _common import Tool, build_trainer, train_config, train_options
 
 LOADER_WAIT = "fastalex::loader_wait"
@@ -35,8 +34,12 @@ FORWARD = "fastalex::forward"
 STEP = "fastalex::step"
 BACKWARD_PREFIX = "autograd::engine::evaluate_function:"
 OPTIMIZER_PREFIXES = ("Optimizer.step#", "Optimizer.zero_grad#")
-SYNC_NAMES = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
-              "cudaEventSynchronize")
+SYNC_NAMES = (
+    "aten::_local_scalar_dense",
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+)
 PHASES = ("loader wait", "forward", "backward", "optimizer")
 
 
@@ -105,36 +108,60 @@ def attribute(events, steps: int) -> dict:
             syncs[0] += 1
             syncs[1] += event.time_range.elapsed_us() / 1000
     table = {phase: (host / steps, device / steps) for phase, (host, device) in totals.items()}
-    table["other"] = (max(0.0, table["step"][0] - sum(table[p][0] for p in PHASES)),
-                      max(0.0, table["step"][1] - sum(table[p][1] for p in PHASES)))
+    table["other"] = (
+        max(0.0, table["step"][0] - sum(table[p][0] for p in PHASES)),
+        max(0.0, table["step"][1] - sum(table[p][1] for p in PHASES)),
+    )
     table["syncs"] = (syncs[0] / steps, syncs[1] / steps)
     return table
 
 
 def format_table(table: dict, device: bool) -> str:
     total = table["step"][0] or float("nan")
-    lines = [f"{'phase':<12} {'host ms/step':>13} {'share':>6}"
-             + (f" {'GPU ms/step':>12}" if device else "")]
+    lines = [
+        f"{'phase':<12} {'host ms/step':>13} {'share':>6}"
+        + (f" {'GPU ms/step':>12}" if device else "")
+    ]
     for phase in (*PHASES, "other", "step"):
         host, gpu = table[phase]
-        lines.append(f"{phase:<12} {host:>13.2f} {100 * host / total:>5.0f}%"
-                     + (f" {gpu:>12.2f}" if device else ""))
+        lines.append(
+            f"{phase:<12} {host:>13.2f} {100 * host / total:>5.0f}%"
+            + (f" {gpu:>12.2f}" if device else "")
+        )
     count, host = table["syncs"]
-    lines.append(f"{'host syncs':<12} {host:>13.2f} {100 * host / total:>5.0f}%  "
-                 f"({count:g} per step, outside the loader)")
+    lines.append(
+        f"{'host syncs':<12} {host:>13.2f} {100 * host / total:>5.0f}%  "
+        f"({count:g} per step, outside the loader)"
+    )
     return "\n".join(lines)
 
 
 @click.command(cls=Tool, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("shards", type=click.Path(path_type=Path))
-@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1),
-              help="Steps profiled.")
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0),
-              help="Steps run first, unprofiled (compile, first allocations).")
-@click.option("--trace", type=click.Path(path_type=Path), default=Path("step_trace.json"),
-              show_default=True, help="Chrome trace of the profiled steps.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
-              help="Also write the table here.")
+@click.option(
+    "--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Steps profiled."
+)
+@click.option(
+    "--warmup",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Steps run first, unprofiled (compile, first allocations).",
+)
+@click.option(
+    "--trace",
+    type=click.Path(path_type=Path),
+    default=Path("step_trace.json"),
+    show_default=True,
+    help="Chrome trace of the profiled steps.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the table here.",
+)
 @train_options()
 @click.pass_context
 def main(ctx, shards, steps, warmup, trace, json_path, **options) -> None:
@@ -174,15 +201,18 @@ def main(ctx, shards, steps, warmup, trace, json_path, **options) -> None:
     profiler.export_chrome_trace(str(trace))
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     click.echo(profiler.key_averages().table(sort_by=sort, row_limit=12))
-    click.echo(f"{cfg.arch} at {cfg.image_size} px, batch {cfg.batch_size}, {rt.device}, amp "
-               f"{rt.amp}, compile {'on' if rt.compile else 'off'}, loader "
-               f"{trainer.loader.backend}: mean of {steps} steps after {warmup} warm-up")
+    click.echo(
+        f"{cfg.arch} at {cfg.image_size} px, batch {cfg.batch_size}, {rt.device}, amp "
+        f"{rt.amp}, compile {'on' if rt.compile else 'off'}, loader "
+        f"{trainer.loader.backend}: mean of {steps} steps after {warmup} warm-up"
+    )
     click.echo(format_table(table, cuda))
     click.echo(f"trace: {trace} (chrome://tracing or ui.perfetto.dev)")
     if json_path is not None:
         count, sync_ms = table.pop("syncs")
-        rows = {phase: {"host_ms": host, "device_ms": device}
-                for phase, (host, device) in table.items()}
+        rows = {
+            phase: {"host_ms": host, "device_ms": device} for phase, (host, device) in table.items()
+        }
         rows["host syncs"] = {"per_step": count, "host_ms": sync_ms}
         json_path.write_text(json.dumps(rows, indent=1) + "\n")
 

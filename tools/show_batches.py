@@ -22,7 +22,6 @@ import dataclasses
 from pathlib import Path
 
 import click
-
 from _common import Tool, train_config, train_options
 
 NAME_CHARS = 22  # a class name is cut to this in a title
@@ -47,16 +46,27 @@ def class_title(classes, label: int) -> str:
     return f"{label}: {name}"
 
 
-def draw(rows: list[tuple[str, object, object]], skipped: list[str], classes, count: int,
-         title: str, out_png: Path) -> None:
+def draw(
+    rows: list[tuple[str, object, object]],
+    skipped: list[str],
+    classes,
+    count: int,
+    title: str,
+    out_png: Path,
+) -> None:
     import torch
 
     from fastalex.config import IMAGE_MEAN, IMAGE_STD
     from fastalex.plot import pyplot
 
     plt = pyplot()
-    figure, axes = plt.subplots(len(rows), count, figsize=(1.9 * count, 2.2 * len(rows)),
-                                squeeze=False, constrained_layout=True)
+    figure, axes = plt.subplots(
+        len(rows),
+        count,
+        figsize=(1.9 * count, 2.2 * len(rows)),
+        squeeze=False,
+        constrained_layout=True,
+    )
     mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
     for axes_row, (name, images, labels) in zip(axes, rows):
@@ -69,8 +79,11 @@ def draw(rows: list[tuple[str, object, object]], skipped: list[str], classes, co
             if column < len(pixels):
                 axis.imshow(pixels[column], interpolation="nearest")
                 axis.set_title(class_title(classes, int(labels[column])), fontsize=7)
-        axes_row[0].set_ylabel(f"{name}\nmean {' '.join(f'{m:+.2f}' for m in channel_mean)}\n"
-                               f"std {' '.join(f'{s:.2f}' for s in channel_std)}", fontsize=7)
+        axes_row[0].set_ylabel(
+            f"{name}\nmean {' '.join(f'{m:+.2f}' for m in channel_mean)}\n"
+            f"std {' '.join(f'{s:.2f}' for s in channel_std)}",
+            fontsize=7,
+        )
     if skipped:
         title += "\nnot shown: " + "; ".join(skipped)
     figure.suptitle(title, fontsize=9)
@@ -81,12 +94,28 @@ def draw(rows: list[tuple[str, object, object]], skipped: list[str], classes, co
 
 @click.command(cls=Tool, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("shards", type=click.Path(path_type=Path))
-@click.option("--out", "out_png", type=click.Path(path_type=Path), default=Path("grid.png"),
-              show_default=True, help="PNG to write.")
-@click.option("--images", "count", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Images shown per row.")
-@click.option("--loaders", default="dali,cpu,resident", show_default=True,
-              help="Train backends to show, comma-separated, each as one row.")
+@click.option(
+    "--out",
+    "out_png",
+    type=click.Path(path_type=Path),
+    default=Path("grid.png"),
+    show_default=True,
+    help="PNG to write.",
+)
+@click.option(
+    "--images",
+    "count",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images shown per row.",
+)
+@click.option(
+    "--loaders",
+    default="dali,cpu,resident",
+    show_default=True,
+    help="Train backends to show, comma-separated, each as one row.",
+)
 @train_options()
 @click.pass_context
 def main(ctx, shards, out_png, count, loaders, **options) -> None:
@@ -114,9 +143,11 @@ def main(ctx, shards, out_png, count, loaders, **options) -> None:
         rows.append((f"train: {ran}", images, labels))
     images, labels, _ = first_batch(dataclasses.replace(cfg, loader="cpu"), "val")
     rows.append(("val: cpu", images, labels))
-    title = (f"{shards}: {cfg.arch} input {cfg.image_size} px, crop scale {cfg.crop_scale_min:g}-"
-             f"{cfg.crop_scale_max:g}, ratio {cfg.crop_ratio_min:.3g}-{cfg.crop_ratio_max:.3g}, "
-             f"seed {cfg.seed}, batch {cfg.batch_size}")
+    title = (
+        f"{shards}: {cfg.arch} input {cfg.image_size} px, crop scale {cfg.crop_scale_min:g}-"
+        f"{cfg.crop_scale_max:g}, ratio {cfg.crop_ratio_min:.3g}-{cfg.crop_ratio_max:.3g}, "
+        f"seed {cfg.seed}, batch {cfg.batch_size}"
+    )
     draw(rows, skipped, classes, count, title, out_png)
     click.echo(f"wrote {out_png}: {', '.join(name for name, _, _ in rows)}")
 

@@ -145,11 +145,14 @@ def open_pack(cfg: TrainConfig, split: str, placement: Placement) -> Manifest:
     return manifest
 
 
-def build_loader(cfg: TrainConfig, split: str, placement: Placement, first_epoch: int = 0) -> Loader:
+def build_loader(
+    cfg: TrainConfig, split: str, placement: Placement, first_epoch: int = 0
+) -> Loader:
     """The configured backend's loader for `split` ("train" or "val").
 
     `cfg.loader == "auto"` picks `dali` when DALI imports and can build a pipeline for the device,
-    else `cpu`; `loader.backend` names the one chosen. `first_epoch` is the epoch the first `__iter__` yields
+    else `cpu`; `loader.backend` names the one chosen. `first_epoch` is the epoch the first
+    `__iter__` yields
     (a resumed run passes the epoch it resumes at).
     """
     if split not in ("train", "val"):

@@ -40,8 +40,8 @@ module does not, so the two differ by up to 0.5/255/std (~0.007).
 from __future__ import annotations
 
 import contextlib
-import functools
 import ctypes
+import functools
 import hashlib
 import math
 import warnings

@@ -51,8 +51,7 @@ from torch.utils.data import DataLoader
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import (Batch, Placement, augment_for, canvas_px, loader_workers,
-                              plan_share)
+from fastalex.loaders import Batch, Placement, augment_for, canvas_px, loader_workers, plan_share
 from fastalex.loaders.augment import (
     epoch_generator,
     keep_large_blocks_in_heap,
@@ -63,6 +62,7 @@ from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest, read_index
 
 SHM_DIR = "/dev/shm"  # torch's shared CPU tensors live here (Docker's default size: 64 MB)
 SHM_HEADROOM = 0.8  # share of the free shared memory this machine's rings may take
+
 
 def decode_labels(digits: np.ndarray) -> np.ndarray:
     """(N, LABEL_DIGITS) uint8 ASCII digits -> (N,) int64 labels, vectorised."""
@@ -204,16 +204,29 @@ def decode_to_fit(data, size: tuple[int, int], height: int, width: int) -> np.nd
     factor = max(full_h / height, full_w / width)
     reduce = next(r for r in (8, 4, 2, 1) if r <= factor)
     try:
-        image = Image.fromarray(simplejpeg.decode_jpeg(
-            data, "RGB", False, False, -(-full_h // reduce), -(-full_w // reduce), 1, None, False))
+        image = Image.fromarray(
+            simplejpeg.decode_jpeg(
+                data,
+                "RGB",
+                False,
+                False,
+                -(-full_h // reduce),
+                -(-full_w // reduce),
+                1,
+                None,
+                False,
+            )
+        )
     except ValueError:  # what libjpeg-turbo refuses: Pillow's own DCT scaling
         with Image.open(io.BytesIO(data)) as source:
             source.draft("RGB", (-(-full_w // reduce), -(-full_h // reduce)))
             image = source.convert("RGB")
     scale = min(height / image.height, width / image.width, 1.0)
     if scale < 1.0:
-        size = (max(1, min(width, round(image.width * scale))),
-                max(1, min(height, round(image.height * scale))))
+        size = (
+            max(1, min(width, round(image.width * scale))),
+            max(1, min(height, round(image.height * scale))),
+        )
         image = image.resize(size, Image.BILINEAR)
     return np.asarray(image)
 
@@ -247,8 +260,11 @@ def fit_ring(cfg: TrainConfig, placement: Placement, batch_bytes: int, train: bo
     if free is None:
         return workers
     budget = SHM_HEADROOM * free / (placement.local_world_size * (2 if train else 1))
-    while not cfg.loader_workers and workers > 1 and \
-            ring_slots(workers, cfg.prefetch) * batch_bytes > budget:
+    while (
+        not cfg.loader_workers
+        and workers > 1
+        and ring_slots(workers, cfg.prefetch) * batch_bytes > budget
+    ):
         workers -= 1
     need = ring_slots(workers, cfg.prefetch) * batch_bytes
     if need > budget:
@@ -257,7 +273,8 @@ def fit_ring(cfg: TrainConfig, placement: Placement, batch_bytes: int, train: bo
             f"--prefetch {cfg.prefetch}, --batch-size {cfg.batch_size}) but {SHM_DIR} has "
             f"{free / 2**20:.0f} MiB free for {placement.local_world_size} process(es); lower "
             "--loader-workers, --prefetch or --batch-size, or give the machine more shared "
-            "memory (Docker: --shm-size=2g)")
+            "memory (Docker: --shm-size=2g)"
+        )
     return workers
 
 
@@ -306,16 +323,20 @@ class CpuLoader:
         self.seed = cfg.seed
         self.epoch = first_epoch
         self.table = SampleTable(Path(cfg.shards), manifest, split, cfg.image_size)
-        self.share = plan_share(manifest.splits[split].samples, cfg.batch_size, placement,
-                                self.augment.train)
+        self.share = plan_share(
+            manifest.splits[split].samples, cfg.batch_size, placement, self.augment.train
+        )
         self.samples = self.share.samples
         height, width = self.table.canvas_px
         batch_bytes = cfg.batch_size * height * width * 3
         workers = fit_ring(cfg, placement, batch_bytes, self.augment.train)
-        self.summary = (f"cpu: {workers} decode workers, {height} x {width} canvases, "
-                        f"{ring_slots(workers, cfg.prefetch)}-batch shared-memory ring")
-        canvases = torch.empty((ring_slots(workers, cfg.prefetch), cfg.batch_size, height, width, 3),
-                               dtype=torch.uint8)
+        self.summary = (
+            f"cpu: {workers} decode workers, {height} x {width} canvases, "
+            f"{ring_slots(workers, cfg.prefetch)}-batch shared-memory ring"
+        )
+        canvases = torch.empty(
+            (ring_slots(workers, cfg.prefetch), cfg.batch_size, height, width, 3), dtype=torch.uint8
+        )
         self._tasks = _EpochBatches()
         self._loader = DataLoader(
             ShardDecoder(self.table, canvases.share_memory_()),
@@ -367,7 +388,9 @@ class CpuLoader:
         boxes, flips = self.augment.draw(sizes[:, 0], sizes[:, 1], generator)  # on the CPU
         sizes = ragged_sizes(sizes, images.shape[1:3])
         if self.device.type == "cuda":
-            images = images.pin_memory().to(self.device, non_blocking=True)  # the slot is free again
+            images = images.pin_memory().to(
+                self.device, non_blocking=True
+            )  # the slot is free again
             boxes = boxes.pin_memory().to(self.device, non_blocking=True)
             flips = None if flips is None else flips.pin_memory().to(self.device, non_blocking=True)
             sizes = None if sizes is None else sizes.pin_memory().to(self.device, non_blocking=True)

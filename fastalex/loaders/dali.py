@@ -26,8 +26,8 @@ once (DALI_NOTES.md).
 
 Epoch length. Train: ``pad_last_batch=True`` + ``LastBatchPolicy.DROP``, and the iterator stops
 after exactly ``steps_per_epoch`` batches (every rank the same count, though rank shares differ by
-up to one sample); the next pass first takes what DALI has left of its epoch (`_rewind`). Val: ``PARTIAL``,
-every sample of the share once, the short last batch kept, DALI's padding removed.
+up to one sample); the next pass first takes what DALI has left of its epoch (`_rewind`). Val:
+``PARTIAL``, every sample of the share once, the short last batch kept, DALI's padding removed.
 
 Output. GPU: ``output_layout="HWC"`` float32, and ``permute(0, 3, 1, 2)`` makes it the NCHW
 channels-last view. Labels: the ``.cls`` member is ``LABEL_DIGITS`` ASCII digits, read as
@@ -74,8 +74,15 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import (Batch, Placement, augment_for, canvas_px, loader_workers, plan_share,
-                              rank_share)
+from fastalex.loaders import (
+    Batch,
+    Placement,
+    augment_for,
+    canvas_px,
+    loader_workers,
+    plan_share,
+    rank_share,
+)
 from fastalex.loaders.augment import (
     CROP_ATTEMPTS,
     epoch_generator,
@@ -206,8 +213,12 @@ def fit_to_canvas(images, canvas_px: tuple[int, int]):
     shape = images.shape(dtype=types.FLOAT, device="cpu")  # (h, w, 3) per sample
     height, width = shape[0], shape[1]
     scale = dmath.min(dmath.min(canvas_px[0] / height, canvas_px[1] / width), 1.0)
-    return fn.resize(images, resize_y=dmath.min(height * scale, float(canvas_px[0])),
-                     resize_x=dmath.min(width * scale, float(canvas_px[1])), antialias=True)
+    return fn.resize(
+        images,
+        resize_y=dmath.min(height * scale, float(canvas_px[0])),
+        resize_x=dmath.min(width * scale, float(canvas_px[1])),
+        antialias=True,
+    )
 
 
 def decode_to_canvas(jpegs, canvas_px: tuple[int, int], device: str, fit: bool):
@@ -364,8 +375,10 @@ class DaliLoader:
             auto_reset=False,
         )
         self._kept = KeepUntilDone(cuda_event_now if self.on_gpu else None)
-        self.summary = (f"dali: {'GPU (nvJPEG)' if self.on_gpu else 'CPU-only mode'}, {threads} "
-                        "threads" + ("" if self.on_gpu else f", {canvas[0]} x {canvas[1]} canvases"))
+        self.summary = (
+            f"dali: {'GPU (nvJPEG)' if self.on_gpu else 'CPU-only mode'}, {threads} "
+            "threads" + ("" if self.on_gpu else f", {canvas[0]} x {canvas[1]} canvases")
+        )
         self._taken: int | None = None  # batches taken from DALI's current epoch; None: none begun
         powers = 10 ** torch.arange(LABEL_DIGITS - 1, -1, -1, dtype=torch.int64)
         self._powers = powers.to(self.device)

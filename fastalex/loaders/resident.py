@@ -82,7 +82,10 @@ def check_fits(need: int, device: torch.device, cap_gb: float, split: str) -> No
 
 
 def decode_share(
-    table: SampleTable, ids: np.ndarray, device: torch.device, workers: int,
+    table: SampleTable,
+    ids: np.ndarray,
+    device: torch.device,
+    workers: int,
     start_method: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode the samples `ids` with the cpu backend's workers into (N, H, W, 3) uint8 and
@@ -138,9 +141,11 @@ class ResidentLoader:
         self.heights, self.widths = sizes[:, 0], sizes[:, 1]
         self.labels = table.labels[ids].to(self.device)
         self.sizes = ragged_sizes(sizes, table.canvas_px)  # None: every image fills the canvas
-        self.summary = (f"resident: {len(ids)} images held on {self.device} as {height} x {width} "
-                        f"uint8 canvases ({self.images.numel() / 2**30:.2f} GiB)"
-                        + (", larger ones scaled down to fit" if table.may_exceed else ""))
+        self.summary = (
+            f"resident: {len(ids)} images held on {self.device} as {height} x {width} "
+            f"uint8 canvases ({self.images.numel() / 2**30:.2f} GiB)"
+            + (", larger ones scaled down to fit" if table.may_exceed else "")
+        )
 
     def _decode(self, cfg, table, ids, manifest, split, placement):
         if self.device.type == "cuda":
@@ -150,8 +155,9 @@ class ResidentLoader:
                 from fastalex.loaders.dali import decode_split
 
                 return decode_split(cfg, split, manifest, placement, table.canvas_px)
-        return decode_share(table, ids, self.device, loader_workers(cfg, placement),
-                            worker_start_method(placement))
+        return decode_share(
+            table, ids, self.device, loader_workers(cfg, placement), worker_start_method(placement)
+        )
 
     def __len__(self) -> int:
         return self.steps
