@@ -42,6 +42,11 @@ BACKENDS = ("dali", "cpu", "resident")
 CANVAS_SIDE_FACTOR = 2
 
 
+class BackendMissing(UserError, ImportError):
+    """The chosen backend's library does not import here: one line for the user (a UserError),
+    a skipped row for the benchmarks (which skip on ImportError)."""
+
+
 class Batch(NamedTuple):
     images: torch.Tensor  # (N, 3, S, S) float32 channels_last, normalised, on the device
     labels: torch.Tensor  # (N,) int64, on the device
@@ -162,7 +167,13 @@ def build_loader(
     if backend == "auto":
         backend = "dali" if dali_usable(placement.device) else "cpu"
     if backend == "dali":
-        from fastalex.loaders.dali import DaliLoader as chosen
+        try:
+            from fastalex.loaders.dali import DaliLoader as chosen
+        except ImportError as e:
+            raise BackendMissing(
+                f"--loader dali: nvidia.dali does not import here ({e}); install DALI "
+                "(README, Installing on a GPU machine) or choose --loader cpu"
+            ) from None
     elif backend == "cpu":
         from fastalex.loaders.cpu import CpuLoader as chosen
     elif backend == "resident":
