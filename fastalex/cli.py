@@ -120,17 +120,20 @@ def synth(out, classes, train_per_class, val_per_class, test_images, seed, worke
     type=click.Path(path_type=Path),
     default=Path.home() / ".cache" / "fastalex",
     show_default=True,
-    help="Where --download keeps the zip (resumed if partial).",
+    help="Where --download keeps the zip (resumed if partial) and hf:// its snapshots.",
 )
 @config_options(PackConfig)
 def pack(paths, download, url, md5, cache_dir, **options) -> None:
     """Pack a source tree (a directory, or a zip read in place) into shards at OUT.
 
     \b
-    SRC is in one of two layouts, told apart by what it holds:
+    SRC is in one of three layouts, told apart by what it holds:
       Tiny ImageNet  wnids.txt, train/<wnid>/images/*, val/val_annotations.txt + val/images/*
       ImageFolder    train/<class>/<images>, val/<class>/<images> (or --val-fraction), and
                      optionally classes.txt or words.txt: <class> <name> per line
+      HF parquet     a Hugging Face dataset snapshot: data/train-*.parquet, data/valid-*.parquet
+                     (or default/train/0000.parquet ...) with image and label columns;
+                     hf://OWNER/NAME fetches one (needs pip install huggingface_hub)
 
     Train and val become WebDataset tars with DALI indexes and a manifest (counts, sha256, labels in
     sorted class order, rejected files and why). Every image's header is checked (over
@@ -141,9 +144,8 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
     run the same command again.
     """
     from fastalex import tinyimagenet
-    from fastalex.imagefolder import detect_source
+    from fastalex.pack import detect_source, summarize
     from fastalex.pack import pack as run_pack
-    from fastalex.pack import summarize
 
     cfg = build(PackConfig, **options)
     if download:
@@ -168,6 +170,10 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
         src, out = paths
     else:
         raise UserError("give SRC and OUT: fastalex pack SRC-DIR-OR-ZIP OUT")
+    if str(src).startswith("hf://"):
+        from fastalex.parquet import snapshot_hub
+
+        src = snapshot_hub(str(src), str(cache_dir / "hub"))
     manifest, wrote = run_pack(detect_source(src), out, cfg)
     click.echo(summarize(manifest))
     done = "packed into" if wrote else "already packed (same source and settings), kept"
