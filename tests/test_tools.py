@@ -153,11 +153,15 @@ def test_profile_step_splits_a_step_into_phases_and_writes_a_trace(tool, hue_pac
     assert {"fastalex::step", "fastalex::forward", "fastalex::loader_wait"} <= names
 
 
-def test_batch_sweep_writes_a_row_per_size_with_the_scaled_lr(tool, hue_pack, tmp_path):
+def test_batch_sweep_writes_a_row_per_size_with_the_scaled_lr(
+    tool, hue_pack, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the first run writes its default OUT here
     out = tmp_path / "sweep"
     args = ["--device", "cpu", "--loader-workers", "1", "--no-compile", "--lr", 0.08]
     result = invoke(tool("batch_sweep"), hue_pack, "--batch-sizes", "32,16", "--steps", 2, *args)
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "batch_sweep.json").is_file()
     result = invoke(
         tool("batch_sweep"),
         hue_pack,
