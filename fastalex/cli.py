@@ -120,17 +120,20 @@ def synth(out, classes, train_per_class, val_per_class, test_images, seed, worke
     type=click.Path(path_type=Path),
     default=Path.home() / ".cache" / "fastalex",
     show_default=True,
-    help="Where --download keeps the zip (resumed if partial).",
+    help="Where --download keeps the zip (resumed if partial) and hf:// its snapshots.",
 )
 @config_options(PackConfig)
 def pack(paths, download, url, md5, cache_dir, **options) -> None:
     """Pack a source tree (a directory, or a zip read in place) into shards at OUT.
 
     \b
-    SRC is in one of two layouts, told apart by what it holds:
+    SRC is in one of three layouts, told apart by what it holds:
       Tiny ImageNet  wnids.txt, train/<wnid>/images/*, val/val_annotations.txt + val/images/*
       ImageFolder    train/<class>/<images>, val/<class>/<images> (or --val-fraction), and
                      optionally classes.txt or words.txt: <class> <name> per line
+      HF parquet     a Hugging Face dataset snapshot: data/train-*.parquet, data/valid-*.parquet
+                     (or default/train/0000.parquet ...) with image and label columns;
+                     hf://OWNER/NAME fetches one (needs pip install huggingface_hub)
 
     Train and val become WebDataset tars with DALI indexes and a manifest (counts, sha256, labels in
     sorted class order, rejected files and why). Every image's header is checked (over
@@ -141,9 +144,8 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
     run the same command again.
     """
     from fastalex import tinyimagenet
-    from fastalex.imagefolder import detect_source
+    from fastalex.pack import detect_source, summarize
     from fastalex.pack import pack as run_pack
-    from fastalex.pack import summarize
 
     cfg = build(PackConfig, **options)
     if download:
@@ -168,6 +170,10 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
         src, out = paths
     else:
         raise UserError("give SRC and OUT: fastalex pack SRC-DIR-OR-ZIP OUT")
+    if str(src).startswith("hf://"):
+        from fastalex.parquet import snapshot_hub
+
+        src = snapshot_hub(str(src), str(cache_dir / "hub"))
     manifest, wrote = run_pack(detect_source(src), out, cfg)
     click.echo(summarize(manifest))
     done = "packed into" if wrote else "already packed (same source and settings), kept"
@@ -209,11 +215,43 @@ def process_group_env() -> tuple[int, int, int, int]:
         ) from None
 
 
+RERUN_DROPPED = ("shards", "out", "resume", "config_file", "overrides")  # not a run's settings
+
+
+def rerun_config(path: Path, shards: Path, explicit: dict, recipe_given: bool) -> TrainConfig:
+    """The settings of RUN/config.json, with `explicit` (the command line's options) over them;
+    a new OUT unless --out is given. The result records the file and the overridden fields."""
+    import json
+
+    if recipe_given:
+        raise UserError("give one of --config and --recipe: the config holds every setting")
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--config {path}: cannot read it as JSON ({e})") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - known) if isinstance(saved, dict) else ["(not an object)"]
+    if unknown:
+        raise UserError(f"--config {path}: not a fastalex config.json (unknown {unknown[:3]})")
+    base = {k: v for k, v in saved.items() if k not in RERUN_DROPPED}
+    overrides = tuple(sorted(explicit))
+    config_file = str(Path(path).resolve())
+    fields = {**base, **explicit, "shards": str(shards), "config_file": config_file}
+    return build(TrainConfig, **fields, overrides=overrides)
+
+
 @main.command(context_settings={"show_default": True})
 @click.argument("shards", type=click.Path(path_type=Path))
-@config_options(TrainConfig, skip=("shards",))
+@config_options(TrainConfig, skip=("shards", "config_file", "overrides"))
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Re-run the settings of this RUN/config.json; options given here override them.",
+)
 @click.pass_context
-def train(ctx: click.Context, shards, **options) -> None:
+def train(ctx: click.Context, shards, config_path, **options) -> None:
     """Train on the pack at SHARDS; writes RUN/config.json, metrics.jsonl, summary.json and
     checkpoints/.
 
@@ -221,6 +259,8 @@ def train(ctx: click.Context, shards, **options) -> None:
     lr 0.01 at batch 128, StepLR(7, 0.1), 30 epochs) replaces every option not given on the command
     line. Several processes: `torchrun --nproc_per_node N -m fastalex train ...` (DDP; --batch-size
     is per process). Ctrl-C finishes the step, saves, and `--resume --out RUN` continues.
+    `--config RUN/config.json` re-runs a run's settings (in a new OUT unless --out is given), the
+    options given beside it overriding them.
     """
     from click.core import ParameterSource
 
@@ -231,10 +271,14 @@ def train(ctx: click.Context, shards, **options) -> None:
         for name, value in options.items()
         if name != "recipe" and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
     }
-    try:
-        cfg = config.recipe_config(options["recipe"], shards=str(shards), **explicit)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    if config_path is not None:
+        recipe_given = ctx.get_parameter_source("recipe") == ParameterSource.COMMANDLINE
+        cfg = rerun_config(config_path, shards, explicit, recipe_given)
+    else:
+        try:
+            cfg = config.recipe_config(options["recipe"], shards=str(shards), **explicit)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     rank, world_size, local_rank, local_world_size = process_group_env()
     try:
         result = run_training(

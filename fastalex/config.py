@@ -17,8 +17,9 @@ from typing import Any, Literal
 IMAGE_MEAN = (0.4802, 0.4481, 0.3975)
 IMAGE_STD = (0.2770, 0.2691, 0.2821)
 # Smallest input each arch accepts: alexnet64's pool5 is empty below 32 px (model.py); alexnet is
-# held to 63 px, a quarter of the paper's 227 at which its 11x11/4 stem still sees a 15x15 map.
-MIN_IMAGE_SIZE = {"alexnet64": 32, "alexnet": 63}
+# held to 63 px, a quarter of the paper's 227 at which its 11x11/4 stem still sees a 15x15 map;
+# alexnet-tv's pool5 (rounding down) is empty below 63 px.
+MIN_IMAGE_SIZE = {"alexnet64": 32, "alexnet": 63, "alexnet-tv": 63}
 
 
 def option(default: Any, help: str) -> Any:
@@ -92,7 +93,10 @@ class TrainConfig:
     recipe: Literal["fast", "reference"] = option(
         "fast", "preset that fills every option not given"
     )
-    arch: Literal["alexnet64", "alexnet"] = option("alexnet64", "alexnet = paper layout for 227 px")
+    arch: Literal["alexnet64", "alexnet", "alexnet-tv"] = option(
+        "alexnet64",
+        "alexnet = paper layout for 227 px; alexnet-tv = torchvision's layout (its weights load)",
+    )
     image_size: int = option(
         64, "px, square model input (64 native, 227 upsampled as in the paper)"
     )
@@ -132,6 +136,14 @@ class TrainConfig:
     seed: int = option(0, "model init, shuffling and augmentation")
     max_steps: int = option(0, "stop after this many train steps in total; 0 = no limit")
     resume: bool = option(False, "continue from OUT/checkpoints/last.pt")
+    init_from: str = option(
+        "",
+        "start from these weights: torchvision's alexnet file (--arch alexnet-tv) or a fastalex "
+        "checkpoint; a different class count re-initialises the head; empty = fresh init",
+    )
+    tensorboard: bool = option(False, "also write TensorBoard scalars to OUT/tensorboard")
+    config_file: str = option("", "the config.json this run re-ran (train --config); set by cli")
+    overrides: tuple[str, ...] = option((), "fields given on the command line over config_file")
 
     def __post_init__(self) -> None:
         positive = ("image_size", "epochs", "batch_size", "prefetch", "step_epochs")
@@ -159,7 +171,7 @@ class TrainConfig:
             raise ValueError(
                 f"arch {self.arch} needs image_size >= {MIN_IMAGE_SIZE[self.arch]}, got "
                 f"{self.image_size}"
-                + ("; use --arch alexnet64 for small inputs" if self.arch == "alexnet" else "")
+                + ("; use --arch alexnet64 for small inputs" if self.arch != "alexnet64" else "")
             )
 
 

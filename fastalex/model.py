@@ -31,6 +31,13 @@ from the layers at construction. Pools round their output size up (Caffe's conve
 edge row is dropped when a size does not tile exactly; at the paper's 55/27/13 and at alexnet64's
 16/8/4 rounding changes nothing.
 
+`alexnet-tv` is torchvision's `alexnet()` layout, which differs from the paper (pytorch/vision
+issue 549): conv widths 64-192-384-256-256 (conv1 11x11/4 padding 2), no LRN, pools that round down,
+an adaptive average pool to 6x6 before fc6, dropout before fc6 and fc7 only. Its modules are named
+as torchvision's (`features.0` ... `features.12`, `avgpool`, `classifier.0` ... `classifier.6`), so
+its state_dict keys and shapes are torchvision's and the published ImageNet weights load unchanged
+(1000 classes: 61,100,840 parameters). Its smallest input is 63 px (pool5 would be empty below).
+
 LRN follows the paper's formula (section 3.3), alpha NOT divided by the window size:
     b_c = a_c / (k + alpha * sum_{c' = c-n/2 .. c+n/2} a_c'^2) ** beta
 with n=5, k=2, alpha=1e-4, beta=0.75.
@@ -93,9 +100,18 @@ ARCH_CONVS: dict[str, tuple[ConvSpec, ...]] = {
     "alexnet": PAPER_CONVS,
     "alexnet64": (ConvSpec(96, 8, 4, 2), *PAPER_CONVS[1:]),  # this project's 64 px stem (docstring)
 }
-ARCHS = tuple(ARCH_CONVS)
-# The input size each arch was laid out for (paper: 227; Tiny ImageNet's native 64).
-NATIVE_IMAGE_SIZE_PX = {"alexnet": 227, "alexnet64": 64}
+# torchvision.models.alexnet (torchvision/models/alexnet.py): its features' convs, in one tower.
+TORCHVISION_CONVS = (
+    ConvSpec(64, 11, 4, 2),
+    ConvSpec(192, 5, 1, 2),
+    ConvSpec(384, 3, 1, 1),
+    ConvSpec(256, 3, 1, 1),
+    ConvSpec(256, 3, 1, 1),
+)
+TORCHVISION_POOL_PX = 6  # its AdaptiveAvgPool2d((6, 6))
+ARCHS = (*ARCH_CONVS, "alexnet-tv")
+# The input size each arch was laid out for (paper 227, Tiny ImageNet's 64, torchvision's 224).
+NATIVE_IMAGE_SIZE_PX = {"alexnet": 227, "alexnet64": 64, "alexnet-tv": 224}
 
 
 class LocalResponseNorm(nn.Module):
@@ -208,6 +224,8 @@ def trace_layers(layers: Iterable[tuple[str, nn.Module]], image_size: int) -> li
         elif isinstance(module, nn.Linear):
             channels = module.out_features
             flops = 2 * module.in_features * module.out_features
+        elif isinstance(module, nn.AdaptiveAvgPool2d):
+            height, width = as_pair(module.output_size)
         elif not isinstance(module, (nn.ReLU, nn.Dropout, LocalResponseNorm)):
             raise TypeError(f"trace_layers does not know how {type(module).__name__} changes shape")
         param_count = sum(p.numel() for p in module.parameters())
@@ -239,21 +257,90 @@ class AlexNet(nn.Sequential):
         init_weights(self)
 
 
-def init_weights(model: AlexNet) -> None:
-    """He-normal conv/fc weights, N(0, 0.01) fc8, zero biases (module docstring says why)."""
+class TorchvisionAlexNet(nn.Module):
+    """torchvision's alexnet() layout and module names (module docstring)."""
+
+    def __init__(self, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for index, spec in enumerate(TORCHVISION_CONVS, start=1):
+            layers += [
+                nn.Conv2d(
+                    in_channels, spec.out_channels, spec.kernel_px, spec.stride_px, spec.padding_px
+                ),
+                nn.ReLU(inplace=True),
+            ]
+            if index in (1, 2, 5):
+                layers.append(nn.MaxPool2d(POOL_KERNEL_PX, POOL_STRIDE_PX))
+            in_channels = spec.out_channels
+        self.features = nn.Sequential(*layers)
+        trace_layers(self.features.named_children(), image_size)  # ValueError if too small
+        self.avgpool = nn.AdaptiveAvgPool2d(TORCHVISION_POOL_PX)
+        self.flatten = nn.Flatten()  # no parameters: the state_dict stays torchvision's
+        self.classifier = nn.Sequential(
+            nn.Dropout(DROPOUT_P),
+            nn.Linear(in_channels * TORCHVISION_POOL_PX**2, FC_WIDTH),
+            nn.ReLU(inplace=True),
+            nn.Dropout(DROPOUT_P),
+            nn.Linear(FC_WIDTH, FC_WIDTH),
+            nn.ReLU(inplace=True),
+            nn.Linear(FC_WIDTH, num_classes),
+        )
+        init_weights(self)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.avgpool(self.features(images))))
+
+    def named_layers(self) -> list[tuple[str, nn.Module]]:
+        return [
+            *((f"features.{name}", m) for name, m in self.features.named_children()),
+            ("avgpool", self.avgpool),
+            ("flatten", self.flatten),
+            *((f"classifier.{name}", m) for name, m in self.classifier.named_children()),
+        ]
+
+
+def named_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every layer of an arch in forward order, with its state_dict name prefix."""
+    if isinstance(model, TorchvisionAlexNet):
+        return model.named_layers()
+    return list(model.named_children())
+
+
+def head(model: nn.Module) -> nn.Linear:
+    """The last linear layer (fc8 / classifier.6): the one whose width is the class count."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def head_names(model: nn.Module) -> tuple[str, ...]:
+    """The state_dict keys of `head(model)`."""
+    last = head(model)
+    return tuple(
+        f"{name}.{key}"
+        for name, m in model.named_modules()
+        if m is last
+        for key in ("weight", "bias")
+    )
+
+
+def init_weights(model: nn.Module) -> None:
+    """He-normal conv/fc weights, N(0, 0.01) last layer, zero biases (module docstring says why)."""
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
             nn.init.zeros_(module.bias)
-    nn.init.normal_(model.fc8.weight, mean=0.0, std=FC8_INIT_STD)
+    nn.init.normal_(head(model).weight, mean=0.0, std=FC8_INIT_STD)
 
 
 def build_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
     """A freshly initialised `arch` (one of ARCHS) for (N, 3, image_size, image_size) inputs."""
-    if arch not in ARCH_CONVS:
+    if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if arch == "alexnet-tv":
+        return TorchvisionAlexNet(num_classes, image_size)
     return AlexNet(ARCH_CONVS[arch], num_classes, image_size)
 
 
@@ -268,7 +355,7 @@ def describe_model(arch: str, num_classes: int, image_size: int) -> dict:
     """
     with torch.device("meta"):  # shapes only: no 59M-parameter allocation or initialisation
         model = build_model(arch, num_classes, image_size)
-    infos = trace_layers(model.named_children(), image_size)
+    infos = trace_layers(named_layers(model), image_size)
     return {
         "arch": arch,
         "num_classes": num_classes,
@@ -286,18 +373,18 @@ def format_model_info(info: dict) -> str:
     size = info["image_size"]
     lines = [
         f"{info['arch']}: {info['num_classes']} classes, {size}x{size} px input",
-        f"{'layer':<8} {'output C x H x W':>18} {'params':>12} {'MFLOPs':>9}",
+        f"{'layer':<13} {'output C x H x W':>18} {'params':>12} {'MFLOPs':>9}",
     ]
     for name, (channels, height, width) in info["feature_maps"]:
         param_count = info["layer_param_counts"][name]
         flops = info["layer_flops"][name]
         lines.append(
-            f"{name:<8} {f'{channels} x {height} x {width}':>18} "
+            f"{name:<13} {f'{channels} x {height} x {width}':>18} "
             f"{f'{param_count:,}' if param_count else '':>12} "
             f"{f'{flops / 1e6:.1f}' if flops else '':>9}"
         )
     flops = info["forward_flops"]
-    lines.append(f"{'total':<8} {'':>18} {info['param_count']:>12,} {flops / 1e6:>9.1f}")
+    lines.append(f"{'total':<13} {'':>18} {info['param_count']:>12,} {flops / 1e6:>9.1f}")
     lines.append(
         f"forward: {flops / 1e9:.3f} GFLOP per image ({flops / 2e9:.3f} GMAC; "
         "multiply-add = 2 FLOPs, conv and linear layers only)"

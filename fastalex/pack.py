@@ -22,10 +22,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastalex import imagefolder
 from fastalex.config import PackConfig
 from fastalex.errors import UserError
-from fastalex.imagefolder import read_source
+from fastalex.imagefolder import EXPECTED
 from fastalex.images import Rejected, check_jpeg, max_file_bytes, prepare_image
+from fastalex.parquet import ParquetSource, find_parquet_files, read_parquet
 from fastalex.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -42,7 +44,7 @@ from fastalex.shards import (
     write_manifest,
     write_shard,
 )
-from fastalex.tinyimagenet import Layout, Source, SourceRef
+from fastalex.tinyimagenet import Layout, Source, SourceRef, check_source_path
 
 STAGING = ".staging"
 PACK_FILE = re.compile(r"^(train|val)-\d{6}\.(tar|idx)(\.part)?$|^manifest\.json(\.part)?$")
@@ -52,7 +54,33 @@ COUNTS = ("transcoded", "resized", "reoriented")  # per split, in the manifest
 
 
 _progress = None  # multiprocessing.Value shared with the workers
-_sources: dict[SourceRef, Source] = {}
+_sources: dict[SourceRef, Source | ParquetSource] = {}
+
+
+def detect_source(path: str | os.PathLike) -> SourceRef:
+    """The layout at `path`: a directory holding *.parquet files is a Hugging Face snapshot
+    (parquet.py); otherwise Tiny ImageNet or ImageFolder (imagefolder.detect_source)."""
+    path = check_source_path(path)
+    if find_parquet_files(path):
+        return SourceRef(path, "", "parquet")
+    try:
+        return imagefolder.detect_source(path)
+    except UserError:
+        raise UserError(
+            f"{path}: not a source tree pack reads: {EXPECTED}, or a Hugging Face parquet "
+            "snapshot (*.parquet files with image and label columns)"
+        ) from None
+
+
+def read_source(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -> Layout:
+    """The Layout of any source kind `detect_source` returns."""
+    if ref.layout == "parquet":
+        return read_parquet(ref, val_fraction, seed)
+    return imagefolder.read_source(ref, val_fraction, seed)
+
+
+def open_reader(ref: SourceRef) -> Source | ParquetSource:
+    return ParquetSource(ref) if ref.layout == "parquet" else Source(ref)
 
 
 def _init_worker(progress) -> None:
@@ -77,7 +105,9 @@ def pack_shard(
     ref: SourceRef, staging: str, split: str, number: int, items, cfg: PackConfig
 ) -> ShardResult:
     """Check, convert where needed (`prepare_image`) and write one shard."""
-    source = _sources.get(ref) or _sources.setdefault(ref, Source(ref))
+    source = _sources.get(ref) or _sources.setdefault(ref, open_reader(ref))
+    if isinstance(source, ParquetSource):  # this shard's rows, each row group read once
+        source.prefetch([rel for _, rel, _ in items])
     rejected = []
     max_px = [0, 0]
     counts = dict.fromkeys(COUNTS, 0)

@@ -117,6 +117,8 @@ from fastalex.runtime import (
     versions,
 )
 from fastalex.shards import Manifest, read_manifest
+from fastalex.tensorboard_log import Board
+from fastalex.weights import load_initial_weights
 
 LOG_EVERY_STEPS = 50  # host syncs: progress postfix, NaN check, DDP stop agreement
 WARMUP_STEPS = 3  # compile (step 1), first momentum buffers (step 2): not steady-state throughput
@@ -409,6 +411,7 @@ class _Run:
         self.pending_rng: list[dict] | None = None
         self.saved_epochs: int | None = None  # epochs in the last checkpoint written or read
         self.warned_loader_bound = False
+        self.board = None  # --tensorboard: tensorboard_log.Board on rank 0
 
     def run(self) -> RunResult:
         cfg, rt = self.cfg, self.runtime
@@ -443,6 +446,8 @@ class _Run:
                 self.val_loader.close()
         finally:
             self.train_loader.close()
+            if self.board is not None:  # --tensorboard
+                self.board.close()
 
     def loop(self, manifest: Manifest, state: dict | None) -> RunResult:
         cfg, rt = self.cfg, self.runtime
@@ -477,6 +482,8 @@ class _Run:
             self.history, self.best_top1 = list(state["history"]), state["best_top1"]
             self.compile_s, self.saved_epochs = state["compile_s"], state["epoch"]
             carried = PartialEpoch.from_state(state["partial"])
+        if cfg.init_from and not state:  # --init-from: weights before step 0 (weights.py)
+            self.log(load_initial_weights(self.training.module, cfg.init_from))
         self.step = make_train_step(
             self.training.model, self.training.optimizer, self.training.scaler, cfg, rt
         )
@@ -484,6 +491,8 @@ class _Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", asdict(cfg))
             write_jsonl(self.run_dir / "metrics.jsonl", self.history)
+            if cfg.tensorboard:  # --tensorboard (tensorboard_log.py)
+                self.board = Board(self.run_dir)
         self.log(
             f"{'resuming' if state else 'training'} {self.run_dir}: {cfg.arch} at "
             f"{cfg.image_size} px, {manifest.num_classes} classes, "
@@ -591,6 +600,9 @@ class _Run:
         if rows:
             images = len(rows) * self.cfg.batch_size * self.runtime.world_size
             loss = sum(row[0] for row in rows) / (len(rows) * self.cfg.batch_size)
+            if self.board is not None:  # --tensorboard
+                lr = self.training.schedule.get_last_lr()[0]
+                self.board.interval(self.global_step, loss, images / max(now - self.mark, 1e-9), lr)
             bar.set_postfix(
                 loss=f"{loss:.3f}",
                 img_s=f"{images / max(now - self.mark, 1e-9):.0f}",
@@ -650,6 +662,8 @@ class _Run:
         self.best_top1 = max(self.best_top1, row["val_top1"])
         if self.main:
             append_jsonl(self.run_dir / "metrics.jsonl", row)
+        if self.board is not None:  # --tensorboard
+            self.board.epoch(row)
         self.log(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
             f"top-1 {row['train_top1']:.2f} % | val loss {row['val_loss']:.4f} "

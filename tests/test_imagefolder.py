@@ -1,5 +1,5 @@
 """Your own data: ImageFolder trees (dir or zip), images of any format and size, --max-side,
---val-fraction, header bombs rejected undecoded, and the README's "Your own data" commands."""
+--val-fraction, header bombs rejected undecoded, and docs/data.md's "Your own data" commands."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from fastalex.images import Rejected, check_image_header, prepare_image
 from fastalex.pack import pack, verify_pack
 from fastalex.shards import iter_shard, read_index, read_manifest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+DATA_DOC = Path(__file__).resolve().parent.parent / "docs" / "data.md"
 BAD = {"train/dog/broken.png"}  # the fixture's one corrupt image
 
 
@@ -281,7 +281,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(folder_tree, tmp_path):
 
 
 def readme_commands() -> list[str]:
-    section = README.read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    section = DATA_DOC.read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     return [
         line.split("  #", 1)[0].strip()

@@ -15,6 +15,7 @@ from fastalex.model import (
     build_model,
     describe_model,
     format_model_info,
+    named_layers,
     param_groups,
 )
 
@@ -25,7 +26,28 @@ ARCH_SIZES = [
     ("alexnet64", 64),
     ("alexnet64", 56),
     ("alexnet64", 72),
+    ("alexnet-tv", 224),
+    ("alexnet-tv", 63),  # its smallest input
 ]
+# torchvision.models.alexnet(num_classes=1000).state_dict(): every key and shape, in order.
+TORCHVISION_ALEXNET = {
+    "features.0.weight": (64, 3, 11, 11),
+    "features.0.bias": (64,),
+    "features.3.weight": (192, 64, 5, 5),
+    "features.3.bias": (192,),
+    "features.6.weight": (384, 192, 3, 3),
+    "features.6.bias": (384,),
+    "features.8.weight": (256, 384, 3, 3),
+    "features.8.bias": (256,),
+    "features.10.weight": (256, 256, 3, 3),
+    "features.10.bias": (256,),
+    "classifier.1.weight": (4096, 9216),
+    "classifier.1.bias": (4096,),
+    "classifier.4.weight": (4096, 4096),
+    "classifier.4.bias": (4096,),
+    "classifier.6.weight": (1000, 4096),
+    "classifier.6.bias": (1000,),
+}
 
 
 def lrn_reference(activations, size, alpha, beta, k):
@@ -51,7 +73,7 @@ def test_model_maps_images_to_one_logit_per_class(arch, image_size):
 def test_described_feature_maps_and_params_match_the_real_model(arch, image_size):
     model = build_model(arch, num_classes=10, image_size=image_size)
     shapes = [("input", (3, image_size, image_size))]
-    for name, layer in model.named_children():
+    for name, layer in named_layers(model):
         layer.register_forward_hook(
             lambda _m, _i, out, name=name: shapes.append(
                 (name, tuple(out.shape[1:]) + (1,) * (4 - out.ndim))
@@ -62,6 +84,22 @@ def test_described_feature_maps_and_params_match_the_real_model(arch, image_size
     info = describe_model(arch, num_classes=10, image_size=image_size)
     assert info["feature_maps"] == shapes
     assert info["param_count"] == sum(p.numel() for p in model.parameters())
+
+
+def test_alexnet_tv_state_dict_is_torchvisions_key_for_key():
+    with torch.device("meta"):
+        model = build_model("alexnet-tv", num_classes=1000, image_size=224)
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    assert list(shapes.items()) == list(TORCHVISION_ALEXNET.items())
+    assert sum(p.numel() for p in model.parameters()) == 61_100_840
+    assert describe_model("alexnet-tv", 1000, 224)["param_count"] == 61_100_840
+    assert not any(isinstance(m, LocalResponseNorm) for m in model.modules())
+    assert isinstance(model.avgpool, nn.AdaptiveAvgPool2d)
+
+
+def test_alexnet_tv_below_63_px_is_refused():
+    with pytest.raises(ValueError, match="too small"):
+        build_model("alexnet-tv", num_classes=10, image_size=62)
 
 
 def test_native_sizes_give_paper_and_documented_final_maps():

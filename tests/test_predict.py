@@ -1,6 +1,6 @@
 """predict and export: the val transform of a checkpoint's own run, files/dirs/globs with bad files
 in the mix, header bombs refused undecoded, and exported programs that agree with the eager model
-and load with torch (or onnxruntime) alone; the README's "Using the trained model" commands.
+and load with torch (or onnxruntime) alone; docs/using-the-model.md's commands.
 
 Tolerances:
 - predict's input against the val loader's, per normalised pixel: PIXEL_TOL, one grey level
@@ -39,7 +39,7 @@ from PIL import Image
 
 from fastalex.cli import main
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+USING = Path(__file__).resolve().parent.parent / "docs" / "using-the-model.md"
 TINY = (
     "--device",
     "cpu",
@@ -449,15 +449,15 @@ def test_pil_bilinear_resize_is_the_val_filter_the_sidecar_says(checkpoint):
             assert gap.max() <= 1.0, (height, width)
 
 
-# --- the README ----------------------------------------------------------------------------------
+# --- docs/using-the-model.md ------------------------------------------------------------------
 
 
 def readme_blocks(language: str) -> list[str]:
-    section = README.read_text().split("## Using the trained model", 1)[1].split("\n## ", 1)[0]
+    section = USING.read_text().split("\n## ", 1)[0]  # the page up to its "Evaluating" section
     return re.findall(rf"```{language}\n(.*?)```", section, re.S)
 
 
-def test_readme_using_the_trained_model_runs(checkpoint, val_files, tmp_path, monkeypatch, launch):
+def test_docs_using_the_model_commands_run(checkpoint, val_files, tmp_path, monkeypatch, launch):
     commands = [
         line.split("  #", 1)[0].strip()
         for block in readme_blocks("bash")

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
-SCRIPTS = ("show_batches", "lr_find", "profile_step")
+SCRIPTS = ("show_batches", "lr_find", "profile_step", "batch_sweep")
 CPU = ("--device", "cpu", "--batch-size", "16", "--loader-workers", "1", "--no-compile")
 
 
@@ -151,6 +151,43 @@ def test_profile_step_splits_a_step_into_phases_and_writes_a_trace(tool, hue_pac
     trace = json.loads((tmp_path / "trace.json").read_text())
     names = {event.get("name") for event in trace["traceEvents"]}
     assert {"fastalex::step", "fastalex::forward", "fastalex::loader_wait"} <= names
+
+
+def test_batch_sweep_writes_a_row_per_size_with_the_scaled_lr(
+    tool, hue_pack, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the first run writes its default OUT here
+    out = tmp_path / "sweep"
+    args = ["--device", "cpu", "--loader-workers", "1", "--no-compile", "--lr", 0.08]
+    result = invoke(tool("batch_sweep"), hue_pack, "--batch-sizes", "32,16", "--steps", 2, *args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "batch_sweep.json").is_file()
+    result = invoke(
+        tool("batch_sweep"),
+        hue_pack,
+        "--batch-sizes",
+        "32,16",
+        "--steps",
+        2,
+        "--epochs",
+        1,
+        "--out",
+        out,
+        *args,
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.with_name("sweep.json").read_text())["rows"]
+    assert [r["batch_size"] for r in rows] == [16, 32]
+    assert [r["lr"] for r in rows] == [
+        pytest.approx(0.08 * 16 / 256),
+        pytest.approx(0.08 * 32 / 256),
+    ]
+    for row in rows:
+        assert row["fits"] and row["images_per_s"] > 0 and row["peak_memory_mb"] > 0
+        assert 0 <= row["val_top1"] <= 100
+    assert [r["largest_fit"] for r in rows] == [False, True]
+    assert out.with_name("sweep.png").stat().st_size > 0
+    assert "largest batch that fit: 32" in result.output
 
 
 def test_the_readme_describes_every_tool():

@@ -1,0 +1,247 @@
+"""The Hugging Face parquet source layout: a local snapshot of an image-classification dataset
+(`zh-plus/tiny-imagenet`'s ``data/train-*.parquet``, ``data/valid-*.parquet``, or the Hub
+converter's ``default/train/0000.parquet``), read with pyarrow; `snapshot_hub` fetches
+``hf://OWNER/NAME``.
+
+Imports neither torch nor DALI. Columns: ``image`` (a struct of ``bytes`` and ``path``, or plain
+binary) and ``label`` (a ClassLabel: int ids). A file's split is the first directory or file-name
+prefix that names one: ``train``; ``valid``/``validation``/``val``; ``test`` (skipped, counted).
+Class names: the schema's ``huggingface`` metadata, else a ``dataset_infos.json`` beside the files
+or above them, else the label ids. Labels are kept as the dataset numbers them. Items are
+``"<file> row <n>"``, so a rejected row is named by file and row number. `ParquetSource` reads them
+a shard at a time (`prefetch`), each row group once per shard. Reasons: docs/data.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+from collections import defaultdict
+
+from fastalex.errors import UserError
+from fastalex.imagefolder import hold_out
+from fastalex.images import Rejected
+from fastalex.tinyimagenet import Layout, SourceRef
+
+SPLIT_NAMES = {"train": "train", "valid": "val", "validation": "val", "val": "val", "test": "test"}
+SPLIT_WORD = re.compile(r"^(train|valid|validation|val|test)(?=$|[-_.])")
+ROW = " row "  # "<file> row <n>": an item of this layout
+INFO_FILES = ("dataset_infos.json", "dataset_info.json")
+HUB_PREFIX = "hf://"
+HUB_PATTERNS = ["*.parquet", "*.json", "*.md"]  # a snapshot needs nothing else
+
+
+def find_parquet_files(path: str) -> list[str]:
+    """'/'-separated paths below directory `path` of its *.parquet files, sorted; [] if none."""
+    if not os.path.isdir(path):
+        return []
+    found = []
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        below = os.path.relpath(folder, path).replace(os.sep, "/")
+        prefix = "" if below == "." else below + "/"
+        found += [prefix + f for f in files if f.endswith(".parquet") and not f.startswith(".")]
+    return sorted(found)
+
+
+def split_of(rel: str) -> str | None:
+    """train / val / test from a file's directories or name (module docstring), or None."""
+    for part in rel.split("/"):
+        match = SPLIT_WORD.match(part.lower())
+        if match:
+            return SPLIT_NAMES[match.group(1)]
+    return None
+
+
+def snapshot_hub(name: str, cache_dir: str) -> str:
+    """A local snapshot of dataset `hf://OWNER/NAME`'s parquet files, via huggingface_hub."""
+    repo = name[len(HUB_PREFIX) :].strip("/")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(
+            f"{name}: fetching from the Hub needs huggingface_hub: pip install huggingface_hub "
+            "(or download the dataset's parquet files and pack that directory)"
+        ) from None
+    try:
+        return snapshot_download(
+            repo, repo_type="dataset", allow_patterns=HUB_PATTERNS, cache_dir=cache_dir
+        )
+    except Exception as e:  # the hub raises many kinds (network, auth, missing repo)
+        raise UserError(f"{name}: cannot fetch from the Hub: {e}") from None
+
+
+def _pq():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("reading parquet needs pyarrow: pip install pyarrow") from None
+    return pq
+
+
+def read_parquet(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -> Layout:
+    """The Layout of a parquet snapshot; without a val split, `val_fraction` of each class of
+    train is held out (seeded, as for an ImageFolder tree)."""
+    pq = _pq()
+    top = os.path.join(ref.path, ref.root)
+    by_split: dict[str, list[str]] = defaultdict(list)
+    unknown = []
+    for rel in find_parquet_files(top):
+        split = split_of(rel)
+        (by_split[split] if split else unknown).append(rel)
+    if not by_split["train"]:
+        raise UserError(f"{ref.path}: no train parquet files (train-*.parquet or train/*.parquet)")
+    names = None
+    items: dict[str, list[tuple[str, int]]] = {"train": [], "val": []}
+    unlabelled = defaultdict(int)
+    for split in ("train", "val", "test"):
+        for rel in by_split[split]:
+            file = pq.ParquetFile(os.path.join(top, rel))
+            columns = file.schema_arrow.names
+            if "image" not in columns:
+                raise UserError(f"{ref.path}: {rel} has no 'image' column (columns: {columns})")
+            names = names or _schema_names(file.schema_arrow.metadata)
+            if split == "test" or "label" not in columns:
+                unlabelled[split] += file.metadata.num_rows
+                continue
+            labels = file.read(columns=["label"]).column("label").to_pylist()
+            for row, label in enumerate(labels):
+                if label is None or label < 0:  # the Hub's "no label"
+                    unlabelled[split] += 1
+                else:
+                    items[split].append((f"{rel}{ROW}{row}", int(label)))
+    names = names or _info_names(top, by_split["train"][0])
+    seen = max((label for split in items.values() for _, label in split), default=-1) + 1
+    if names is not None and seen > len(names):
+        raise UserError(f"{ref.path}: label {seen - 1} but the metadata names {len(names)} classes")
+    names = names or [str(i) for i in range(seen)]
+    if not items["train"]:
+        raise UserError(f"{ref.path}: the train parquet files hold no labelled rows")
+    if items["val"] and val_fraction:
+        raise UserError(f"{ref.path}: has a valid/validation split already; drop --val-fraction")
+    if not items["val"]:
+        if not val_fraction:
+            raise UserError(
+                f"{ref.path}: no valid/validation/val parquet files: hold out part of train with "
+                "--val-fraction (e.g. 0.1)"
+            )
+        items["train"], items["val"] = _hold_out(items["train"], val_fraction, seed)
+    skipped = [f"{rel}: not a train/valid/test file, not packed" for rel in unknown]
+    skipped += [
+        f"{split}: {count} rows without a label, not packed"
+        for split, count in unlabelled.items()
+        if split != "test" and count
+    ]
+    return Layout(
+        classes=tuple((name, "") for name in names),
+        train=tuple(items["train"]),
+        val=tuple(items["val"]),
+        test_images=unlabelled["test"],
+        skipped=tuple(skipped),
+    )
+
+
+def _hold_out(train, val_fraction: float, seed: int):
+    """imagefolder.hold_out over the rows of each label: (train items, val items)."""
+    files = defaultdict(list)
+    for rel, label in train:
+        files[f"{label:09d}"].append(rel)  # zero-padded: hold_out seeds by sorted position
+    kept, held = hold_out(files, val_fraction, seed)
+    return tuple(
+        tuple((rel, int(key)) for key in sorted(part) for rel in part[key]) for part in (kept, held)
+    )
+
+
+def _schema_names(metadata: dict | None) -> list[str] | None:
+    """ClassLabel names of column `label` from the schema's b"huggingface" metadata."""
+    raw = (metadata or {}).get(b"huggingface")
+    if not raw:
+        return None
+    try:
+        features = json.loads(raw)["info"]["features"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return _label_names(features)
+
+
+def _info_names(top: str, first: str) -> list[str] | None:
+    """ClassLabel names from a dataset_infos.json in the first train file's folder or above."""
+    folder = os.path.dirname(os.path.join(top, first))
+    while True:
+        for name in INFO_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        infos = json.load(f)
+                except ValueError as e:
+                    raise UserError(f"{path}: not JSON ({e})") from None
+                # dataset_infos.json: {config: {"features": ...}}; dataset_info.json: {"features"}
+                for info in [infos, *infos.values()] if isinstance(infos, dict) else []:
+                    found = isinstance(info, dict) and _label_names(info.get("features"))
+                    if found:
+                        return found
+        if os.path.abspath(folder) == os.path.abspath(top):
+            return None
+        folder = os.path.dirname(folder)
+
+
+def _label_names(features) -> list[str] | None:
+    label = features.get("label") if isinstance(features, dict) else None
+    names = label.get("names") if isinstance(label, dict) else None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
+class ParquetSource:
+    """Image bytes of ``"<file> row <n>"`` items (the Source contract pack.py reads through)."""
+
+    def __init__(self, ref: SourceRef):
+        self.ref = ref
+        self._top = os.path.join(ref.path, ref.root)
+        self._bytes: dict[str, bytes | None] = {}
+
+    def close(self) -> None:
+        self._bytes.clear()
+
+    def prefetch(self, rels) -> None:
+        """Hold exactly these items' bytes: each file's needed row groups read once, image only."""
+        pq = _pq()
+        wanted: dict[str, list[int]] = defaultdict(list)
+        for rel in rels:
+            file, _, row = rel.rpartition(ROW)
+            wanted[file].append(int(row))
+        self._bytes = {}
+        for file, rows in wanted.items():
+            parquet = pq.ParquetFile(os.path.join(self._top, file))
+            starts, start = [], 0
+            for group in range(parquet.metadata.num_row_groups):
+                starts.append(start)
+                start += parquet.metadata.row_group(group).num_rows
+            by_group = defaultdict(list)
+            for row in sorted(set(rows)):
+                group = bisect.bisect_right(starts, row) - 1
+                by_group[group].append(row)
+            for group, group_rows in by_group.items():
+                column = parquet.read_row_group(group, columns=["image"]).column("image")
+                column = column.combine_chunks()
+                if hasattr(column, "field"):  # the Image feature's {bytes, path} struct
+                    column = column.field("bytes")
+                picked = column.take([row - starts[group] for row in group_rows]).to_pylist()
+                for row, data in zip(group_rows, picked):
+                    self._bytes[f"{file}{ROW}{row}"] = data
+
+    def _get(self, rel: str) -> bytes:
+        if rel not in self._bytes:
+            self.prefetch([rel])
+        data = self._bytes[rel]
+        if data is None:
+            raise Rejected("the row holds no image bytes (an image stored by path only)")
+        return data
+
+    def read(self, rel: str) -> bytes:
+        return self._get(rel)
+
+    def size(self, rel: str) -> int:
+        return len(self._get(rel))

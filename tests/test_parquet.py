@@ -1,0 +1,153 @@
+"""Hugging Face parquet snapshots: both file layouts, class names from the schema metadata, from
+dataset_infos.json or the label ids, rejected rows named by file and row, hf:// without the hub."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fastalex.cli import main
+from fastalex.config import PackConfig
+from fastalex.pack import detect_source, pack
+from fastalex.shards import iter_shard, read_index, read_manifest
+from fastalex.tinyimagenet import encode_jpeg
+
+pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
+
+NAMES = ["n01443537", "n01629819", "n01641577"]
+GREY = (30, 130, 230)  # label -> the grey level of its images
+
+
+def image_bytes(label: int, fmt: str = "JPEG") -> bytes:
+    pixels = np.full((24, 20, 3), GREY[label], np.uint8)
+    if fmt == "JPEG":
+        return encode_jpeg(pixels, False, 95)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt)
+    return out.getvalue()
+
+
+def write_parquet(path: Path, labels, metadata: bool, images=None, with_label: bool = True):
+    """One file of the Hub's Image + ClassLabel schema, in row groups of 4 rows."""
+    images = images if images is not None else [image_bytes(label) for label in labels]
+    columns = {
+        "image": pa.array(
+            [{"bytes": data, "path": f"{i}.jpg"} for i, data in enumerate(images)],
+            pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+        )
+    }
+    if with_label:
+        columns["label"] = pa.array(labels, pa.int64())
+    table = pa.table(columns)
+    if metadata:
+        features = {"image": {"_type": "Image"}, "label": {"names": NAMES, "_type": "ClassLabel"}}
+        hf = json.dumps({"info": {"features": features}})
+        table = table.replace_schema_metadata({"huggingface": hf})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=4)
+
+
+def hub_snapshot(root: Path, metadata: bool = True) -> Path:
+    """zh-plus/tiny-imagenet's layout: 2 train files (21 rows, one corrupt, one PNG), 1 valid
+    file (6 rows), 1 unlabelled test file (5 rows)."""
+    train_labels = [i % 3 for i in range(21)]
+    images = [image_bytes(label) for label in train_labels]
+    images[6] = b"\xff\xd8\xff\xe0 not really a jpeg"
+    images[9] = image_bytes(train_labels[9], "PNG")
+    write_parquet(
+        root / "data/train-00000-of-00002.parquet", train_labels[:12], metadata, images[:12]
+    )
+    write_parquet(
+        root / "data/train-00001-of-00002.parquet", train_labels[12:], metadata, images[12:]
+    )
+    write_parquet(root / "data/valid-00000-of-00001.parquet", [0, 1, 2, 2, 1, 0], metadata)
+    write_parquet(root / "data/test-00000-of-00001.parquet", [0] * 5, metadata, with_label=False)
+    return root
+
+
+def stored(out: Path, split: str) -> list[tuple[int, int]]:
+    """(label, grey level at the centre) of every stored sample of `split`."""
+    manifest = read_manifest(out)
+    found = []
+    for shard in manifest.splits[split].shards:
+        for data, label in iter_shard(out / shard.name, read_index(out / shard.index_name)):
+            with Image.open(io.BytesIO(data)) as image:
+                found.append((label, image.convert("L").getpixel((10, 12))))
+    return found
+
+
+def pack_snapshot(src: Path, out: Path, **settings):
+    config = PackConfig(shard_size=5, workers=2, **settings)
+    return pack(detect_source(src), out, config, progress=False)[0]
+
+
+def assert_labels_follow_pixels(out: Path, split: str, count: int) -> None:
+    samples = stored(out, split)
+    assert len(samples) == count
+    for label, grey in samples:
+        assert abs(grey - GREY[label]) < 8, (label, grey)
+
+
+def test_hub_layout_with_metadata_packs_counts_labels_and_names(tmp_path):
+    src = hub_snapshot(tmp_path / "tiny-imagenet")
+    assert detect_source(src).layout == "parquet"
+    manifest = pack_snapshot(src, tmp_path / "shards")
+    assert [name for name, _ in manifest.classes] == NAMES
+    assert manifest.splits["train"].samples == 20  # 21 rows, one corrupt
+    assert manifest.splits["train"].transcoded == 1  # the PNG row
+    assert manifest.splits["val"].samples == 6
+    assert_labels_follow_pixels(tmp_path / "shards", "train", 20)
+    assert_labels_follow_pixels(tmp_path / "shards", "val", 6)
+    assert [r["path"] for r in manifest.rejected] == ["data/train-00000-of-00002.parquet row 6"]
+    assert any("test: 5 unlabelled" in line for line in manifest.skipped)
+    assert manifest.source["layout"] == "parquet"
+
+
+def test_converter_layout_takes_names_from_dataset_infos_json(tmp_path):
+    src = tmp_path / "converted"
+    write_parquet(src / "default/train/0000.parquet", [2, 1, 0, 2, 1, 0, 2], metadata=False)
+    write_parquet(src / "default/validation/0000.parquet", [0, 1, 2], metadata=False)
+    infos = {"default": {"features": {"label": {"names": ["cat", "dog", "fox"]}}}}
+    (src / "dataset_infos.json").write_text(json.dumps(infos))
+    manifest = pack_snapshot(src, tmp_path / "shards")
+    assert [name for name, _ in manifest.classes] == ["cat", "dog", "fox"]
+    assert (manifest.splits["train"].samples, manifest.splits["val"].samples) == (7, 3)
+    assert_labels_follow_pixels(tmp_path / "shards", "train", 7)
+
+
+def test_without_metadata_the_classes_are_the_label_ids(tmp_path):
+    src = hub_snapshot(tmp_path / "bare", metadata=False)
+    manifest = pack_snapshot(src, tmp_path / "shards")
+    assert [name for name, _ in manifest.classes] == ["0", "1", "2"]
+    assert_labels_follow_pixels(tmp_path / "shards", "val", 6)
+
+
+def test_no_valid_split_holds_out_val_fraction(tmp_path):
+    src = tmp_path / "trainonly"
+    write_parquet(src / "data/train-00000-of-00001.parquet", [i % 3 for i in range(15)], True)
+    with pytest.raises(Exception, match="--val-fraction"):
+        pack_snapshot(src, tmp_path / "refused")
+    manifest = pack_snapshot(src, tmp_path / "shards", val_fraction=0.2)
+    assert (manifest.splits["train"].samples, manifest.splits["val"].samples) == (12, 3)
+    assert sorted(label for label, _ in stored(tmp_path / "shards", "val")) == [0, 1, 2]
+
+
+def test_cli_packs_a_snapshot_and_hf_without_the_hub_says_how_to_install(tmp_path, monkeypatch):
+    src = hub_snapshot(tmp_path / "snap")
+    runner = CliRunner()
+    result = runner.invoke(main, ["pack", str(src), str(tmp_path / "out"), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "skipped test: 5 unlabelled" in result.output
+    monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", None)
+    result = runner.invoke(main, ["pack", "hf://zh-plus/tiny-imagenet", str(tmp_path / "hub")])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0
+    assert "pip install huggingface_hub" in result.output
