@@ -16,6 +16,7 @@ from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
 from fastalex.loaders import Placement, augment, build_loader, rank_share, steps_per_epoch
 from fastalex.loaders.augment import crop_resize, sample_crop_boxes
+from fastalex.loaders.base import epoch_seed
 from fastalex.shards import read_manifest
 
 BACKENDS = ["cpu", "dali", "resident"]
@@ -144,7 +145,7 @@ def test_ranks_draw_their_own_crops_and_flips(ramp_pack, backend):
 
 
 def test_epoch_seed_is_distinct_for_each_seed_epoch_and_rank():
-    seeds = {augment.epoch_seed(s, e, r) for s in range(4) for e in range(4) for r in range(4)}
+    seeds = {epoch_seed(s, e, r) for s in range(4) for e in range(4) for r in range(4)}
     assert len(seeds) == 64 and all(0 <= seed < 2**63 for seed in seeds)
 
 
@@ -390,8 +391,8 @@ def test_dali_decode_split_matches_cpu_decoder(coded_pack, world):
     """dali.decode_split (the resident loader's decoder on CUDA) and cpu.ShardDecoder give the same
     canvases and sizes for a rank's share, in global order, mixed image sizes included."""
     pytest.importorskip("nvidia.dali")
-    from fastalex.loaders.cpu import SampleTable, ShardDecoder
     from fastalex.loaders.dali import decode_split
+    from fastalex.loaders.decode import SampleTable, ShardDecoder
 
     manifest = read_manifest(coded_pack.path)
     cfg = TrainConfig(shards=str(coded_pack.path), batch_size=32, loader_workers=1)
@@ -620,7 +621,7 @@ def test_an_image_larger_than_the_canvas_is_scaled_to_fit_as_it_is_decoded():
 
     from PIL import Image
 
-    from fastalex.loaders.cpu import decode_to_fit, jpeg_size
+    from fastalex.loaders.decode import decode_to_fit, jpeg_size
 
     rows = np.linspace(0, 255, 1000)[:, None] * np.ones((1, 2000))
     photo = np.stack([rows, rows[::-1], np.full_like(rows, 90)], axis=-1).astype(np.uint8)
@@ -675,3 +676,19 @@ def test_dali_decodes_each_epoch_once(coded_pack, monkeypatch, split, batch_size
     last = stop_after or len(loader)
     assert len(produced) == (passes - 1) * per_epoch + last
     loader.close()
+
+
+def test_close_stops_the_decode_workers(coded_pack):
+    """CpuLoader.close stops its persistent workers at once (through the DataLoader iterator's
+    private _shutdown_workers: this pins that it still does)."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    loader = make(coded_pack.path, "cpu", "val", batch_size=32)
+    run_epoch(loader, coded_pack)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 1 and all(worker.is_alive() for worker in workers)
+    still_referenced = loader._loader  # so garbage collection cannot be what stops them
+    loader.close()
+    assert not any(worker.is_alive() for worker in workers)
+    del still_referenced
