@@ -132,14 +132,21 @@ def open_pack(cfg: TrainConfig, split: str, placement: Placement) -> Manifest:
 
 
 def build_loader(
-    cfg: TrainConfig, split: str, placement: Placement, first_epoch: int = 0
+    cfg: TrainConfig,
+    split: str,
+    placement: Placement,
+    first_epoch: int = 0,
+    skip_samples: int = 0,
 ) -> Loader:
     """The configured backend's loader for `split` ("train" or "val").
 
     `cfg.loader == "auto"` picks `dali` when DALI imports and can build a pipeline for the device,
     else `cpu`; `loader.backend` names the one chosen. `first_epoch` is the epoch the first
-    `__iter__` yields
-    (a resumed run passes the epoch it resumes at).
+    `__iter__` yields (a resumed run passes the epoch it resumes at). `skip_samples` (train only;
+    a multiple of the global batch, cfg.batch_size * world_size) is where in that epoch's global
+    order the first pass starts: it yields the remaining batches, `len()` stays the full count.
+    `cpu` and `resident` start there without decoding the skipped samples, for any world size;
+    `dali` consumes the skipped batches, right only with the world size that took them.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -155,7 +162,7 @@ def build_loader(
         from fastalex.loaders.resident import ResidentLoader as chosen
     else:
         raise ValueError(f"unknown loader {backend!r}; choose from {BACKENDS}")
-    return chosen(cfg, split, manifest, placement, first_epoch)
+    return chosen(cfg, split, manifest, placement, first_epoch, skip_samples)
 
 
 def dali_usable(device: torch.device) -> bool:

@@ -117,12 +117,6 @@ class BaseLoader:
         self._skip_steps = 0
         return epoch, first
 
-    def next_epoch(self, device: torch.device | None = None) -> tuple[int, torch.Generator]:
-        """For a backend whose augmentation is drawn per rank and epoch (dali's CPU-only mode):
-        the next pass's epoch and its generator on `device` (default the CPU)."""
-        epoch, _ = self.next_pass()
-        return epoch, epoch_generator(self.seed, epoch, self.rank, device)
-
     def rank_positions(self, step: int) -> slice:
         """This rank's slice of the epoch order at global train step `step`."""
         start = step * self.global_batch + self.rank * self.batch_size

@@ -9,7 +9,6 @@ docs/loaders.md.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,16 @@ from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader
 from fastalex.loaders.decode import SampleTable, ShardDecoder, worker_start_method
 from fastalex.loaders.host import keep_large_blocks_in_heap, one_thread_on_cpu
+from fastalex.loaders.shm import (
+    SharedSegment,
+    free_shared_memory,
+    map_segment,
+    run_label,
+    shm_dir,
+    sweep_stale_segments,
+)
 from fastalex.shards import Manifest
 
-SHM_DIR = "/dev/shm"  # torch's shared CPU tensors live here (Docker's default size: 64 MB)
 SHM_HEADROOM = 0.8  # share of the free shared memory this machine's rings may take
 
 
@@ -34,15 +40,6 @@ def ring_slots(workers: int, prefetch: int) -> int:
     workers tasks outstanding, so batch i + slots is dispatched only after batch i + 2 was handed
     over, when batch i is long done."""
     return prefetch * workers + 2
-
-
-def free_shared_memory() -> int | None:
-    """Bytes free in SHM_DIR, where torch puts shared CPU tensors (None: no such mount)."""
-    try:
-        stat = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    return stat.f_bavail * stat.f_frsize
 
 
 def fit_ring(cfg: TrainConfig, placement: Placement, batch_bytes: int, train: bool) -> int:
@@ -68,7 +65,7 @@ def fit_ring(cfg: TrainConfig, placement: Placement, batch_bytes: int, train: bo
     if need > budget:
         raise UserError(
             f"the cpu loader's shared-memory ring needs {need / 2**20:.0f} MiB ({workers} workers, "
-            f"--prefetch {cfg.prefetch}, --batch-size {cfg.batch_size}) but {SHM_DIR} has "
+            f"--prefetch {cfg.prefetch}, --batch-size {cfg.batch_size}) but {shm_dir()} has "
             f"{free / 2**20:.0f} MiB free for {placement.local_world_size} process(es); lower "
             "--loader-workers, --prefetch or --batch-size, or give the machine more shared "
             "memory (Docker: --shm-size=2g)"
@@ -94,6 +91,10 @@ class _EpochBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+class DecodeWorkerDied(RuntimeError):
+    """A decode worker process ended mid-epoch (most often killed by the kernel's OOM killer)."""
+
+
 class CpuLoader(BaseLoader):
     """Loader protocol over the shards: worker processes decode, the device augments."""
 
@@ -106,21 +107,24 @@ class CpuLoader(BaseLoader):
         manifest: Manifest,
         placement: Placement,
         first_epoch: int = 0,
+        skip_samples: int = 0,
     ):
-        super().__init__(cfg, split, manifest, placement, first_epoch)
+        super().__init__(cfg, split, manifest, placement, first_epoch, skip_samples)
         self.table = SampleTable(Path(cfg.shards), manifest, split, cfg.image_size)
         height, width = self.table.canvas_px
         batch_bytes = cfg.batch_size * height * width * 3
+        sweep_stale_segments()  # a crashed run's rings, before the free space is read
         workers = fit_ring(cfg, placement, batch_bytes, self.train)
         slots = ring_slots(workers, cfg.prefetch)
+        self.ring = SharedSegment(run_label(cfg.out), (slots, cfg.batch_size, height, width, 3))
+        self.canvases = torch.from_numpy(map_segment(self.ring.path, self.ring.shape))
         self.summary = (
             f"cpu: {workers} decode workers, {height} x {width} canvases, "
-            f"{slots}-batch shared-memory ring"
+            f"{slots}-batch shared-memory ring {self.ring.path.name}"
         )
-        canvases = torch.empty((slots, cfg.batch_size, height, width, 3), dtype=torch.uint8)
         self._tasks = _EpochBatches()
         self._loader = DataLoader(
-            ShardDecoder(self.table, canvases.share_memory_()),
+            ShardDecoder(self.table, (str(self.ring.path), self.ring.shape)),
             batch_size=None,  # each task is a whole batch
             sampler=self._tasks,
             collate_fn=keep_as_is,
@@ -132,27 +136,38 @@ class CpuLoader(BaseLoader):
         if self.device.type == "cpu":
             keep_large_blocks_in_heap()
 
-    def plan_epoch(self) -> tuple[list[np.ndarray], torch.Generator]:
-        """The next epoch's batches of global sample ids, and the generator for its augmentation."""
-        start, stop, steps, _ = self.share
-        _, generator = self.next_epoch()
+    def plan_pass(self) -> tuple[int, list[int | None], list[np.ndarray]]:
+        """The next pass: its epoch, the global step of each batch (None for val), and each
+        batch's global sample ids. Train: this rank's slices of the epoch's global order from the
+        first step not skipped; val: this rank's share in order."""
+        epoch, first = self.next_pass()
         if self.train:
-            order = torch.randperm(stop - start, generator=generator).numpy() + start
-            order = order[: steps * self.batch_size]
-        else:
-            order = np.arange(start, stop)
+            plan = self.train_plan(epoch, first)
+            return epoch, [step for step, _ in plan], [ids.numpy() for _, ids in plan]
+        order = np.arange(self.share.start, self.share.stop)
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return batches, generator
+        return epoch, [None] * len(batches), batches
 
     def __iter__(self):
-        batches, generator = self.plan_epoch()
+        epoch, steps, batches = self.plan_pass()
         self._tasks.batches = batches
-        canvases = self._loader.dataset.canvases
-        for ids, (slot, sizes) in zip(batches, self._loader):
-            images = canvases[slot, : len(ids)]  # (N, H, W, 3) uint8, read in place
-            labels = self.table.labels[ids]
-            with one_thread_on_cpu(self.device):
-                batch = self._augment(images, torch.from_numpy(sizes), labels, generator)
+        decoded = iter(self._loader)
+        for step, ids in zip(steps, batches):
+            try:
+                slot, sizes = next(decoded)
+                images = self.canvases[slot, : len(ids)]  # (N, H, W, 3) uint8, read in place
+                labels = self.table.labels[ids]
+                generator = None if step is None else self.step_generator(epoch, step)
+                with one_thread_on_cpu(self.device):
+                    batch = self._augment(images, torch.from_numpy(sizes), labels, generator)
+            except RuntimeError as error:  # the DataLoader's, on a dead worker (also by SIGCHLD)
+                if "DataLoader worker" not in str(error):
+                    raise
+                raise DecodeWorkerDied(
+                    f"cpu loader: a decode worker died ({error}). The likely cause is memory: "
+                    "the kernel's OOM killer ends the largest process first; free memory, or "
+                    "lower --loader-workers, --prefetch or --batch-size"
+                ) from error
             yield batch
 
     def _augment(
@@ -160,9 +175,11 @@ class CpuLoader(BaseLoader):
         images: torch.Tensor,
         sizes: torch.Tensor,
         labels: torch.Tensor,
-        generator: torch.Generator,
+        generator: torch.Generator | None,
     ) -> Batch:
-        boxes, flips = self.augment.draw(sizes[:, 0], sizes[:, 1], generator)  # on the CPU
+        boxes, flips = self.augment.draw(  # on the CPU: this rank's slice of the global batch
+            sizes[:, 0], sizes[:, 1], generator, self.rank * self.batch_size, self.global_batch
+        )
         sizes = ragged_sizes(sizes, images.shape[1:3])
         if self.device.type == "cuda":
             images = images.pin_memory().to(self.device, non_blocking=True)  # the slot is free
@@ -181,3 +198,6 @@ class CpuLoader(BaseLoader):
             # garbage-collected, and torch has no public way to stop them now.
             # test_close_stops_the_decode_workers pins this behaviour.
             iterator._shutdown_workers()
+        ring = getattr(self, "ring", None)
+        if ring is not None:
+            ring.unlink()

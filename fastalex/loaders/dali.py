@@ -26,7 +26,7 @@ from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
 from fastalex.loaders import Batch, Placement, canvas_px, loader_workers, rank_share
 from fastalex.loaders.augment import CROP_ATTEMPTS, ragged_sizes
-from fastalex.loaders.base import BaseLoader, epoch_seed
+from fastalex.loaders.base import BaseLoader, epoch_generator, epoch_seed
 from fastalex.loaders.host import keep_large_blocks_in_heap, one_thread_on_cpu
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest
 
@@ -284,9 +284,11 @@ class DaliLoader(BaseLoader):
         manifest: Manifest,
         placement: Placement,
         first_epoch: int = 0,
+        skip_samples: int = 0,
     ):
         device, device_id, threads = pipeline_device(cfg, placement)
-        super().__init__(cfg, split, manifest, placement._replace(device=device), first_epoch)
+        placement = placement._replace(device=device)
+        super().__init__(cfg, split, manifest, placement, first_epoch, skip_samples)
         self.on_gpu = device_id is not None  # else DALI decodes and augment.py does the rest
         info = manifest.splits[split]
         canvas = canvas_px(tuple(info.image_px), cfg.image_size)
@@ -343,8 +345,14 @@ class DaliLoader(BaseLoader):
     def __iter__(self):
         self._rewind()
         self._taken = 0
-        _, generator = self.next_epoch()
-        for _ in range(len(self)):
+        epoch, first = self.next_pass()
+        generator = epoch_generator(self.seed, epoch, self.rank)
+        for _ in range(first):  # a resumed pass: the order is inside DALI, so consume the batches
+            outputs = next(self._iterator)
+            self._taken += 1
+            if not self.on_gpu:  # advance the generator as the uninterrupted pass did
+                self.augment.draw(outputs[0]["sizes"][:, 0], outputs[0]["sizes"][:, 1], generator)
+        for _ in range(first, len(self)):
             outputs = next(self._iterator)
             self._taken += 1
             digits = outputs[0]["labels"]  # (N, LABEL_DIGITS) uint8 ASCII, on the device

@@ -20,6 +20,7 @@ from PIL import Image
 
 from fastalex.errors import UserError
 from fastalex.loaders import Placement, canvas_px
+from fastalex.loaders.shm import map_segment
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest, read_index
 
 
@@ -69,37 +70,39 @@ class SampleTable:
 class ShardDecoder(torch.utils.data.Dataset):
     """Decodes one batch of samples per task, in a worker process.
 
-    With `canvases` ((slots, batch, H, W, 3) uint8 in shared memory, the `cpu` loader's ring): a
-    task is (batch number, sample ids), decoded into slot ``number % slots``, which the main process
-    then reads in place; the task returns (slot, sizes). No tensor crosses the process boundary per
-    batch: allocating a fresh shared-memory batch (``share_memory_()``) cost 11 ms, as much as
-    decoding its 256 images. Without `canvases`: a task is the sample ids and returns (images,
-    sizes) as fresh tensors (for one-off decoding, e.g. the `resident` loader's).
+    With `ring` ((path, shape) of a shared-memory segment of (slots, batch, H, W, 3) uint8: the
+    `cpu` loader's ring): a task is (batch number, sample ids), decoded into slot
+    ``number % slots``, which the main process then reads in place; the task returns (slot,
+    sizes). Without: a task is the sample ids and returns (images, sizes) as fresh tensors (for
+    one-off decoding, e.g. the `resident` loader's).
 
     images: (N, H, W, 3) uint8, each image top-left on the H x W canvas; sizes: (N, 2) int32
     (height, width) of each image (a numpy array in ring mode).
     """
 
-    def __init__(self, table: SampleTable, canvases: torch.Tensor | None = None):
+    def __init__(self, table: SampleTable, ring: tuple[str, tuple[int, ...]] | None = None):
         self.paths = table.paths
         self.shard_ids = table.shard_ids
         self.offsets = table.offsets
         self.sizes = table.sizes
         self.canvas_px = table.canvas_px
         self.may_exceed = table.may_exceed
-        self.canvases = canvases
+        self.ring = ring
         self._maps: list[memoryview] | None = None  # opened in the worker, never pickled
+        self._canvases: np.ndarray | None = None  # the ring, mapped in the worker
 
     def __getstate__(self):
-        return {**self.__dict__, "_maps": None}
+        return {**self.__dict__, "_maps": None, "_canvases": None}
 
     def __getitem__(self, task):
-        if self.canvases is None:
+        if self.ring is None:
             images = torch.empty((len(task), *self.canvas_px, 3), dtype=torch.uint8)
             return images, torch.from_numpy(self.decode_into(images.numpy(), task))
+        if self._canvases is None:
+            self._canvases = map_segment(*self.ring)
         number, ids = task
-        slot = number % len(self.canvases)
-        return slot, self.decode_into(self.canvases[slot].numpy(), ids)
+        slot = number % len(self._canvases)
+        return slot, self.decode_into(self._canvases[slot], ids)
 
     def decode_into(self, pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Decode samples `ids` into pixels[:len(ids)] ((B, H, W, 3) uint8); their (h, w)."""

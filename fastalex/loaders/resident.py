@@ -20,7 +20,7 @@ from fastalex.config import TrainConfig
 from fastalex.errors import UserError
 from fastalex.loaders import Batch, Placement, loader_workers
 from fastalex.loaders.augment import ragged_sizes
-from fastalex.loaders.base import BaseLoader
+from fastalex.loaders.base import BaseLoader, epoch_order
 from fastalex.loaders.decode import SampleTable, ShardDecoder, worker_start_method
 from fastalex.shards import Manifest
 
@@ -45,8 +45,11 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(need: int, device: torch.device, cap_gb: float, split: str) -> None:
-    """Refuse (UserError) a decoded split that would not fit, before any memory is taken."""
+def check_fits(
+    need: int, device: torch.device, cap_gb: float, split: str, holders: int = 1
+) -> None:
+    """Refuse (UserError) a decoded split that would not fit, before any memory is taken:
+    `need` bytes in each of `holders` processes sharing the device's memory."""
     gib = need / 2**30
     if cap_gb and need > cap_gb * 2**30:
         raise UserError(
@@ -59,9 +62,10 @@ def check_fits(need: int, device: torch.device, cap_gb: float, split: str) -> No
         margin = max(CUDA_MARGIN_BYTES, int(CUDA_MARGIN_FRACTION * total))
     else:
         margin = RAM_MARGIN_BYTES
-    if need > free - margin:
+    if need * holders > free - margin:
+        each = f" in each of {holders} processes" if holders > 1 else ""
         raise UserError(
-            f"the decoded {split} split needs {gib:.2f} GiB but {device} has "
+            f"the decoded {split} split needs {gib:.2f} GiB{each} but {device} has "
             f"{free / 2**30:.2f} GiB free ({margin / 2**30:.1f} GiB kept for training); "
             "use --loader dali, which decodes each batch as it goes"
         )
@@ -98,7 +102,9 @@ def decode_share(
 
 
 class ResidentLoader(BaseLoader):
-    """Loader protocol over a split decoded once into device memory (see the module docstring)."""
+    """Loader protocol over a split decoded once into device memory (see the module docstring).
+    Train holds the whole split (any rank may take any sample of the global order); val holds
+    this rank's share."""
 
     backend = "resident"
 
@@ -109,14 +115,19 @@ class ResidentLoader(BaseLoader):
         manifest: Manifest,
         placement: Placement,
         first_epoch: int = 0,
+        skip_samples: int = 0,
     ):
-        super().__init__(cfg, split, manifest, placement, first_epoch)
+        super().__init__(cfg, split, manifest, placement, first_epoch, skip_samples)
         table = SampleTable(Path(cfg.shards), manifest, split, cfg.image_size)
-        start, stop = self.share.start, self.share.stop
+        start, stop = (0, self.total) if self.train else (self.share.start, self.share.stop)
         height, width = table.canvas_px
-        check_fits((stop - start) * height * width * 3, self.device, cfg.resident_max_gb, split)
+        # On the CPU device every process of this machine holds its part in the same RAM.
+        holders = placement.local_world_size if self.device.type == "cpu" else 1
+        need = (stop - start) * height * width * 3
+        check_fits(need, self.device, cfg.resident_max_gb, split, holders)
         ids = np.arange(start, stop)
-        self.images, sizes = self._decode(cfg, table, ids, manifest, split, placement)
+        held = placement._replace(rank=0, world_size=1) if self.train else placement
+        self.images, sizes = self._decode(cfg, table, ids, manifest, split, held)
         self.heights, self.widths = sizes[:, 0], sizes[:, 1]
         self.labels = table.labels[ids].to(self.device)
         self.sizes = ragged_sizes(sizes, table.canvas_px)  # None: every image fills the canvas
@@ -139,17 +150,26 @@ class ResidentLoader(BaseLoader):
         )
 
     def __iter__(self):
-        _, generator = self.next_epoch(self.device)
-        count = len(self.labels)
-        if self.augment.train:
-            order = torch.randperm(count, generator=generator, device=self.device)
-        else:
-            order = torch.arange(count, device=self.device)
-        for step in range(len(self)):
-            ids = order[step * self.batch_size : (step + 1) * self.batch_size]
+        epoch, first = self.next_pass()
+        if self.train:  # rows of the held split are global sample ids
+            order = epoch_order(self.seed, epoch, self.total).to(self.device)
+            plan = [(step, order[self.rank_positions(step)]) for step in range(first, len(self))]
+        else:  # rows of the held share, in order
+            rows = torch.arange(len(self.labels), device=self.device)
+            plan = [
+                (None, rows[i : i + self.batch_size]) for i in range(0, len(rows), self.batch_size)
+            ]
+        for step, ids in plan:
+            generator = None if step is None else self.step_generator(epoch, step, self.device)
             # On the CPU every core is this op's: no decode workers compete once the split is
-            # resident (unlike cpu and dali: augment.one_thread_on_cpu).
-            boxes, flips = self.augment.draw(self.heights[ids], self.widths[ids], generator)
+            # resident (unlike cpu and dali: host.one_thread_on_cpu).
+            boxes, flips = self.augment.draw(
+                self.heights[ids],
+                self.widths[ids],
+                generator,
+                self.rank * self.batch_size,
+                self.global_batch,
+            )
             images = self.augment.apply(
                 self.images[ids],  # (B, H, W, 3) uint8 gathered on the device
                 boxes,
