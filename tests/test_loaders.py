@@ -707,16 +707,22 @@ def batches_of(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(images.clone(), labels.clone()) for images, labels in loader]
 
 
+# coded_pack's flat colours trace each sample; ramp_pack's identical ramps trace crops and flips.
+PACKS = ["coded_pack", "ramp_pack"]
+
+
+@pytest.mark.parametrize("pack", PACKS)
 @pytest.mark.parametrize("backend", OWN_ORDER)
-def test_two_ranks_and_one_cover_the_same_global_batches(coded_pack, backend):
+def test_two_ranks_and_one_cover_the_same_global_batches(request, pack, backend):
     """Global batch 40 as 2 ranks x 20 or 1 x 40: the same samples in each global step, with the
     same crops and flips (a sample's augmentation depends on its global position only)."""
-    one = make(coded_pack.path, backend, "train", 0, 1, first_epoch=2, batch_size=40)
+    pack = request.getfixturevalue(pack)
+    one = make(pack.path, backend, "train", 0, 1, first_epoch=2, batch_size=40)
     single = batches_of(one)
     halves = []
     for rank in range(2):
-        loader = make(coded_pack.path, backend, "train", rank, 2, first_epoch=2, batch_size=20)
-        assert len(loader) == len(one) == len(coded_pack.ids["train"]) // 40
+        loader = make(pack.path, backend, "train", rank, 2, first_epoch=2, batch_size=20)
+        assert len(loader) == len(one) > 0
         halves.append(batches_of(loader))
         loader.close()
     one.close()
@@ -726,19 +732,21 @@ def test_two_ranks_and_one_cover_the_same_global_batches(coded_pack, backend):
         assert torch.equal(torch.cat([first[1], second[1]]), labels)
 
 
+@pytest.mark.parametrize("pack", PACKS)
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-def test_skipped_samples_give_the_tail_of_the_uninterrupted_epoch(coded_pack, backend):
+def test_skipped_samples_give_the_tail_of_the_uninterrupted_epoch(request, pack, backend):
     """skip_samples with one process: the first pass is exactly the uninterrupted epoch's batches
     after that point (pixels and labels), len() stays the full count, and the next pass is the
     next whole epoch."""
     needs(backend)
-    whole = make(coded_pack.path, backend, "train", first_epoch=1, batch_size=40, seed=3)
+    pack = request.getfixturevalue(pack)
+    whole = make(pack.path, backend, "train", first_epoch=1, batch_size=40, seed=3)
     expected = [batches_of(whole) for _ in range(2)]
     whole.close()
     resumed = make(
-        coded_pack.path, backend, "train", first_epoch=1, skip_samples=3 * 40, batch_size=40, seed=3
+        pack.path, backend, "train", first_epoch=1, skip_samples=3 * 40, batch_size=40, seed=3
     )
-    assert len(resumed) == len(expected[0]) == len(coded_pack.ids["train"]) // 40
+    assert len(resumed) == len(expected[0]) > 3
     tail = batches_of(resumed)
     if backend == "cpu":
         assert len(resumed._tasks.batches) == len(resumed) - 3  # the skipped ones never decoded
