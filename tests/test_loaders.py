@@ -16,6 +16,7 @@ from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
 from fastalex.loaders import Placement, augment, build_loader, rank_share, steps_per_epoch
 from fastalex.loaders.augment import crop_resize, sample_crop_boxes
+from fastalex.loaders.base import epoch_seed
 from fastalex.shards import read_manifest
 
 BACKENDS = ["cpu", "dali", "resident"]
@@ -28,9 +29,11 @@ def needs(backend: str) -> None:
         pytest.importorskip("nvidia.dali")
 
 
-def make(pack_path, backend, split, rank=0, world=1, first_epoch=0, device=CPU, **fields):
+def make(
+    pack_path, backend, split, rank=0, world=1, first_epoch=0, device=CPU, skip_samples=0, **fields
+):
     cfg = TrainConfig(shards=str(pack_path), loader=backend, loader_workers=1, **fields)
-    return build_loader(cfg, split, Placement(device, rank, world), first_epoch)
+    return build_loader(cfg, split, Placement(device, rank, world), first_epoch, skip_samples)
 
 
 def run_epoch(loader, coded, device=CPU) -> tuple[np.ndarray, int]:
@@ -120,7 +123,9 @@ def test_ranks_get_disjoint_covering_shares(coded_pack, backend, world):
         for _ in range(2):  # the second epoch must not inherit an unfinished first one
             got, batches = run_epoch(train, coded_pack)
             assert batches == len(train) and len(got) == len(train) * 47 == train.samples
-            assert len(set(got)) == len(got) and set(got) <= set(ids["train"][start:stop])
+            assert len(set(got)) == len(got)
+            # dali reads the rank's share; cpu and resident slice one global order
+            assert set(got) <= set(ids["train"][start:stop] if backend == "dali" else ids["train"])
         train_seen.append(got)
         steps.add(len(train))
         train.close()
@@ -144,7 +149,7 @@ def test_ranks_draw_their_own_crops_and_flips(ramp_pack, backend):
 
 
 def test_epoch_seed_is_distinct_for_each_seed_epoch_and_rank():
-    seeds = {augment.epoch_seed(s, e, r) for s in range(4) for e in range(4) for r in range(4)}
+    seeds = {epoch_seed(s, e, r) for s in range(4) for e in range(4) for r in range(4)}
     assert len(seeds) == 64 and all(0 <= seed < 2**63 for seed in seeds)
 
 
@@ -390,8 +395,8 @@ def test_dali_decode_split_matches_cpu_decoder(coded_pack, world):
     """dali.decode_split (the resident loader's decoder on CUDA) and cpu.ShardDecoder give the same
     canvases and sizes for a rank's share, in global order, mixed image sizes included."""
     pytest.importorskip("nvidia.dali")
-    from fastalex.loaders.cpu import SampleTable, ShardDecoder
     from fastalex.loaders.dali import decode_split
+    from fastalex.loaders.decode import SampleTable, ShardDecoder
 
     manifest = read_manifest(coded_pack.path)
     cfg = TrainConfig(shards=str(coded_pack.path), batch_size=32, loader_workers=1)
@@ -582,7 +587,7 @@ def test_a_mixed_size_pack_trains_with_memory_bounded_by_the_batch(mixed_pack, b
     assert canvas_px(tuple(info.image_px), 64) == bound
     train = make(mixed_pack, backend, "train", batch_size=8)
     if backend == "cpu":
-        assert tuple(train._loader.dataset.canvases.shape[2:4]) == bound
+        assert tuple(train.canvases.shape[2:4]) == bound
     elif backend == "resident":
         assert tuple(train.images.shape[1:3]) == bound
     seen = 0
@@ -620,7 +625,7 @@ def test_an_image_larger_than_the_canvas_is_scaled_to_fit_as_it_is_decoded():
 
     from PIL import Image
 
-    from fastalex.loaders.cpu import decode_to_fit, jpeg_size
+    from fastalex.loaders.decode import decode_to_fit, jpeg_size
 
     rows = np.linspace(0, 255, 1000)[:, None] * np.ones((1, 2000))
     photo = np.stack([rows, rows[::-1], np.full_like(rows, 90)], axis=-1).astype(np.uint8)
@@ -674,4 +679,173 @@ def test_dali_decodes_each_epoch_once(coded_pack, monkeypatch, split, batch_size
     # passes - 1 whole epochs ran through, the last pass took `taken` batches
     last = stop_after or len(loader)
     assert len(produced) == (passes - 1) * per_epoch + last
+    loader.close()
+
+
+def test_close_stops_the_decode_workers(coded_pack):
+    """CpuLoader.close stops its persistent workers at once (through the DataLoader iterator's
+    private _shutdown_workers: this pins that it still does)."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    loader = make(coded_pack.path, "cpu", "val", batch_size=32)
+    run_epoch(loader, coded_pack)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 1 and all(worker.is_alive() for worker in workers)
+    still_referenced = loader._loader  # so garbage collection cannot be what stops them
+    loader.close()
+    assert not any(worker.is_alive() for worker in workers)
+    del still_referenced
+
+
+# --- resuming: global order, skipped samples, another number of processes ----------------------
+
+OWN_ORDER = ["cpu", "resident"]  # the backends whose epoch order is a global permutation
+
+
+def batches_of(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+# coded_pack's flat colours trace each sample; ramp_pack's identical ramps trace crops and flips.
+PACKS = ["coded_pack", "ramp_pack"]
+
+
+@pytest.mark.parametrize("pack", PACKS)
+@pytest.mark.parametrize("backend", OWN_ORDER)
+def test_two_ranks_and_one_cover_the_same_global_batches(request, pack, backend):
+    """Global batch 40 as 2 ranks x 20 or 1 x 40: the same samples in each global step, with the
+    same crops and flips (a sample's augmentation depends on its global position only)."""
+    pack = request.getfixturevalue(pack)
+    one = make(pack.path, backend, "train", 0, 1, first_epoch=2, batch_size=40)
+    single = batches_of(one)
+    halves = []
+    for rank in range(2):
+        loader = make(pack.path, backend, "train", rank, 2, first_epoch=2, batch_size=20)
+        assert len(loader) == len(one) > 0
+        halves.append(batches_of(loader))
+        loader.close()
+    one.close()
+    assert len(single) == len(halves[0]) == len(halves[1])
+    for (images, labels), first, second in zip(single, *halves):
+        torch.testing.assert_close(torch.cat([first[0], second[0]]), images, atol=1e-5, rtol=0)
+        assert torch.equal(torch.cat([first[1], second[1]]), labels)
+
+
+@pytest.mark.parametrize("pack", PACKS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_skipped_samples_give_the_tail_of_the_uninterrupted_epoch(request, pack, backend):
+    """skip_samples with one process: the first pass is exactly the uninterrupted epoch's batches
+    after that point (pixels and labels), len() stays the full count, and the next pass is the
+    next whole epoch."""
+    needs(backend)
+    pack = request.getfixturevalue(pack)
+    whole = make(pack.path, backend, "train", first_epoch=1, batch_size=40, seed=3)
+    expected = [batches_of(whole) for _ in range(2)]
+    whole.close()
+    resumed = make(
+        pack.path, backend, "train", first_epoch=1, skip_samples=3 * 40, batch_size=40, seed=3
+    )
+    assert len(resumed) == len(expected[0]) > 3
+    tail = batches_of(resumed)
+    if backend == "cpu":
+        assert len(resumed._tasks.batches) == len(resumed) - 3  # the skipped ones never decoded
+    after = batches_of(resumed)
+    resumed.close()
+    for got, want in zip([tail, after], [expected[0][3:], expected[1]]):
+        assert len(got) == len(want)
+        for (images, labels), (want_images, want_labels) in zip(got, want):
+            assert torch.equal(labels, want_labels)
+            torch.testing.assert_close(images, want_images, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", OWN_ORDER)
+def test_a_pass_resumed_by_one_process_sees_each_remaining_sample_once(coded_pack, backend):
+    """Two ranks take 3 global steps of 40, then one process continues the epoch from that cursor:
+    every sample of the epoch's full global batches is seen exactly once."""
+    ids = coded_pack.ids["train"]
+    seen = []
+    for rank in range(2):
+        loader = make(coded_pack.path, backend, "train", rank, 2, first_epoch=1, batch_size=20)
+        for step, (images, _) in enumerate(loader):
+            if step == 3:
+                break
+            seen.append(coded_pack.decode(images))
+        loader.close()
+    rest = make(coded_pack.path, backend, "train", first_epoch=1, skip_samples=120, batch_size=40)
+    remaining, batches = run_epoch(rest, coded_pack)
+    rest.close()
+    assert batches == len(ids) // 40 - 3
+    everything = np.concatenate([*seen, remaining])
+    assert len(everything) == len(ids) // 40 * 40 and len(set(everything)) == len(everything)
+    assert set(everything) <= set(ids)
+
+
+def test_skip_samples_must_be_whole_global_batches(coded_pack):
+    with pytest.raises(ValueError, match="whole number"):
+        make(coded_pack.path, "cpu", "train", 0, 2, skip_samples=20, batch_size=20)
+    with pytest.raises(ValueError, match="train split only"):
+        make(coded_pack.path, "cpu", "val", skip_samples=40, batch_size=20)
+
+
+# --- shared memory and dying workers ------------------------------------------------------------
+
+
+def test_the_ring_is_named_for_the_run_and_unlinked_on_close(coded_pack, tmp_path):
+    import os
+
+    loader = make(coded_pack.path, "cpu", "val", batch_size=32, out=str(tmp_path / "my run"))
+    path = loader.ring.path
+    assert path.name.startswith(f"fastalex-my_run-{os.getpid()}-") and path.exists()
+    run_epoch(loader, coded_pack)
+    loader.close()
+    assert not path.exists()
+
+
+def test_a_stale_segment_is_swept(tmp_path):
+    """Segments whose owner pid is gone are unlinked; this process's, a live one's and files
+    that are not ours are left alone."""
+    import os
+    import subprocess
+    import sys
+
+    from fastalex.loaders.shm import sweep_stale_segments
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead_pid = int(gone.stdout)  # exited and reaped: no such process now
+    names = {
+        "stale": f"fastalex-run-{dead_pid}-0",
+        "mine": f"fastalex-run-{os.getpid()}-0",
+        "live": f"fastalex-other-{os.getppid()}-3",
+        "foreign": "torch_123_456",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    assert sweep_stale_segments(tmp_path) == [tmp_path / names["stale"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        names[k] for k in ("mine", "live", "foreign")
+    )
+
+
+def test_a_killed_decode_worker_ends_the_pass_naming_it_and_memory(coded_pack):
+    import multiprocessing
+    import os
+    import signal
+
+    from fastalex.loaders.cpu import DecodeWorkerDied
+
+    before = set(multiprocessing.active_children())
+    loader = make(coded_pack.path, "cpu", "train", batch_size=20)
+    batches = iter(loader)
+    next(batches)
+    (worker,) = set(multiprocessing.active_children()) - before
+    os.kill(worker.pid, signal.SIGKILL)
+    with pytest.raises(DecodeWorkerDied, match=rf"pid.*{worker.pid}.*memory"):
+        for _ in batches:
+            pass
     loader.close()

@@ -1,25 +1,12 @@
 """The loader contract, and `build_loader`: the only thing the trainer and the benchmarks import
 from the data side.
 
-Iterating a Loader yields one epoch of `Batch(images, labels)`:
-
-- ``images``: (N, 3, image_size, image_size) float32, normalised with the config's mean/std,
-  ``torch.channels_last``, on the training device. Every backend hands over the same thing, so the
-  trainer never branches on the backend. (float32 rather than uint8: under autocast the first
-  convolution casts anyway, and one dtype keeps the backends interchangeable.)
-- ``labels``: int64 (N,), on the same device.
-
-``len(loader)`` is batches per epoch, the same every epoch. Train: random-resized-crop (area and
-aspect ranges from the config) + horizontal flip; each sample at most once per epoch; the short last
-batch dropped; every rank takes the same number of steps. Val: the whole image resized to
-image_size; every sample exactly once; the short last batch kept. Each ``__iter__`` is the next
-epoch, counting from ``first_epoch``. `cpu` makes each epoch's order and augmentation a function of
-(seed, epoch, rank), so a run resumed at epoch e sees what it would have seen; `dali` repeats the
-same sequence of epochs for the same config, but its shuffle lives inside the pipeline, so a
-resumed run starts a new (seeded) sequence (see dali.py).
-
-Imports no backend at import time: `dali` is imported lazily, so `import fastalex` and the CPU
-tests work without DALI installed.
+Iterating a Loader yields one epoch of `Batch(images, labels)`: images (N, 3, image_size,
+image_size) float32, normalised, channels_last, on the training device; labels int64 (N,). Train:
+random-resized-crop + flip, each sample at most once per epoch, the short last batch dropped,
+every rank the same number of steps. Val: resize only, every sample once, the short batch kept.
+Imports no backend at import time (`dali` lazily), so the CPU tests run without DALI.
+Reasons, and what resuming gives each backend: docs/loaders.md.
 """
 
 from __future__ import annotations
@@ -37,8 +24,7 @@ from fastalex.shards import Manifest, check_pack, read_manifest
 
 BACKENDS = ("dali", "cpu", "resident")
 # Decoded images are kept at most twice the output size a side: a random-resized crop of the
-# fast recipe's smallest area (0.35) of such an image is still ~1.2x the output, so scaling a
-# larger photo down to it loses no detail the model sees at full-area crops and little below.
+# fast recipe's smallest area (0.35) of such an image is still ~1.2x the output.
 CANVAS_SIDE_FACTOR = 2
 
 
@@ -151,14 +137,21 @@ def open_pack(cfg: TrainConfig, split: str, placement: Placement) -> Manifest:
 
 
 def build_loader(
-    cfg: TrainConfig, split: str, placement: Placement, first_epoch: int = 0
+    cfg: TrainConfig,
+    split: str,
+    placement: Placement,
+    first_epoch: int = 0,
+    skip_samples: int = 0,
 ) -> Loader:
     """The configured backend's loader for `split` ("train" or "val").
 
     `cfg.loader == "auto"` picks `dali` when DALI imports and can build a pipeline for the device,
     else `cpu`; `loader.backend` names the one chosen. `first_epoch` is the epoch the first
-    `__iter__` yields
-    (a resumed run passes the epoch it resumes at).
+    `__iter__` yields (a resumed run passes the epoch it resumes at). `skip_samples` (train only;
+    a multiple of the global batch, cfg.batch_size * world_size) is where in that epoch's global
+    order the first pass starts: it yields the remaining batches, `len()` stays the full count.
+    `cpu` and `resident` start there without decoding the skipped samples, for any world size;
+    `dali` consumes the skipped batches, right only with the world size that took them.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -180,7 +173,7 @@ def build_loader(
         from fastalex.loaders.resident import ResidentLoader as chosen
     else:
         raise ValueError(f"unknown loader {backend!r}; choose from {BACKENDS}")
-    return chosen(cfg, split, manifest, placement, first_epoch)
+    return chosen(cfg, split, manifest, placement, first_epoch, skip_samples)
 
 
 def dali_usable(device: torch.device) -> bool:

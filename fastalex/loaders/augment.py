@@ -1,48 +1,17 @@
 """Batched augmentation on the device: DALI-equivalent random-resized-crop boxes, and one
 crop + resize + flip + normalise op over a uint8 NHWC batch.
 
-Imports torch only (no DALI, no shard code), so every backend can use it: `cpu` (decoded batches
-from its workers), `dali` in CPU-only mode (decoded batches from DALI's threads) and `resident`
-(the split decoded once, on the device). Every function takes tensors on any device and does its
-work there; nothing here syncs with the host except where marked. Also here: the two host settings
-that running it on the CPU device needs (`one_thread_on_cpu`, `keep_large_blocks_in_heap`).
-
-Crop boxes (`sample_crop_boxes`) follow DALI 2.4's RandomCropGenerator (``dali/util/
-random_crop_generator.cc``), the generator behind ``fn.random_resized_crop`` and
-``fn.random_crop_generator``: up to `CROP_ATTEMPTS` tries of (area fraction ~ U(scale),
-aspect w/h ~ exp(U(log ratio))), each rounded to whole pixels and accepted if it fits the image and
-its rounded aspect is still in range; else DALI's fallback (the whole image, its aspect clamped into
-range, shrunk to the largest allowed area); then an anchor uniform over the whole-pixel positions.
-Measured against ``fn.random_crop_generator`` in CPU mode (2 x 20,000 windows, 64x64, area
-0.35-1, ratio 3/4-4/3): DALI's mean log(w/h) is 0.0003 (sd 0.155), log-uniform sampling gives
-0.0004, uniform sampling 0.023 — DALI samples the aspect log-uniformly, and so does this module.
-
-Resampling (`crop_resize`) is separable: per output row/column, a few input taps with weights
-(the triangle filter: bilinear when upsampling, widened to in/out pixels when downscaling, which is
-the antialiased linear filter DALI's resize uses, `antialias=True` by default), sampled at pixel
-centres (output pixel j of a crop [x0, x0+w) reads x0 + (j + 0.5) * w / S), the border replicated
-at the image's own edge (not the crop's), as DALI's ROI resize does. Each pass is one
-``F.embedding_bag(mode="sum", per_sample_weights=...)`` over rows, which reads the taps and writes
-its output once: the width pass on the small source (transposed, so rows are columns), then the
-height pass writing the (N, S, S, 3) output, which is channels-last NCHW as it stands. Normalising
-commutes with resampling (the weights sum to 1), so it is applied to the small uint8 source.
-On the CPU, batches that are only upsampled or copied 1:1 (every Tiny ImageNet batch at
-image_size >= 64) instead run the same two passes as gathers compiled by inductor
-(`compiled_bilinear`), which fuses away the transposes of 3-channel pixels that the embedding_bag
-passes need. Cost on the 2-vCPU box, one thread, 256 images from 64 x 64: compiled ~5 ms at 64 px
-and ~36 ms at 227 px; embedding_bag ~13 ms (8 of them the two transposes) and ~54 ms; a
-grid_sample formulation (planar input, separable grid clamped per image) ~14 ms and ~300 ms. At
-227 px, writing the 158 MB output dominates, and costs ~2x more unless glibc keeps large blocks
-(keep_large_blocks_in_heap). DALI rounds its resized pixels to uint8 before normalising; this
-module does not, so the two differ by up to 0.5/255/std (~0.007).
+Imports torch only (no DALI, no shard code), so every backend uses it. Every function takes tensors
+on any device and works there, with no host sync except where marked. Contract: (N, H, W, 3) uint8
+images top-left on a canvas, with (N, 2) sizes -> (N, 3, S, S) float32 channels_last, normalised.
+Crop boxes follow DALI 2.4's RandomCropGenerator; the resize is DALI's antialiased linear ROI
+resize (pixel centres, border replicated at the image's edge). Reasons and measurements:
+docs/loaders.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
-import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -51,21 +20,7 @@ import torch
 import torch.nn.functional as F
 
 CROP_ATTEMPTS = 10  # DALI's RandomCropGenerator default num_attempts
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h> mallopt parameters
-HEAP_BLOCK_MAX = 1 << 30  # bytes: allocations up to this size come from (and return to) the heap
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """A 63-bit seed for (seed, epoch, rank): independent streams, reproducible anywhere."""
-    digest = hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def epoch_generator(
-    seed: int, epoch: int, rank: int, device: torch.device | None = None
-) -> torch.Generator:
-    """The generator of one epoch's shuffle and augmentation, on `device` (default the CPU)."""
-    return torch.Generator(device=device or "cpu").manual_seed(epoch_seed(seed, epoch, rank))
+DRAWS_PER_SAMPLE = 1 + 4 * CROP_ATTEMPTS  # uniforms per sample in Augment.draw: flip, crop tries
 
 
 def sample_crop_boxes(
@@ -73,14 +28,20 @@ def sample_crop_boxes(
     widths: torch.Tensor,
     scale: tuple[float, float],
     ratio: tuple[float, float],
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
+    draws: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, 4) float32 crop boxes (x0, y0, w, h) in whole pixels for images of the given sizes,
-    distributed as DALI's random_resized_crop windows (see the module docstring).
+    distributed as DALI's random_resized_crop windows: up to CROP_ATTEMPTS tries of (area
+    fraction ~ U(scale), aspect w/h ~ exp(U(log ratio))), each rounded to whole pixels and accepted
+    if it fits and its rounded aspect is in range; else DALI's fallback (the whole image, its
+    aspect clamped into range, shrunk to the largest allowed area); then an anchor uniform over the
+    whole-pixel positions.
 
     `heights`/`widths`: (N,) integer or float tensors, on the generator's device. Vectorised over
-    the batch and the attempts; the generator is the only source of randomness, so a seeded
-    generator gives the same boxes on every run.
+    the batch and the attempts; the generator (or `draws`: (4, N, CROP_ATTEMPTS) uniforms in
+    [0, 1) drawn beforehand) is the only source of randomness, so a seeded generator gives the
+    same boxes on every run.
     """
     device = heights.device
     n = heights.shape[0]
@@ -88,7 +49,8 @@ def sample_crop_boxes(
     img_w = widths.to(torch.float32)
     area_lo, area_hi = scale
     ratio_lo, ratio_hi = ratio
-    draws = torch.rand((4, n, CROP_ATTEMPTS), generator=generator, device=device)
+    if draws is None:
+        draws = torch.rand((4, n, CROP_ATTEMPTS), generator=generator, device=device)
     target = (area_lo + (area_hi - area_lo) * draws[0]) * (img_h * img_w)[:, None]
     log_lo, log_hi = math.log(ratio_lo), math.log(ratio_hi)
     aspect = torch.exp(log_lo + (log_hi - log_lo) * draws[1])
@@ -124,13 +86,6 @@ def sample_crop_boxes(
     x0 = torch.floor(draws[2, :, 0] * (img_w - crop_w + 1)).clamp_(max=img_w - crop_w)
     y0 = torch.floor(draws[3, :, 0] * (img_h - crop_h + 1)).clamp_(max=img_h - crop_h)
     return torch.stack([x0, y0, crop_w, crop_h], dim=1)
-
-
-def sample_flips(
-    n: int, generator: torch.Generator, device: torch.device | None = None
-) -> torch.Tensor:
-    """(N,) bool: mirror each sample with probability 0.5."""
-    return torch.rand(n, generator=generator, device=device) < 0.5
 
 
 def full_boxes(heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
@@ -203,9 +158,8 @@ _compiled_passes = None  # torch.compile(bilinear_passes), built on first use; F
 
 def compiled_bilinear(*args: torch.Tensor) -> torch.Tensor | None:
     """bilinear_passes compiled by inductor (dynamic in the batch size: one compile per output
-    size, ~5 s on the 2-vCPU box), or None where torch.compile cannot build it (no compiler...):
-    crop_resize then runs eagerly. Per 256 images from 64 x 64, one thread: 5 ms at 64 px, 36 ms at
-    227 px, against 13 and 54 ms eagerly."""
+    size), or None where torch.compile cannot build it (no compiler...): crop_resize then runs
+    eagerly."""
     global _compiled_passes
     if _compiled_passes is None:
         _compiled_passes = torch.compile(bilinear_passes, dynamic=False)
@@ -302,40 +256,6 @@ def crop_resize(
     return out.view(n, out_px, out_px, channels).permute(0, 3, 1, 2)  # (N, 3, S, S) channels_last
 
 
-@contextlib.contextmanager
-def one_thread_on_cpu(device: torch.device):
-    """Run the main process's per-batch work with one intra-op thread when the device is the CPU:
-    the decode workers already fill the cores, and after any parallel op OpenMP's idle threads
-    spin-wait, burning the workers' CPU (64 px, batch 256, 2 vCPUs: 210 CPU-us per image in the
-    main process with torch's 2 threads, 68 with this; throughput 2.0k -> 4.9k img/s)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def keep_large_blocks_in_heap() -> None:
-    """Let glibc malloc reuse freed large blocks instead of unmapping them (Linux only; a no-op
-    elsewhere). Process-wide: raises the mmap and trim thresholds to 1 GiB.
-
-    On the CPU device every batch is a fresh tensor (158 MB at 227 px) and glibc serves blocks over
-    its mmap threshold (<= 32 MB) with fresh mappings, so each batch page-faults its whole output
-    in: crop_resize at 227 px took ~185 ms with the defaults and ~80 ms with this. The cost is that
-    freed memory stays in the process (its peak is kept), which a training process wants anyway.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_MAX)
-    libc.mallopt(M_TRIM_THRESHOLD, HEAP_BLOCK_MAX)
-
-
 @dataclass(frozen=True)
 class Augment:
     """What every backend does to a decoded uint8 batch: train = random-resized-crop + flip, val =
@@ -350,13 +270,28 @@ class Augment:
     std: tuple[float, float, float]
 
     def draw(
-        self, heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator
+        self,
+        heights: torch.Tensor,
+        widths: torch.Tensor,
+        generator: torch.Generator | None,
+        offset: int = 0,
+        total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, 4) crop boxes and (N,) flips (None for val), drawn on the generator's device."""
+        """(N, 4) crop boxes and (N,) flips (None for val), drawn on the generator's device.
+
+        The generator draws DRAWS_PER_SAMPLE uniforms for each of `total` samples (default N) and
+        this batch takes rows [offset, offset + N): a rank's slice of a global batch then gets
+        the draws the whole global batch would give those positions."""
         if not self.train:
             return full_boxes(heights, widths), None
-        boxes = sample_crop_boxes(heights, widths, self.crop_scale, self.crop_ratio, generator)
-        return boxes, sample_flips(len(boxes), generator, heights.device)
+        n = len(heights)
+        total = n if total is None else total
+        uniforms = torch.rand(
+            (total, DRAWS_PER_SAMPLE), generator=generator, device=heights.device
+        )[offset : offset + n]
+        draws = uniforms[:, 1:].reshape(n, 4, CROP_ATTEMPTS).transpose(0, 1)
+        boxes = sample_crop_boxes(heights, widths, self.crop_scale, self.crop_ratio, draws=draws)
+        return boxes, uniforms[:, 0] < 0.5
 
     def apply(
         self,

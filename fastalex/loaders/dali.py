@@ -1,63 +1,13 @@
 """The `dali` backend: a DALI pipeline over the shards. The only module that imports nvidia.dali.
 
-Imports DALI, torch, the shard format and augment.py; never imported by fastalex unless this
-backend is chosen (loaders/__init__.py imports it lazily). Kept apart as in DALI's examples:
-`read_shards` (reader, rank sharding, shuffle) and the processing (`process_images`: decode ->
-crop -> flip -> normalise).
-
-Devices. On CUDA the whole pipeline runs on the GPU: the ``mixed`` decoder (nvJPEG, with
-``hw_decoder_load`` and buffers preallocated for 64 x 64), then ``random_resized_crop`` +
-``crop_mirror_normalize`` (train) or ``resize`` + ``crop_mirror_normalize`` (val) on the GPU, and
-the batch reaches torch through DLPack with no host round trip and no copy. Without CUDA the same
-reader and decoder run in DALI's CPU-only mode (``device_id=None``) and DALI stops after decoding:
-each batch leaves as uint8 canvases at source resolution (``image_px``; 64 x 64 here, smaller
-images padded) with their (h, w), and augment.py crops, resizes, mirrors and normalises it in one
-batched op, exactly as the `cpu` backend does. Measured on the 2-vCPU box (batch 256, 2 threads,
-CPU-us per image across the process): with DALI's per-sample CPU operators 113 at 64 px and 476 at
-227 px; decoding in DALI and augmenting with augment.py, 86-96 and 217-229.
-
-Source. ``fn.readers.webdataset`` over the pack's tars with the packer's ``.idx`` indices.
-``shard_id``/``num_shards`` give rank r the samples ``rank_share(N, r, k)`` of the global order,
-the same share the `cpu` backend reads; ``stick_to_shard=True`` keeps it that share every epoch
-(DALI would otherwise rotate shards between epochs, and a val rank's batch count could change).
-Train shuffles globally: the pack is shuffled at pack time and the reader draws from a buffer of
-``initial_fill`` = min(share, SHUFFLE_BUFFER) samples; each epoch holds every sample of the share
-once (DALI_NOTES.md).
-
-Epoch length. Train: ``pad_last_batch=True`` + ``LastBatchPolicy.DROP``, and the iterator stops
-after exactly ``steps_per_epoch`` batches (every rank the same count, though rank shares differ by
-up to one sample); the next pass first takes what DALI has left of its epoch (`_rewind`). Val:
-``PARTIAL``, every sample of the share once, the short last batch kept, DALI's padding removed.
-
-Output. GPU: ``output_layout="HWC"`` float32, and ``permute(0, 3, 1, 2)`` makes it the NCHW
-channels-last view. Labels: the ``.cls`` member is ``LABEL_DIGITS`` ASCII digits, read as
-(N, 6) uint8 and turned into int64 on the device with one multiply-add (no per-sample Python).
-
-Memory lifetime (GPU). DALI 2.4's iterator hands each output over zero-copy (DLPack): the torch
-tensor views a buffer from DALI's pool, and torch's stream is made to wait for DALI's work that
-fills it. Nothing orders the buffer's RELEASE after the torch kernels that read it: the trainer
-queues its step and asks for the next batch without waiting for the GPU, so once the last Python
-reference goes, DALI could hand the buffer to a later batch while the queued step still reads it.
-`KeepUntilDone` makes that impossible by construction: when the consumer asks for the next batch
-(so its work on this one is queued), a CUDA event is recorded on the current stream and the
-outputs are kept until the event has completed; done entries are dropped without waiting, and only
-past HELD_MAX pending batches does it wait for the oldest. `decode_split` (the resident loader's
-one-off decode) uses the same keeper instead of a sync per batch. In CPU-only mode the consumer
-reads each batch synchronously, so nothing is kept.
-
-Reproducibility. DALI's reader shuffle (and, on the GPU, its crop windows and flips) come from the
-pipeline's seed and advance from epoch to epoch inside the pipeline; they cannot be set per epoch
-without rebuilding it and refilling the shuffle buffer (~3.6 s for 100k samples). The seed is
-derived from (cfg.seed, first_epoch, rank), so the same config gives the same sequence of epochs,
-run after run, on the same DALI version and device; a run resumed at epoch e gets a well-shuffled
-sequence, but not the one the uninterrupted run would have seen from epoch e on. In CPU-only mode
-the crops and flips are drawn by torch from (seed, epoch, rank) and do reproduce on resume; the
-order does not. (The `cpu` backend makes both a function of (seed, epoch, rank).)
-
-Crop statistics. ``fn.random_resized_crop`` samples area uniformly and aspect log-uniformly;
-augment.sample_crop_boxes reproduces that distribution, and its resize (pixel centres,
-antialiased linear, border replicated at the image's edge) matches DALI's ROI resize to 1e-3 of
-a grey level for the same window (tests/test_loaders.py).
+Imports DALI, torch, the shard format, augment.py and host.py; imported lazily by
+loaders/__init__.py only when this backend is chosen. The source (`read_shards`: reader, rank
+sharding, shuffle) is kept apart from the processing (`process_images`: decode -> crop -> flip ->
+normalise). On CUDA the whole pipeline runs on the GPU and hands float32 HWC batches over by DLPack
+(`KeepUntilDone` keeps their buffers alive until the work reading them has run); in CPU-only mode
+DALI decodes onto uint8 canvases and augment.py does the rest, as in the `cpu` backend. The
+epoch order lives inside the pipeline: a resumed run's first pass consumes the batches to skip.
+Reasons and measurements: docs/loaders.md.
 """
 
 from __future__ import annotations
@@ -74,38 +24,26 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import (
-    Batch,
-    Placement,
-    augment_for,
-    canvas_px,
-    loader_workers,
-    plan_share,
-    rank_share,
-)
-from fastalex.loaders.augment import (
-    CROP_ATTEMPTS,
-    epoch_generator,
-    epoch_seed,
-    keep_large_blocks_in_heap,
-    one_thread_on_cpu,
-    ragged_sizes,
-)
+from fastalex.loaders import Batch, Placement, canvas_px, loader_workers, rank_share
+from fastalex.loaders.augment import CROP_ATTEMPTS, ragged_sizes
+from fastalex.loaders.base import BaseLoader, epoch_generator, epoch_seed
+from fastalex.loaders.host import keep_large_blocks_in_heap, one_thread_on_cpu
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest
 
 READER = "Reader"
-SHUFFLE_BUFFER = 100_000  # samples: Tiny ImageNet's train split (DALI_NOTES.md: 3.6 s, +0.85 GB)
+SHUFFLE_BUFFER = 100_000  # samples: Tiny ImageNet's train split (docs/loaders.md: its fill cost)
 GPU_THREADS_MAX = 8  # CPU threads per GPU pipeline (Huffman decoding of the non-hardware share)
-HW_DECODER_LOAD = 0.65  # DALI's default share for the hardware JPEG decoder (DALI_NOTES.md)
+HW_DECODER_LOAD = 0.65  # DALI 2.4's default share for the hardware JPEG decoder
 PREALLOCATE_PX = 64  # Tiny ImageNet's image size: sizes nvJPEG's buffers up front
 HELD_MAX = 16  # batches KeepUntilDone holds before it waits for the oldest one's work
 
 
 class KeepUntilDone:
-    """Holds objects until an event recorded after their consumers' work completes (see the
-    module docstring). `new_event()` returns an event already recorded on the consumer's stream
-    (CUDA: torch.cuda.Event + record; anything with query() and synchronize()); None keeps
-    nothing (CPU)."""
+    """Holds objects until an event recorded after their consumers' work completes: DALI hands
+    each output over zero-copy, and nothing orders the release of its buffer after the torch
+    kernels that read it (docs/loaders.md). `new_event()` returns an event already recorded on
+    the consumer's stream (CUDA: torch.cuda.Event + record; anything with query() and
+    synchronize()); None keeps nothing (CPU)."""
 
     def __init__(self, new_event: Callable[[], object] | None) -> None:
         self.new_event = new_event
@@ -147,7 +85,7 @@ def dali_available(device: torch.device) -> bool:
 
 
 def read_shards(
-    tars: list[str], indices: list[str], shard_id: int, num_shards: int, shuffle: bool, fill: int
+    *, tars: list[str], indices: list[str], shard_id: int, num_shards: int, shuffle: bool, fill: int
 ):
     """The reader: (jpeg bytes, label digits) per sample, this rank's share, shuffled if train."""
     return fn.readers.webdataset(
@@ -232,19 +170,30 @@ def decode_to_canvas(jpegs, canvas_px: tuple[int, int], device: str, fit: bool):
 
 
 @pipeline_def(enable_conditionals=False)
-def shard_pipeline(tars, indices, shard_id, num_shards, train, fill, cfg, canvas_px, fit, device):
+def shard_pipeline(
+    *, tars, indices, shard_id, num_shards, train, fill, cfg, canvas_px, fit, device
+):
     """GPU: (images (N, S, S, 3) float32, label digits), all on the GPU. CPU-only mode: (canvases
     (N, H, W, 3) uint8, (h, w) (N, 2), label digits), augmented afterwards by augment.py."""
-    jpegs, labels = read_shards(tars, indices, shard_id, num_shards, train, fill)
+    jpegs, labels = read_shards(
+        tars=tars,
+        indices=indices,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        shuffle=train,
+        fill=fill,
+    )
     if device == "gpu":
         return process_images(jpegs, train, cfg, device), labels.gpu()
     return *decode_to_canvas(jpegs, canvas_px, device, fit), labels
 
 
 @pipeline_def(enable_conditionals=False)
-def decode_pipeline(tars, indices, shard_id, num_shards, canvas_px, fit, device):
+def decode_pipeline(*, tars, indices, shard_id, num_shards, canvas_px, fit, device):
     """This rank's share in order, decoded once onto the canvas, with each image's (h, w)."""
-    jpegs, _ = read_shards(tars, indices, shard_id, num_shards, shuffle=False, fill=1)
+    jpegs, _ = read_shards(
+        tars=tars, indices=indices, shard_id=shard_id, num_shards=num_shards, shuffle=False, fill=1
+    )
     return decode_to_canvas(jpegs, canvas_px, device, fit)
 
 
@@ -263,13 +212,13 @@ def decode_split(
     tars, indices = shard_paths(Path(cfg.shards), manifest, split)
     start, stop = rank_share(info.samples, placement.rank, placement.world_size)
     pipe = decode_pipeline(
-        tars,
-        indices,
-        placement.rank,
-        placement.world_size,
-        tuple(canvas_px),
-        tuple(canvas_px) != tuple(info.image_px),
-        "gpu" if device_id is not None else "cpu",
+        tars=tars,
+        indices=indices,
+        shard_id=placement.rank,
+        num_shards=placement.world_size,
+        canvas_px=tuple(canvas_px),
+        fit=tuple(canvas_px) != tuple(info.image_px),
+        device="gpu" if device_id is not None else "cpu",
         batch_size=cfg.batch_size,
         num_threads=threads,
         device_id=device_id,
@@ -323,7 +272,7 @@ def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
     return epoch_seed(seed, epoch, rank) & 0x7FFFFFFF
 
 
-class DaliLoader:
+class DaliLoader(BaseLoader):
     """Loader protocol over a DALI pipeline (see the module docstring)."""
 
     backend = "dali"
@@ -335,31 +284,26 @@ class DaliLoader:
         manifest: Manifest,
         placement: Placement,
         first_epoch: int = 0,
+        skip_samples: int = 0,
     ):
-        self.device, device_id, threads = pipeline_device(cfg, placement)
-        self.augment = augment_for(cfg, split)
-        self.train = self.augment.train
-        self.epoch = first_epoch
-        self.rank = placement.rank
-        self.seed = cfg.seed
+        device, device_id, threads = pipeline_device(cfg, placement)
+        placement = placement._replace(device=device)
+        super().__init__(cfg, split, manifest, placement, first_epoch, skip_samples)
         self.on_gpu = device_id is not None  # else DALI decodes and augment.py does the rest
         info = manifest.splits[split]
         canvas = canvas_px(tuple(info.image_px), cfg.image_size)
         tars, indices = shard_paths(Path(cfg.shards), manifest, split)
-        start, stop, self.steps, self.samples = plan_share(
-            info.samples, cfg.batch_size, placement, self.train
-        )
         self._pipe = shard_pipeline(
-            tars,
-            indices,
-            placement.rank,
-            placement.world_size,
-            self.train,
-            max(1, min(stop - start, SHUFFLE_BUFFER)),
-            cfg,
-            canvas,
-            canvas != tuple(info.image_px),
-            "gpu" if self.on_gpu else "cpu",
+            tars=tars,
+            indices=indices,
+            shard_id=placement.rank,
+            num_shards=placement.world_size,
+            train=self.train,
+            fill=max(1, min(self.share.stop - self.share.start, SHUFFLE_BUFFER)),
+            cfg=cfg,
+            canvas_px=canvas,
+            fit=canvas != tuple(info.image_px),
+            device="gpu" if self.on_gpu else "cpu",
             batch_size=cfg.batch_size,
             num_threads=threads,
             device_id=device_id,
@@ -385,9 +329,6 @@ class DaliLoader:
         if not self.on_gpu:
             keep_large_blocks_in_heap()
 
-    def __len__(self) -> int:
-        return self.steps
-
     def _rewind(self) -> None:
         """Take what DALI has left of its current epoch, then reset it for the next one.
 
@@ -404,9 +345,14 @@ class DaliLoader:
     def __iter__(self):
         self._rewind()
         self._taken = 0
-        generator = epoch_generator(self.seed, self.epoch, self.rank)
-        self.epoch += 1
-        for _ in range(self.steps):
+        epoch, first = self.next_pass()
+        generator = epoch_generator(self.seed, epoch, self.rank)
+        for _ in range(first):  # a resumed pass: the order is inside DALI, so consume the batches
+            outputs = next(self._iterator)
+            self._taken += 1
+            if not self.on_gpu:  # advance the generator as the uninterrupted pass did
+                self.augment.draw(outputs[0]["sizes"][:, 0], outputs[0]["sizes"][:, 1], generator)
+        for _ in range(first, len(self)):
             outputs = next(self._iterator)
             self._taken += 1
             digits = outputs[0]["labels"]  # (N, LABEL_DIGITS) uint8 ASCII, on the device
@@ -425,8 +371,7 @@ class DaliLoader:
         self, canvases: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
         """CPU-only mode: (N, H, W, 3) uint8 canvases -> (N, 3, S, S) float32 channels_last, as
-        the `cpu` backend does it (DALI's crop + resize + normalise ops, per sample on its CPU
-        threads, were 1.3x slower at 64 px and 2.4x slower at 227 px on the 2-vCPU box)."""
+        the `cpu` backend does it (faster than DALI's per-sample CPU operators: docs/loaders.md)."""
         boxes, flips = self.augment.draw(sizes[:, 0], sizes[:, 1], generator)
         return self.augment.apply(canvases, boxes, flips, ragged_sizes(sizes, canvases.shape[1:3]))
 
@@ -437,6 +382,3 @@ class DaliLoader:
         iterator, self._iterator = getattr(self, "_iterator", None), None
         pipe, self._pipe = getattr(self, "_pipe", None), None
         del iterator, pipe
-
-    def __del__(self):
-        self.close()

@@ -1,25 +1,10 @@
 """The `resident` backend: the split decoded once into device memory, augmented there every epoch.
 
-Imports torch, numpy, the shard format and the other loaders' pieces (cpu.py's sample table and
-decoder, augment.py's crops); DALI only through dali.py, lazily. Why: at 64x64 AlexNet needs ~0.7
-GFLOP per training image, so a GPU can consume far more images per second than per-epoch JPEG
-decoding delivers; decoded, Tiny ImageNet's train split is 100,000 x 64 x 64 x 3 = 1.23 GB and fits
-any training GPU (the approach of airbench on CIFAR-10).
-
-- First use: this rank's share of the split (``rank_share``: under DDP each rank holds only its
-  own) is decoded into one uint8 (N, H, W, 3) canvas tensor on the device (H x W: the split's
-  largest image, capped at twice image_size a side, ``loaders.canvas_px``; larger images are
-  scaled down to fit as they are decoded; `summary` says what is held), plus each image's
-  (h, w) and label. On CUDA with DALI installed, DALI's ``mixed`` decoder (nvJPEG) does it
-  (dali.decode_split); otherwise the `cpu` backend's worker processes do (simplejpeg; on the
-  2-core box it is several times faster than DALI's CPU decoder). Before decoding, the bytes needed
-  are compared with the device's free memory less a margin (and with --resident-max-gb), and the
-  loader refuses with a clear message naming `--loader dali` rather than running out of memory.
-- Every epoch: a permutation drawn on the device from a generator seeded by (seed, epoch, rank);
-  per batch, one gather of the canvas rows, crop boxes and flips drawn on the device, and
-  augment.crop_resize (crop + resize + flip + normalise, batched). No host round trip, no
-  per-sample Python. Same crop-area / aspect / flip distributions as the other backends
-  (augment.sample_crop_boxes follows DALI's generator); val is the same resize as `cpu`.
+Imports torch, numpy, decode.py and augment.py; DALI only through dali.py, lazily. First use
+decodes the split onto uint8 (N, H, W, 3) canvases on the device (nvJPEG through DALI on CUDA when
+DALI is installed, else decode.py's workers), after checking the bytes against free memory and
+--resident-max-gb; every epoch then gathers, crops, resizes, flips and normalises on the device
+with no host round trip. Reasons and measurements: docs/loaders.md.
 """
 
 from __future__ import annotations
@@ -33,9 +18,10 @@ from torch.utils.data import DataLoader
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, augment_for, loader_workers, plan_share
-from fastalex.loaders.augment import epoch_generator, ragged_sizes
-from fastalex.loaders.cpu import SampleTable, ShardDecoder, worker_start_method
+from fastalex.loaders import Batch, Placement, loader_workers
+from fastalex.loaders.augment import ragged_sizes
+from fastalex.loaders.base import BaseLoader, epoch_order
+from fastalex.loaders.decode import SampleTable, ShardDecoder, worker_start_method
 from fastalex.shards import Manifest
 
 DECODE_BATCH = 512  # images per decode task
@@ -59,8 +45,11 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(need: int, device: torch.device, cap_gb: float, split: str) -> None:
-    """Refuse (UserError) a decoded split that would not fit, before any memory is taken."""
+def check_fits(
+    need: int, device: torch.device, cap_gb: float, split: str, holders: int = 1
+) -> None:
+    """Refuse (UserError) a decoded split that would not fit, before any memory is taken:
+    `need` bytes in each of `holders` processes sharing the device's memory."""
     gib = need / 2**30
     if cap_gb and need > cap_gb * 2**30:
         raise UserError(
@@ -73,9 +62,10 @@ def check_fits(need: int, device: torch.device, cap_gb: float, split: str) -> No
         margin = max(CUDA_MARGIN_BYTES, int(CUDA_MARGIN_FRACTION * total))
     else:
         margin = RAM_MARGIN_BYTES
-    if need > free - margin:
+    if need * holders > free - margin:
+        each = f" in each of {holders} processes" if holders > 1 else ""
         raise UserError(
-            f"the decoded {split} split needs {gib:.2f} GiB but {device} has "
+            f"the decoded {split} split needs {gib:.2f} GiB{each} but {device} has "
             f"{free / 2**30:.2f} GiB free ({margin / 2**30:.1f} GiB kept for training); "
             "use --loader dali, which decodes each batch as it goes"
         )
@@ -88,7 +78,7 @@ def decode_share(
     workers: int,
     start_method: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode the samples `ids` with the cpu backend's workers into (N, H, W, 3) uint8 and
+    """Decode the samples `ids` with decode.py's workers into (N, H, W, 3) uint8 and
     (N, 2) int32 (height, width), both on `device`, in the order of `ids`."""
     height, width = table.canvas_px
     images = torch.empty((len(ids), height, width, 3), dtype=torch.uint8, device=device)
@@ -111,8 +101,10 @@ def decode_share(
     return images, sizes
 
 
-class ResidentLoader:
-    """Loader protocol over a split decoded once into device memory (see the module docstring)."""
+class ResidentLoader(BaseLoader):
+    """Loader protocol over a split decoded once into device memory (see the module docstring).
+    Train holds the whole split (any rank may take any sample of the global order); val holds
+    this rank's share."""
 
     backend = "resident"
 
@@ -123,21 +115,19 @@ class ResidentLoader:
         manifest: Manifest,
         placement: Placement,
         first_epoch: int = 0,
+        skip_samples: int = 0,
     ):
-        self.augment = augment_for(cfg, split)
-        self.device = torch.device(placement.device)
-        self.rank = placement.rank
-        self.batch_size = cfg.batch_size
-        self.seed = cfg.seed
-        self.epoch = first_epoch
+        super().__init__(cfg, split, manifest, placement, first_epoch, skip_samples)
         table = SampleTable(Path(cfg.shards), manifest, split, cfg.image_size)
-        start, stop, self.steps, self.samples = plan_share(
-            manifest.splits[split].samples, cfg.batch_size, placement, self.augment.train
-        )
+        start, stop = (0, self.total) if self.train else (self.share.start, self.share.stop)
         height, width = table.canvas_px
-        check_fits((stop - start) * height * width * 3, self.device, cfg.resident_max_gb, split)
+        # On the CPU device every process of this machine holds its part in the same RAM.
+        holders = placement.local_world_size if self.device.type == "cpu" else 1
+        need = (stop - start) * height * width * 3
+        check_fits(need, self.device, cfg.resident_max_gb, split, holders)
         ids = np.arange(start, stop)
-        self.images, sizes = self._decode(cfg, table, ids, manifest, split, placement)
+        held = placement._replace(rank=0, world_size=1) if self.train else placement
+        self.images, sizes = self._decode(cfg, table, ids, manifest, split, held)
         self.heights, self.widths = sizes[:, 0], sizes[:, 1]
         self.labels = table.labels[ids].to(self.device)
         self.sizes = ragged_sizes(sizes, table.canvas_px)  # None: every image fills the canvas
@@ -159,22 +149,27 @@ class ResidentLoader:
             table, ids, self.device, loader_workers(cfg, placement), worker_start_method(placement)
         )
 
-    def __len__(self) -> int:
-        return self.steps
-
     def __iter__(self):
-        generator = epoch_generator(self.seed, self.epoch, self.rank, self.device)
-        self.epoch += 1
-        count = len(self.labels)
-        if self.augment.train:
-            order = torch.randperm(count, generator=generator, device=self.device)
-        else:
-            order = torch.arange(count, device=self.device)
-        for step in range(self.steps):
-            ids = order[step * self.batch_size : (step + 1) * self.batch_size]
+        epoch, first = self.next_pass()
+        if self.train:  # rows of the held split are global sample ids
+            order = epoch_order(self.seed, epoch, self.total).to(self.device)
+            plan = [(step, order[self.rank_positions(step)]) for step in range(first, len(self))]
+        else:  # rows of the held share, in order
+            rows = torch.arange(len(self.labels), device=self.device)
+            plan = [
+                (None, rows[i : i + self.batch_size]) for i in range(0, len(rows), self.batch_size)
+            ]
+        for step, ids in plan:
+            generator = None if step is None else self.step_generator(epoch, step, self.device)
             # On the CPU every core is this op's: no decode workers compete once the split is
-            # resident (unlike cpu and dali: augment.one_thread_on_cpu).
-            boxes, flips = self.augment.draw(self.heights[ids], self.widths[ids], generator)
+            # resident (unlike cpu and dali: host.one_thread_on_cpu).
+            boxes, flips = self.augment.draw(
+                self.heights[ids],
+                self.widths[ids],
+                generator,
+                self.rank * self.batch_size,
+                self.global_batch,
+            )
             images = self.augment.apply(
                 self.images[ids],  # (B, H, W, 3) uint8 gathered on the device
                 boxes,

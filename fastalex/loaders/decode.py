@@ -1,0 +1,200 @@
+"""Where a split's samples lie in its shards, and decoding them onto a bounded canvas.
+
+Imports numpy, torch, simplejpeg (Pillow as a fallback) and the shard format; never a backend.
+Used by the `cpu` loader (in its decode workers) and the `resident` loader (its one-off decode).
+Contract: images are uint8 (N, H, W, 3), each top-left on an H x W canvas (``loaders.canvas_px``),
+with its (height, width); an image larger than the canvas is scaled down to fit as it is decoded.
+Reasons and measurements: docs/loaders.md.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image
+
+from fastalex.errors import UserError
+from fastalex.loaders import Placement, canvas_px
+from fastalex.loaders.shm import map_segment
+from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest, read_index
+
+
+def decode_labels(digits: np.ndarray) -> np.ndarray:
+    """(N, LABEL_DIGITS) uint8 ASCII digits -> (N,) int64 labels, vectorised."""
+    powers = 10 ** np.arange(digits.shape[1] - 1, -1, -1, dtype=np.int64)
+    return (digits.astype(np.int64) - ASCII_ZERO) @ powers
+
+
+class SampleTable:
+    """Where every sample of a split lies in its shards, and its label, in global order; and the
+    canvas its images are decoded onto (loaders.canvas_px for `image_size`)."""
+
+    def __init__(self, directory: Path, manifest: Manifest, split: str, image_size: int):
+        info = manifest.splits[split]
+        self.paths = [str(directory / shard.name) for shard in info.shards]
+        shard_ids, offsets, sizes, labels = [], [], [], []
+        for number, shard in enumerate(info.shards):
+            index = read_index(directory / shard.index_name)
+            if len(index) and not (index.cls_sizes == LABEL_DIGITS).all():
+                raise UserError(
+                    f"{directory / shard.index_name}: label members are not {LABEL_DIGITS} "
+                    "digits wide; re-pack with this version"
+                )
+            shard_ids.append(np.full(len(index), number, dtype=np.int32))
+            offsets.append(index.jpg_offsets)
+            sizes.append(index.jpg_sizes)
+            tar = np.memmap(directory / shard.name, dtype=np.uint8, mode="r")
+            labels.append(decode_labels(tar[index.cls_offsets[:, None] + np.arange(LABEL_DIGITS)]))
+            del tar
+        self.shard_ids = np.concatenate(shard_ids)
+        self.offsets = np.concatenate(offsets)
+        self.sizes = np.concatenate(sizes)
+        self.labels = torch.from_numpy(np.concatenate(labels))
+        self.canvas_px = canvas_px(tuple(info.image_px), image_size)  # (height, width)
+        self.may_exceed = self.canvas_px != tuple(info.image_px)  # some image is scaled to fit
+        if len(self.labels) != info.samples:
+            raise UserError(
+                f"{directory}: the {split} indices list {len(self.labels)} samples, "
+                f"the manifest {info.samples}; re-pack"
+            )
+        classes = manifest.num_classes
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= classes):
+            raise UserError(f"{directory}: {split} labels outside 0..{classes - 1}")
+
+
+class ShardDecoder(torch.utils.data.Dataset):
+    """Decodes one batch of samples per task, in a worker process.
+
+    With `ring` ((path, shape) of a shared-memory segment of (slots, batch, H, W, 3) uint8: the
+    `cpu` loader's ring): a task is (batch number, sample ids), decoded into slot
+    ``number % slots``, which the main process then reads in place; the task returns (slot,
+    sizes). Without: a task is the sample ids and returns (images, sizes) as fresh tensors (for
+    one-off decoding, e.g. the `resident` loader's).
+
+    images: (N, H, W, 3) uint8, each image top-left on the H x W canvas; sizes: (N, 2) int32
+    (height, width) of each image (a numpy array in ring mode).
+    """
+
+    def __init__(self, table: SampleTable, ring: tuple[str, tuple[int, ...]] | None = None):
+        self.paths = table.paths
+        self.shard_ids = table.shard_ids
+        self.offsets = table.offsets
+        self.sizes = table.sizes
+        self.canvas_px = table.canvas_px
+        self.may_exceed = table.may_exceed
+        self.ring = ring
+        self._maps: list[memoryview] | None = None  # opened in the worker, never pickled
+        self._canvases: np.ndarray | None = None  # the ring, mapped in the worker
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": None, "_canvases": None}
+
+    def __getitem__(self, task):
+        if self.ring is None:
+            images = torch.empty((len(task), *self.canvas_px, 3), dtype=torch.uint8)
+            return images, torch.from_numpy(self.decode_into(images.numpy(), task))
+        if self._canvases is None:
+            self._canvases = map_segment(*self.ring)
+        number, ids = task
+        slot = number % len(self._canvases)
+        return slot, self.decode_into(self._canvases[slot], ids)
+
+    def decode_into(self, pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Decode samples `ids` into pixels[:len(ids)] ((B, H, W, 3) uint8); their (h, w)."""
+        if self._maps is None:
+            self._maps = []
+            for path in self.paths:
+                with open(path, "rb") as f:
+                    tar = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps.append(memoryview(tar))
+        height, width = pixels.shape[1:3]
+        hw = np.empty((len(ids), 2), dtype=np.int32)
+        maps, decode = self._maps, simplejpeg.decode_jpeg
+        shard_ids, offsets = self.shard_ids[ids].tolist(), self.offsets[ids].tolist()
+        ends = (self.offsets[ids] + self.sizes[ids]).tolist()
+        for k in range(len(ids)):
+            data = maps[shard_ids[k]][offsets[k] : ends[k]]
+            row = pixels[k]
+            if self.may_exceed:
+                size = jpeg_size(data)
+                if size[0] > height or size[1] > width:
+                    image = decode_to_fit(data, size, height, width)
+                    h, w = image.shape[:2]
+                    row[:h, :w] = image
+                    hw[k] = h, w
+                    continue
+            try:
+                # (h, w, 3) written contiguously at the start of the canvas row. Positional:
+                # colorspace, fastdct, fastupsample, min_height, min_width, min_factor, buffer,
+                # strict (False: what libjpeg-turbo can recover, it does, as Pillow would).
+                image = decode(data, "RGB", False, False, 0, 0, 1, row, False)
+                copied = False
+            except ValueError:  # what libjpeg-turbo refuses; pack accepted it through Pillow
+                with Image.open(io.BytesIO(data)) as source:
+                    image = np.asarray(source.convert("RGB"))
+                copied = True
+            h, w = image.shape[:2]
+            if copied or h != height or w != width:
+                row[:h, :w] = np.array(image)  # a copy first: it may overlap the rows it moves to
+            hw[k] = h, w
+        return hw
+
+    def __len__(self) -> int:  # tasks are addressed by sample ids, not by position
+        return len(self.offsets)
+
+
+def jpeg_size(data) -> tuple[int, int]:
+    """(height, width) from the JPEG's header, nothing decoded."""
+    try:
+        return tuple(simplejpeg.decode_jpeg_header(data)[:2])
+    except ValueError:  # what libjpeg-turbo refuses: Pillow, which reads only the header here
+        with Image.open(io.BytesIO(data)) as source:
+            return source.size[::-1]
+
+
+def decode_to_fit(data, size: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """(h, w, 3) uint8 RGB of a JPEG of (height, width) `size` larger than the canvas, scaled
+    down (aspect kept) to fit in height x width. libjpeg-turbo first decodes at the largest of
+    1/2, 1/4, 1/8 that still covers the canvas (DCT scaling: most of a large JPEG's pixels are
+    never computed), then Pillow's antialiased bilinear resize makes up the rest."""
+    full_h, full_w = size
+    factor = max(full_h / height, full_w / width)
+    reduce = next(r for r in (8, 4, 2, 1) if r <= factor)
+    try:
+        image = Image.fromarray(
+            simplejpeg.decode_jpeg(
+                data,
+                "RGB",
+                False,
+                False,
+                -(-full_h // reduce),
+                -(-full_w // reduce),
+                1,
+                None,
+                False,
+            )
+        )
+    except ValueError:  # what libjpeg-turbo refuses: Pillow's own DCT scaling
+        with Image.open(io.BytesIO(data)) as source:
+            source.draft("RGB", (-(-full_w // reduce), -(-full_h // reduce)))
+            image = source.convert("RGB")
+    scale = min(height / image.height, width / image.width, 1.0)
+    if scale < 1.0:
+        size = (
+            max(1, min(width, round(image.width * scale))),
+            max(1, min(height, round(image.height * scale))),
+        )
+        image = image.resize(size, Image.BILINEAR)
+    return np.asarray(image)
+
+
+def worker_start_method(placement: Placement) -> str | None:
+    """How decode workers start: fork (the DataLoader's default, fastest) in a single process;
+    forkserver once a process group exists, whose threads a fork would copy mid-operation (a
+    forked worker deadlocked in Python's after-fork code beside gloo's threads)."""
+    return "forkserver" if placement.world_size > 1 else None
