@@ -46,7 +46,7 @@ def config_options(cls: type, skip: tuple[str, ...] = ()):
             flag = "--" + f.name.replace("_", "-")
             hint = hints[f.name]
             kwargs = dict(default=f.default, show_default=True, help=f.metadata.get("help"))
-            if hint is bool:
+            if hint is bool or hint == bool | None:  # None: unset, `auto` decides
                 decl = f"{flag}/--no-{flag[2:]}"
             elif typing.get_origin(hint) is typing.Literal:
                 decl, kwargs["type"] = flag, click.Choice(typing.get_args(hint))
