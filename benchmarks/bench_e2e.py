@@ -1,14 +1,18 @@
 """The e2e group: a loader feeding real training steps, the two stacks timed side by side.
 
 Rows: ``reference`` (the blog's loader from reference.py, eager fp32 NCHW steps, the reference
-recipe's batch) and ``fastalex`` (build_loader's default backend and the default stack; compile off
-in --quick), the same arch at each size. Steps come from fastalex.train (bench_model.build_step),
-never a copy of its loop. Each row adds the epoch time implied for Tiny ImageNet's 100,000 training
-images, and ``wait_pct``: the share of its timed windows the step waited on the loader, measured
-around each ``next()`` by the trainer's own accounting (fastalex.metrics.LoaderWait: host time on
-the CPU; on CUDA the gap a pair of events brackets on the GPU's timeline, so a host that blocks
-while queued steps keep the GPU busy counts nothing, and no per-step sync slows the row it
-measures). The events are read after each window's closing synchronize.
+recipe's batch), ``fastalex`` (build_loader's default backend and the default stack; compile off
+in --quick), ``defaults`` (every `auto` settled by runtime.decide, the code `fastalex train` runs,
+its decisions in the row; --quick plans 2 steps, so nothing is probed) and the fixed
+configurations it is judged against, fp32/bf16 x eager/compiled x cpu/resident (compiled ones
+skipped in --quick); the same arch at each size.
+Steps come from fastalex.train (bench_model.build_step), never a copy of its loop. Each row
+adds the epoch time implied for Tiny ImageNet's 100,000 training images, and ``wait_pct``: the
+share of its timed windows the step waited on the loader, measured around each ``next()`` by the
+trainer's own accounting (fastalex.metrics.LoaderWait: host time on the CPU; on CUDA the gap a pair
+of events brackets on the GPU's timeline, so a host that blocks while queued steps keep the GPU
+busy counts nothing, and no per-step sync slows the row it measures). The events are read after
+each window's closing synchronize.
 """
 
 from __future__ import annotations
@@ -17,15 +21,33 @@ import dataclasses
 
 from bench_data import Data, base_config, need
 from bench_model import EPOCH_IMAGES, MODEL_ROWS, build_step, describe_runtime, forget_compiled
-from harness import Subject, endless, plural
+from harness import Skip, Subject, endless, log, plural
+
+# The fixed configurations the `defaults` row is judged against: name -> TrainConfig fields.
+FIXED_ROWS = {
+    f"{amp}-{'compiled' if compiled else 'eager'}-{loader}": dict(
+        amp="off" if amp == "fp32" else amp, compile=compiled, loader=loader
+    )
+    for amp in ("fp32", "bf16")
+    for compiled in (False, True)
+    for loader in ("cpu", "resident")
+}
 
 
 def rows(args, data: Data, size: int, device) -> dict:
     """name -> builder of the row's Subject, in table order."""
-    return {
-        name: lambda name=name: e2e_row(args, data, name, size, device)
-        for name in ("reference", "fastalex")
-    }
+    names = ("reference", "fastalex", "defaults", *FIXED_ROWS)
+    return {name: lambda name=name: e2e_row(args, data, name, size, device) for name in names}
+
+
+def decided_config(cfg, shards, log):
+    """cfg with every `auto` settled by the code `fastalex train` runs (runtime.decide), and the
+    decisions."""
+    from fastalex.runtime import decide, resolve_runtime
+    from fastalex.shards import read_manifest
+
+    cfg, _, decisions = decide(cfg, resolve_runtime(cfg), read_manifest(shards), log)
+    return cfg, decisions
 
 
 def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
@@ -44,8 +66,17 @@ def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
         cfg = base_config(
             args, data, size, recipe="reference", batch_size=batch_size, **MODEL_ROWS["eager-fp32"]
         )
-    else:
+    elif name == "fastalex":
         cfg = base_config(args, data, size, batch_size=batch_size, compile=not args.quick)
+    elif name == "defaults":  # exactly what `fastalex train` would run here, probes and all
+        # --quick plans a 2-step run: the decision code runs, by rule (no probe pays back there)
+        quick = {"max_steps": 2} if args.quick else {}
+        cfg = base_config(args, data, size, batch_size=batch_size, compile=None, **quick)
+        cfg, decisions = decided_config(cfg, shards, lambda line: log(f"[e2e] defaults: {line}"))
+    else:
+        if args.quick and FIXED_ROWS[name]["compile"]:
+            raise Skip("compile skipped in --quick (compiling the step takes 35-60 s on 2 cores)")
+        cfg = base_config(args, data, size, batch_size=batch_size, **FIXED_ROWS[name])
     step, runtime = build_step(
         cfg, num_classes, EPOCH_IMAGES // batch_size, baseline=name == "reference"
     )
@@ -57,9 +88,16 @@ def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
         )
     else:
         loader = build_loader(cfg, "train", Placement(device))
-        note = f"loader {loader.backend} + default stack"
-        if not cfg.compile:
-            note += " (compile off in --quick)"
+        if name == "fastalex":
+            stack = "default stack" + ("" if cfg.compile else " (compile off in --quick)")
+        elif name == "defaults":
+            stack = "what `fastalex train` picks here: " + "; ".join(
+                f"{k} {d['chose']} ({d['by']}: {d['reason']})" for k, d in decisions.items()
+            )
+        else:
+            stack = "a fixed configuration"
+        note = f"loader {loader.backend} + {stack}"
+
     stream = endless(loader)
     wait = LoaderWait(device)
 
@@ -78,6 +116,8 @@ def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
 
     def finish(row: dict) -> None:
         row["epoch_s_100k"] = EPOCH_IMAGES / row["images_per_s"]
+        if name == "defaults":
+            row["decisions"] = decisions
 
     return Subject(
         advance=advance,

@@ -46,7 +46,7 @@ def config_options(cls: type, skip: tuple[str, ...] = ()):
             flag = "--" + f.name.replace("_", "-")
             hint = hints[f.name]
             kwargs = dict(default=f.default, show_default=True, help=f.metadata.get("help"))
-            if hint is bool:
+            if hint is bool or hint == bool | None:  # None: unset, `auto` decides
                 decl = f"{flag}/--no-{flag[2:]}"
             elif typing.get_origin(hint) is typing.Literal:
                 decl, kwargs["type"] = flag, click.Choice(typing.get_args(hint))
@@ -290,6 +290,48 @@ def train(ctx: click.Context, shards, config_path, **options) -> None:
         raise
     if result.status == "interrupted":
         sys.exit(130)
+
+
+@main.command()
+@click.argument("shards", type=click.Path(path_type=Path))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--arch", type=click.Choice(sorted(config.MIN_IMAGE_SIZE)), default="alexnet64")
+@click.option("--image-size", type=int, default=TrainConfig().image_size, help="px")
+@click.option("--batch-size", type=int, default=TrainConfig().batch_size, help="images per step")
+@click.option("--epochs", type=int, default=TrainConfig().epochs, help="of the planned run")
+@click.option("--loader-workers", type=int, default=0, help="0 = this process's share of cores")
+@click.option("--windows", type=int, default=3, help="timed windows per row, interleaved")
+@click.option("--quick", is_flag=True, help="one window per row and no compiled rows (seconds)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the report")
+def doctor(
+    shards, device, arch, image_size, batch_size, epochs, loader_workers, windows, quick, json_path
+) -> None:
+    """Time this machine's options on the pack at SHARDS and print the `fastalex train` command
+    to run: the train step per AMP mode, eager and compiled (no loader: the upper bound), each
+    loader's images/s, the predicted epoch time and the loader's share of waiting."""
+    import json
+
+    from fastalex.doctor import diagnose, doctor_config, format_report
+
+    cfg = build(
+        doctor_config,
+        shards=shards,
+        device=device,
+        arch=arch,
+        image_size=image_size,
+        batch_size=batch_size,
+        epochs=epochs,
+        loader_workers=loader_workers,
+    )
+    report = diagnose(
+        cfg,
+        compiled_rows=not quick,
+        windows=1 if quick else windows,
+        log=lambda line: click.echo(line, err=True),
+    )
+    click.echo(format_report(report))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 @main.command("eval")

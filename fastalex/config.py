@@ -116,7 +116,11 @@ class TrainConfig:
     crop_ratio_min: float = option(0.75, "random-resized-crop aspect ratio (w/h), lower bound")
     crop_ratio_max: float = option(4 / 3, "random-resized-crop aspect ratio (w/h), upper bound")
     flip_tta: bool = option(True, "average logits of the image and its mirror at eval")
-    loader: Literal["auto", "dali", "cpu", "resident"] = option("auto", "data backend")
+    loader: Literal["auto", "dali", "cpu", "resident"] = option(
+        "auto",
+        "data backend; auto = resident when the decoded splits fit (device memory; half the free "
+        "RAM on a CPU), else dali on CUDA, the measured faster of dali and cpu on a CPU",
+    )
     loader_workers: int = option(
         0,
         "decode processes (cpu, resident) or threads (dali); 0 = this process's share of the cores",
@@ -128,10 +132,19 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available")
     amp: Literal["auto", "off", "bf16", "fp16"] = option(
         "auto",
-        "auto = bf16 where native and fast (CUDA capability >= 8.0, AMX CPUs), else fp16 + "
-        "loss scaling on CUDA, off on CPU",
+        "auto = CUDA: bf16 at capability >= 8.0, else fp16 + loss scaling; CPU: bf16 only where "
+        "a short probe measures it >= 10 % faster than fp32 (docs/defaults.md)",
     )
-    compile: bool = option(True, "torch.compile the train step")
+    compile: bool | None = option(
+        None,
+        "torch.compile the train step; unset = auto: always on CUDA, on a CPU where the measured "
+        "gain over the run outweighs the compile",
+    )
+    probe_cache: bool = option(
+        True,
+        "reuse the figures of earlier `auto` probes ($XDG_CACHE_HOME/fastalex/probes.json); "
+        "--no-probe-cache measures again and refreshes them",
+    )
     channels_last: Literal["auto", "on", "off"] = option("auto", "auto = on for CUDA, off for CPU")
     seed: int = option(0, "model init, shuffling and augmentation")
     max_steps: int = option(0, "stop after this many train steps in total; 0 = no limit")

@@ -110,7 +110,9 @@ from fastalex.model import build_model, eval_logits, param_groups
 from fastalex.runtime import (
     Runtime,
     configure_backends,
+    decide,
     describe_device,
+    describe_machine,
     git_sha,
     resolve_runtime,
     synchronize,
@@ -435,6 +437,9 @@ class _Run:
             raise UserError(
                 f"{run_dir} already holds a run; continue it with --resume or choose another --out"
             )
+        # Every `auto` (amp, compile, loader) settled once, before the loaders (runtime.py).
+        cfg, rt, self.decisions = decide(cfg, rt, manifest, self.log)
+        self.cfg, self.runtime = cfg, rt
         first_epoch = state["epoch"] if state else 0
         placement = Placement(rt.device, rt.rank, rt.world_size, rt.local_world_size)
         self.train_loader = build_loader(cfg, "train", placement, first_epoch)
@@ -489,7 +494,7 @@ class _Run:
         )
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "config.json", asdict(cfg))
+            write_json(self.run_dir / "config.json", {**asdict(cfg), "decisions": self.decisions})
             write_jsonl(self.run_dir / "metrics.jsonl", self.history)
             if cfg.tensorboard:  # --tensorboard (tensorboard_log.py)
                 self.board = Board(self.run_dir)
@@ -786,6 +791,8 @@ class _Run:
             "loader": self.train_loader.backend,
             "amp": rt.amp,
             "compile": rt.compile,
+            "decisions": self.decisions,  # each `auto`: what it chose, why, the figures
+            "machine": describe_machine(rt.device),
             "channels_last": rt.channels_last,
             "arch": cfg.arch,
             "image_size": cfg.image_size,

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import http.server
+import os
 import threading
 
 import pytest
 
 from fastalex.config import PackConfig
 from fastalex.tinyimagenet import synth
+
+
+@pytest.fixture(scope="session", autouse=True)
+def probe_cache_in_tmp(tmp_path_factory):
+    """The `auto` probes cache their figures under $XDG_CACHE_HOME: a temporary one for every
+    test (and the processes tests start), never the user's real cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
 
 # Small enough that the whole suite stays fast on 2 cores, big enough for several shards per split.
 TREE = dict(classes=6, train_per_class=40, val_per_class=10, test_images=5, seed=0)

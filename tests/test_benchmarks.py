@@ -96,6 +96,12 @@ def test_quick_throughput_reports_every_group_and_explains_skips(tmp_path, launc
     } <= names
     assert {("model", n) for n in ("eager-fp32", "channels-last", "amp", "compiled")} <= names
     assert {("e2e", "reference"), ("e2e", "fastalex"), ("pack", "pack")} <= names
+    fixed = {
+        f"{a}-{c}-{b}" for a in ("fp32", "bf16") for c in ("eager", "compiled") for b in BACKENDS
+    }
+    assert {("e2e", "defaults")} | {("e2e", n) for n in fixed if "dali" not in n} <= names
+    defaults = next(r for r in rows if (r["group"], r["name"]) == ("e2e", "defaults"))
+    assert defaults["images_per_s"] and set(defaults["decisions"]) == {"amp", "compile", "loader"}
     for row in rows:
         assert ROW_KEYS <= row.keys(), row
         assert row["device"] == "cpu"
@@ -114,7 +120,7 @@ def test_quick_throughput_reports_every_group_and_explains_skips(tmp_path, launc
     assert "bf16" in amp["note"]  # measured with bf16 where the CPU has it, else skipped saying so
     compiled = next(r for r in rows if (r["group"], r["name"]) == ("model", "compiled"))
     assert compiled["images_per_s"] is None and "--quick" in compiled["note"]
-    for row in (r for r in rows if r["group"] == "e2e"):
+    for row in (r for r in rows if r["group"] == "e2e" and r["images_per_s"] is not None):
         assert 0 <= row["wait_pct"] <= 100, row  # how long the step waited on its loader
     ffcv = next(r for r in rows if (r["group"], r["name"]) == ("loader", "ffcv"))
     assert ffcv["images_per_s"] or "ffcv" in ffcv["note"]  # measured, or skipped saying why

@@ -1,13 +1,24 @@
-"""Runtime decisions: AMP per device (with the GPU faked), loss scaling and the compile plan."""
+"""Runtime decisions: AMP per device (with the GPU faked), loss scaling, the compile plan, and
+every `auto` settled by `decide` with injected measurements (no real timing is asserted)."""
 
 from __future__ import annotations
+
+import json
+import types
 
 import pytest
 import torch
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.runtime import resolve_runtime
+from fastalex.runtime import (
+    ProbeCache,
+    Probes,
+    Runtime,
+    decide,
+    probe_cache_file,
+    resolve_runtime,
+)
 
 
 @pytest.fixture
@@ -60,16 +71,205 @@ def test_local_world_size_is_kept_for_the_loaders():
     assert (runtime.rank, runtime.world_size, runtime.local_world_size) == (1, 4, 2)
 
 
+def fake_manifest(train=10_000, val=1_000, image_px=(64, 64)):
+    """What `decide` reads of a manifest: counts, classes, image sizes, the first shard's hash."""
+    split = lambda n: types.SimpleNamespace(  # noqa: E731
+        samples=n, image_px=image_px, shards=[types.SimpleNamespace(sha256="ab" * 32)]
+    )
+    return types.SimpleNamespace(splits={"train": split(train), "val": split(val)}, num_classes=10)
+
+
+def step_rates(rates: dict, calls: list | None = None):
+    """A measure_steps stand-in: images/s per (amp, compiled) variant, compile cost 30 s."""
+
+    def measure(cfg, runtime, variants, num_classes):
+        if calls is not None:
+            calls.append(list(variants))
+        return [
+            {"images_per_s": rates[v], **({"compile_s": 30.0} if v[1] else {})} for v in variants
+        ]
+
+    return measure
+
+
+def never(*args):
+    raise AssertionError("probed although the option was explicit or the cache held it")
+
+
+CPU = resolve_runtime(TrainConfig(device="cpu"))
+FIXED = dict(device="cpu", batch_size=32, epochs=1, compile=False, loader="cpu")
+
+
+def probes(tmp_path=None, **kwargs) -> Probes:
+    cache = ProbeCache(None if tmp_path is None else tmp_path / "probes.json")
+    return Probes(cache, **kwargs)
+
+
 @pytest.mark.parametrize(
-    "flags, auto",
-    [
-        ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "bf16"),
-        ({"avx512f", "avx512_bf16"}, "off"),
-        ({"avx2"}, "off"),
-    ],
+    "fp32, bf16, chose",
+    [(100.0, 150.0, "bf16"), (150.0, 100.0, "off"), (100.0, 109.0, "off"), (100.0, 111.0, "bf16")],
 )
-def test_auto_amp_on_the_cpu_is_bf16_only_where_it_measured_faster(monkeypatch, flags, auto):
-    """AMX makes the bf16 step faster; AVX512-BF16 alone made it slower (0.7x fp32)."""
-    monkeypatch.setattr("fastalex.runtime.cpu_flags", lambda: flags)
-    assert resolve_runtime(TrainConfig(device="cpu", amp="auto")).amp == auto
-    assert resolve_runtime(TrainConfig(device="cpu", amp="bf16")).amp == "bf16"
+def test_cpu_amp_probe_keeps_the_faster_mode_and_fp32_inside_the_margin(fp32, bf16, chose):
+    rates = {("off", False): fp32, ("bf16", False): bf16}
+    cfg, runtime, decisions = decide(
+        TrainConfig(**FIXED), CPU, fake_manifest(), probes=probes(steps=step_rates(rates))
+    )
+    assert decisions["amp"]["chose"] == chose == cfg.amp == runtime.amp
+    assert decisions["amp"]["by"] == "probe"
+    assert (decisions["amp"]["fp32_img_s"], decisions["amp"]["bf16_img_s"]) == (fp32, bf16)
+
+
+def test_explicit_options_never_probe():
+    for amp in ("off", "bf16", "fp16"):
+        cfg = TrainConfig(device="cpu", amp=amp, compile=True, loader="cpu")
+        cfg, runtime, decisions = decide(
+            cfg, CPU, fake_manifest(), probes=probes(steps=never, loaders=never, free_bytes=never)
+        )
+        assert {d["by"] for d in decisions.values()} == {"explicit"}
+        assert (runtime.amp, runtime.compile, cfg.loader) == (amp, True, "cpu")
+
+
+def test_probe_figures_are_cached_reused_and_ignored_with_no_probe_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert probe_cache_file() == tmp_path / "xdg" / "fastalex" / "probes.json"
+    calls = []
+    measure = step_rates({("off", False): 100.0, ("bf16", False): 150.0}, calls)
+    cfg = TrainConfig(**FIXED)
+
+    def run(cfg):
+        found = Probes.for_config(cfg)  # the user's cache file, as a run opens it
+        found.steps = measure
+        return decide(cfg, CPU, fake_manifest(), probes=found)[2]["amp"]
+
+    assert run(cfg)["by"] == "probe" and len(calls) == 1
+    assert probe_cache_file().exists()
+    second = run(cfg)
+    assert second["by"] == "cache" and second["chose"] == "bf16" and len(calls) == 1
+    assert run(TrainConfig(**FIXED, probe_cache=False))["by"] == "probe" and len(calls) == 2
+    other_size = run(TrainConfig(**{**FIXED, "batch_size": 64}))  # another key: measured
+    assert other_size["by"] == "probe" and len(calls) == 3
+
+
+def test_a_run_no_longer_than_the_probe_is_not_probed():
+    cfg = TrainConfig(**{**FIXED, "max_steps": 2})
+    _, runtime, decisions = decide(cfg, CPU, fake_manifest(), probes=probes(steps=never))
+    assert runtime.amp == "off" and decisions["amp"]["by"] == "rule"
+
+
+def test_cpu_compile_only_where_the_measured_gain_over_the_run_outweighs_the_compile():
+    cfg = TrainConfig(**{**FIXED, "compile": None, "amp": "off"})
+    rates = {("off", False): 100.0, ("off", True): 200.0}  # 30 s compile
+    # 10,000 images: eager 100 s, compiled 50 s + 30 s: compiles
+    _, runtime, decisions = decide(
+        cfg, CPU, fake_manifest(), probes=probes(steps=step_rates(rates))
+    )
+    assert runtime.compile and decisions["compile"]["chose"] is True
+    assert decisions["compile"]["compile_s"] == 30.0
+    # 4,000 images: eager 40 s, compiled 20 s + 30 s: stays eager
+    _, runtime, decisions = decide(
+        cfg, CPU, fake_manifest(train=4_000), probes=probes(steps=step_rates(rates))
+    )
+    assert not runtime.compile and decisions["compile"]["by"] == "probe"
+
+
+def test_resident_is_chosen_when_the_splits_fit_and_only_then(monkeypatch):
+    monkeypatch.setattr("fastalex.loaders.dali_usable", lambda device: True)
+    cfg = TrainConfig(device="cpu", amp="off", compile=False)
+    big = fake_manifest(train=2_000_000, val=10_000)
+    need = (2_000_000 + 10_000) * 64 * 64 * 3  # train + val as 64 x 64 x 3 canvases: ~23 GiB
+    speeds = {"dali": 300.0, "cpu": 200.0}
+    loaders = lambda cfg, runtime, backends: [speeds[b] for b in backends]  # noqa: E731
+    found = decide(cfg, CPU, big, probes=probes(loaders=never, free_bytes=lambda d: 2 * need))
+    assert found[0].loader == "resident" and found[2]["loader"]["by"] == "rule"  # half fits
+    assert found[2]["loader"]["resident_need_gib"] == pytest.approx(need / 2**30)
+    for free in (2 * need - 4096, need + (2 << 30)):  # half the free RAM falls just short / far
+        found = decide(cfg, CPU, big, probes=probes(loaders=loaders, free_bytes=lambda d: free))
+        assert found[0].loader == "dali" and found[2]["loader"]["by"] == "probe"
+    capped = TrainConfig(device="cpu", amp="off", compile=False, resident_max_gb=need / 2**31)
+    found = decide(capped, CPU, big, probes=probes(loaders=loaders, free_bytes=lambda d: 4 * need))
+    assert found[0].loader == "dali"  # --resident-max-gb caps the budget
+
+
+@pytest.mark.parametrize("dali, cpu, chose", [(100.0, 200.0, "cpu"), (300.0, 200.0, "dali")])
+def test_on_a_cpu_the_loader_auto_picks_is_the_faster_measured(monkeypatch, dali, cpu, chose):
+    monkeypatch.setattr("fastalex.loaders.dali_usable", lambda device: True)
+    speeds = {"dali": dali, "cpu": cpu}
+    cfg = TrainConfig(device="cpu", amp="off", compile=False)
+    cfg, _, decisions = decide(
+        cfg,
+        CPU,
+        fake_manifest(),
+        probes=probes(
+            loaders=lambda cfg, runtime, backends: [speeds[b] for b in backends],
+            free_bytes=lambda device: 0,
+        ),
+    )
+    assert cfg.loader == chose
+    assert (decisions["loader"]["dali_img_s"], decisions["loader"]["cpu_img_s"]) == (dali, cpu)
+
+
+def decide_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One of two gloo processes: each would measure the opposite AMP answer."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        rates = {("off", False): 100.0, ("bf16", False): 200.0}  # rank 0: bf16 twice as fast
+        if rank == 1:
+            rates = {("off", False): 200.0, ("bf16", False): 100.0}
+        runtime = Runtime(torch.device("cpu"), None, False, False, rank, 2, 2)
+        lines = []
+        _, runtime, decisions = decide(
+            TrainConfig(**FIXED),
+            runtime,
+            fake_manifest(),
+            log=lines.append,
+            probes=probes(steps=step_rates(rates), log=lines.append),
+        )
+        result = {"amp": runtime.amp, "decisions": decisions, "lines": lines}
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_with_different_timings_follow_rank_0(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(decide_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["amp"] == ranks[1]["amp"] == "bf16"
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    assert ranks[0]["lines"] and not ranks[1]["lines"]  # rank 1 neither measured nor logged
+
+
+def test_a_runs_summary_names_each_decision_and_its_figures(hue_pack, tmp_path, monkeypatch):
+    from fastalex.train import train
+
+    rates = {("off", False): 30.0, ("bf16", False): 25.0, ("off", True): 80.0}
+    monkeypatch.setattr("fastalex.runtime.measure_steps", step_rates(rates))
+    lines = []
+    cfg = TrainConfig(
+        shards=str(hue_pack),
+        out=str(tmp_path / "run"),
+        device="cpu",
+        batch_size=16,
+        max_steps=9,  # planned: 9 steps, one more than the AMP probe, ~4.8 s eager at 30 img/s
+        image_size=32,
+        loader_workers=1,
+    )  # amp, compile and loader left to `auto`
+    result = train(cfg, log=lines.append, progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    decisions = summary["decisions"]
+    assert decisions["amp"]["chose"] == "off" == summary["amp"]
+    assert (decisions["amp"]["fp32_img_s"], decisions["amp"]["bf16_img_s"]) == (30.0, 25.0)
+    assert decisions["compile"]["chose"] is False is summary["compile"]  # 9 steps: 30 s loses
+    assert decisions["compile"]["compile_s"] == 30.0
+    assert decisions["loader"]["chose"] == "resident" == summary["loader"]
+    assert decisions["loader"]["resident_need_gib"] > 0
+    assert all(d["reason"] and d["by"] for d in decisions.values())
+    assert {"cpu", "cores", "amx_bf16", "avx512_bf16"} <= summary["machine"].keys()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["decisions"] == decisions and config["amp"] == "off"
+    assert [line.split(":")[0] for line in lines if line.startswith("auto ")].count("auto amp") == 1
+    assert result.status == "done"

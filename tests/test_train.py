@@ -20,7 +20,6 @@ from click.testing import CliRunner
 from fastalex.cli import main
 from fastalex.config import TrainConfig
 from fastalex.plot import read_metrics
-from fastalex.runtime import cpu_bf16_pays
 
 # hue_pack (conftest): 4 classes, 256 train / 128 val. Batch 32 -> 8 steps per epoch.
 TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1")
@@ -86,7 +85,7 @@ def without_timing(rows):
 def compiled_run(hue_pack, tmp_path_factory):
     """3 epochs of alexnet64, compile on, CPU loader: the run directory."""
     out = tmp_path_factory.mktemp("compiled") / "run"
-    train_cli(hue_pack, out, "--loader", "cpu", "--epochs", 3)
+    train_cli(hue_pack, out, "--loader", "cpu", "--compile", "--epochs", 3)
     return out
 
 
@@ -96,7 +95,7 @@ def test_compiled_training_learns_and_writes_run_files(compiled_run):
     assert summary["top1"] > MIN_TOP1, summary
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["compile"] is True and summary["loader"] == "cpu"
-    assert summary["amp"] == ("bf16" if cpu_bf16_pays() else "off")  # --amp auto on a CPU
+    assert summary["amp"] == summary["decisions"]["amp"]["chose"]  # --amp auto, as decided
     assert summary["epochs"] == 3 and len(summary["epoch_s"]) == 3 and summary["compile_s"] > 0
     rows = read_metrics(compiled_run)
     assert [row["epoch"] for row in rows] == [1, 2, 3]
@@ -105,6 +104,7 @@ def test_compiled_training_learns_and_writes_run_files(compiled_run):
     assert summary["top1"] == rows[-1]["val_top1"]
     assert summary["best_top1"] == max(row["val_top1"] for row in rows)
     config = json.loads((compiled_run / "config.json").read_text())
+    assert config.pop("decisions") == summary["decisions"]
     assert config == dataclasses.asdict(TrainConfig(**config)) and config["compile"] is True
     assert {p.name for p in (compiled_run / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
 

@@ -145,20 +145,22 @@ def build_loader(
 ) -> Loader:
     """The configured backend's loader for `split` ("train" or "val").
 
-    `cfg.loader == "auto"` picks `dali` when DALI imports and can build a pipeline for the device,
-    else `cpu`; `loader.backend` names the one chosen. `first_epoch` is the epoch the first
-    `__iter__` yields (a resumed run passes the epoch it resumes at). `skip_samples` (train only;
-    a multiple of the global batch, cfg.batch_size * world_size) is where in that epoch's global
-    order the first pass starts: it yields the remaining batches, `len()` stays the full count.
-    `cpu` and `resident` start there without decoding the skipped samples, for any world size;
-    `dali` consumes the skipped batches, right only with the world size that took them.
+    `cfg.loader == "auto"` is decided by runtime.decide_loader_backend (resident when the decoded
+    splits fit, else dali or cpu); `loader.backend` names the one chosen. `first_epoch` is the epoch
+    the first `__iter__` yields (a resumed run passes the epoch it resumes at). `skip_samples`
+    (train only; a multiple of the global batch, cfg.batch_size * world_size) is where in that
+    epoch's global order the first pass starts: it yields the remaining batches, `len()` stays the
+    full count. `cpu` and `resident` start there without decoding the skipped samples, for any
+    world size; `dali` consumes the skipped batches, right only with the world size that took them.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     manifest = open_pack(cfg, split, placement)
     backend = cfg.loader
-    if backend == "auto":
-        backend = "dali" if dali_usable(placement.device) else "cpu"
+    if backend == "auto":  # decided in runtime.py: resident when it fits, else dali or cpu
+        from fastalex.runtime import decide_loader_backend
+
+        backend = decide_loader_backend(cfg, placement, manifest)
     if backend == "dali":
         try:
             from fastalex.loaders.dali import DaliLoader as chosen
