@@ -784,3 +784,19 @@ def test_spdl_without_ffmpeg_libraries_is_an_import_error(monkeypatch):
     monkeypatch.setattr(spdl_io, "demux_config", no_ffmpeg)
     with pytest.raises(ImportError, match="no FFmpeg 4-9 shared libraries.*libavutil.so.57"):
         load_script("spdl_loader")
+
+
+def test_render_results_appends_the_notes_on_peer_rows(tmp_path):
+    """results/notes/*.md (the spdl row's install and differences) land in RESULTS.md verbatim,
+    after the throughput tables, so re-rendering keeps them."""
+    render = load_script("render_results")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "b.md").write_text("## Second note\n\nbbb\n")
+    (tmp_path / "notes" / "a.md").write_text("## The spdl row\n\napt-get install libavutil57\n")
+    out = tmp_path / "RESULTS.md"
+    assert render.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.index("## The spdl row\n\napt-get install libavutil57") < text.index("bbb")
+    assert text.index("bbb") < text.index("## Training runs")
+    shipped = (BENCHMARKS / "results" / "notes" / "spdl.md").read_text().strip()
+    assert shipped in (BENCHMARKS / "RESULTS.md").read_text()  # RESULTS.md was re-rendered
