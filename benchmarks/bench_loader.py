@@ -2,8 +2,9 @@
 
 Rows: ``reference`` (the blog's pipeline rebuilt in reference.py: ImageFolder + PIL + DataLoader
 with 2 workers); one row per entry of ``fastalex.loaders.BACKENDS``, each built by `build_loader`
-from a TrainConfig; and ``ffcv``, FFCV's own writer and loader doing the same work (ffcv_loader.py),
-skipped with the reason where ffcv does not import. Each row is one continuous stream of batches:
+from a TrainConfig; and two peers doing the same work, each skipped with the reason where it does
+not import: ``ffcv``, FFCV's own writer and loader (ffcv_loader.py), and ``spdl``, SPDL's thread
+pipeline and FFmpeg decoding (spdl_loader.py). Each row is one continuous stream of batches:
 epoch restarts count where they fall. Imports fastalex's loaders and the benchmark's own modules.
 """
 
@@ -24,6 +25,7 @@ def rows(args, data: Data, size: int, device) -> dict:
     for name in BACKENDS:
         builders[name] = lambda name=name: backend_row(args, data, name, size, device)
     builders["ffcv"] = lambda: ffcv_row(args, data, size, device)
+    builders["spdl"] = lambda: spdl_row(args, data, size, device)
     return builders
 
 
@@ -108,10 +110,37 @@ def ffcv_row(args, data: Data, size: int, device) -> Subject:
     return stream_subject(loader, note, args, cfg)
 
 
+def spdl_row(args, data: Data, size: int, device) -> Subject:
+    try:
+        import spdl_loader
+    except ImportError as e:
+        raise Skip(
+            f"spdl is not importable here ({e}); benchmarks/spdl_loader.py says how to install it"
+        ) from None
+    from fastalex.loaders import Placement, loader_workers
+
+    need(data, "shards")
+    # The fastalex rows' config: same crop ranges, batch, seed and worker count.
+    cfg = base_config(args, data, size, loader="cpu", batch_size=args.batch_size)
+    workers = loader_workers(cfg, Placement(device))
+    loader = spdl_loader.SpdlLoader(cfg, device, workers)
+    note = (
+        f"SPDL {package_version('spdl-io')} PipelineBuilder over the pack's JPEGs, {workers} "
+        "threads: demux + FFmpeg decode with a per-image filter graph (crop at the config's "
+        f"RandomResizedCrop box, {spdl_loader.SCALE_FLAGS} scale, flip) + convert_frames; "
+        f"normalised by {loader.normalised_by}"
+    )
+    return stream_subject(loader, note, args, cfg)
+
+
 def ffcv_version() -> str:
+    return package_version("ffcv")
+
+
+def package_version(name: str) -> str:
     from importlib import metadata
 
     try:
-        return metadata.version("ffcv")
+        return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "?"

@@ -11,9 +11,11 @@ the group's reference row is bold only when the two rows' min-max ranges are apa
 overlap it is marked "n.s.", not significant (spread.py). Each (group, image size)
 shows the rows of the latest run that measured it, so every ratio compares rows measured side by
 side in one run, while runs limited with ``--only`` / ``--image-size`` still add up to one table.
-Training: each ``summary.json`` named on the command line (a file or a run directory holding one),
-or else the copies in ``benchmarks/results/runs/*.json``; one row per run beside the reference
-blog's published result, which is quoted, not measured here.
+Notes: each ``benchmarks/results/notes/*.md`` (say, how a peer row was installed and what it does
+differently), verbatim after the throughput tables. Training: each ``summary.json`` named on the
+command line (a file or a run directory holding one), or else the copies in
+``benchmarks/results/runs/*.json``; one row per run beside the reference blog's published result,
+which is quoted, not measured here.
 
 Imports only the standard library (and spread.py beside it): it runs anywhere the results are.
 """
@@ -369,7 +371,12 @@ def training_table(summaries: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
-def render(rows: list[dict], summaries: list[tuple[str, dict]], busy_rows: list[dict] = ()) -> str:
+def render(
+    rows: list[dict],
+    summaries: list[tuple[str, dict]],
+    busy_rows: list[dict] = (),
+    notes: list[str] = (),
+) -> str:
     lines = [
         "# fastalex results",
         "",
@@ -386,6 +393,8 @@ def render(rows: list[dict], summaries: list[tuple[str, dict]], busy_rows: list[
     for key in sorted(latest, key=lambda k: tuple(str(x) for x in k)):
         lines += machine_table(latest[key])
     lines += trust_section(rows, list(busy_rows))
+    for note in notes:  # hand-written sections (results/notes/*.md), after the tables
+        lines += [note.strip(), ""]
     lines += [
         "## Training runs",
         "",
@@ -429,7 +438,8 @@ def main(argv=None) -> int:
             print(f"error: {path}: not a readable summary.json ({e})", file=sys.stderr)
             return 2
     rows = read_rows(args.results)
-    args.out.write_text(render(rows, summaries, read_rows(args.results / "busy")))
+    notes = [path.read_text() for path in sorted((args.results / "notes").glob("*.md"))]
+    args.out.write_text(render(rows, summaries, read_rows(args.results / "busy"), notes))
     print(
         f"wrote {args.out}: {len(latest_runs(rows))} tables (machine x data), "
         f"{len(summaries)} training runs"

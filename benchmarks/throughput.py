@@ -9,8 +9,9 @@ Groups, one row per variant and image size (each group in its own module):
 
 - ``loader`` (bench_loader.py; images/s out of the loader, no model): ``reference``, the blog's
   pipeline rebuilt (reference.py); one row per entry of ``fastalex.loaders.BACKENDS``; ``ffcv``,
-  FFCV's own writer and loader doing the same work (ffcv_loader.py; skipped, saying so, where
-  ffcv is not installed).
+  FFCV's own writer and loader doing the same work (ffcv_loader.py), and ``spdl``, SPDL's thread
+  pipeline and FFmpeg decoding doing it (spdl_loader.py), each skipped, saying so, where it is not
+  installed.
 - ``model`` (bench_model.py; train steps on synthetic tensors on the device): ``eager-fp32``,
   ``channels-last``, ``amp``, ``compiled``, each adding one thing to the one before.
 - ``e2e`` (bench_e2e.py; loader + real training steps): the ``reference`` stack against the

@@ -1,13 +1,14 @@
 """The benchmarks cannot rot: throughput.py runs end to end in --quick mode, its harness interleaves
 rows and judges spreads as documented (on given numbers and a fake clock: no timing is asserted),
 render_results.py turns recorded rows into RESULTS.md tables, plot_runs draws a PNG, the reference
-pipeline behaves as torchvision's transforms do, and the FFCV row's loader keeps fastalex's batch
-contract where ffcv is installed."""
+pipeline behaves as torchvision's transforms do, and the FFCV and SPDL rows' loaders keep fastalex's
+batch contract where ffcv / spdl are installed (and their rows skip, saying why, where not)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,11 @@ def test_quick_throughput_reports_every_group_and_explains_skips(tmp_path, launc
         assert 0 <= row["wait_pct"] <= 100, row  # how long the step waited on its loader
     ffcv = next(r for r in rows if (r["group"], r["name"]) == ("loader", "ffcv"))
     assert ffcv["images_per_s"] or "ffcv" in ffcv["note"]  # measured, or skipped saying why
+    spdl = next(r for r in rows if (r["group"], r["name"]) == ("loader", "spdl"))
+    if spdl_importable():
+        assert spdl["images_per_s"] > 0 and "SPDL" in spdl["note"], spdl
+    else:
+        assert spdl["status"] == "skipped" and "spdl" in spdl["note"], spdl
     assert "spread" in done.stdout  # the table quotes each row's spread
     after = record.read_bytes() if record.exists() else None
     assert after == before  # --no-record appends nothing
@@ -681,3 +687,122 @@ def test_results_say_how_far_medians_and_ratios_move():
     assert "- cpu: 900, 1,000, 1,100 (-10 % to +10 %)" in text
     assert "- cpu: 11.00× idle, 20.00× busy (1.82 of the idle ratio)" in text
     assert render.trust_section(idle[:4], []) == []  # two runs: nothing to say
+
+
+# --- the spdl peer row ---------------------------------------------------------------------------
+
+
+def spdl_importable() -> bool:
+    """Whether spdl_loader imports here: spdl installed and its FFmpeg libraries found."""
+    try:
+        load_script("spdl_loader")
+    except ImportError:
+        return False
+    return True
+
+
+def spdl_loader_or_skip():
+    if not spdl_importable():
+        pytest.skip("spdl (and FFmpeg's libraries) not installed: see benchmarks/spdl_loader.py")
+    return load_script("spdl_loader")
+
+
+def spdl_config(pack, **fields):
+    from fastalex.config import TrainConfig
+
+    return TrainConfig(shards=str(pack), loader="cpu", device="cpu", **fields)
+
+
+def test_spdl_row_loader_keeps_the_batch_contract(coded_pack):
+    """Every batch normalised float32 channels_last (N, 3, S, S) with its images' labels; each
+    sample at most once per epoch, full batches only, a new order each epoch."""
+    spdl_loader = spdl_loader_or_skip()
+    cfg = spdl_config(coded_pack.path, image_size=48, batch_size=32)
+    loader = spdl_loader.SpdlLoader(cfg, torch.device("cpu"), workers=2)
+    try:
+        assert loader.backend == "spdl" and len(loader) == 280 // 32
+        epochs = []
+        for _ in range(2):
+            ids = []
+            for images, labels in loader:
+                assert images.shape == (32, 3, 48, 48) and images.dtype == torch.float32
+                assert images.is_contiguous(memory_format=torch.channels_last)
+                assert labels.dtype == torch.int64 and labels.shape == (32,)
+                found = coded_pack.decode(images)  # flat colours: any crop keeps the id
+                np.testing.assert_array_equal(labels.numpy(), found % coded_pack.classes)
+                ids.append(found)
+            epochs.append(np.concatenate(ids))
+        for ids in epochs:
+            assert len(ids) == len(loader) * 32 and len(set(ids)) == len(ids)
+            assert set(ids) <= set(coded_pack.ids["train"])
+        # Random order, a new one each epoch: the first batch is drawn from the whole split.
+        position = {image_id: i for i, image_id in enumerate(coded_pack.ids["train"])}
+        assert all(max(position[i] for i in ids[:32]) > 64 for ids in epochs)
+        assert len(set(epochs[0][:32]) & set(epochs[1][:32])) < 16  # ~32 * 32 / 280 = 3.7
+    finally:
+        loader.close()
+
+
+def test_spdl_row_crops_resizes_and_flips_as_the_config_says(ramp_pack):
+    """On images whose red rises 3 levels a pixel along x, each output row's red span gives the
+    crop's width (S output px from w input px) and its sign the flip: about half flipped, widths
+    spread over the config's area and aspect ranges: never narrower than its smallest area at
+    its narrowest aspect, never wider than the image."""
+    spdl_loader = spdl_loader_or_skip()
+    from fastalex.config import IMAGE_MEAN, IMAGE_STD
+
+    size = 32
+    cfg = spdl_config(ramp_pack.path, image_size=size, batch_size=32)
+    loader = spdl_loader.SpdlLoader(cfg, torch.device("cpu"), workers=1)
+    try:
+        images = torch.cat([batch.images for batch in loader])
+    finally:
+        loader.close()
+    red = images[:, 0, size // 2].double() * IMAGE_STD[0] + IMAGE_MEAN[0]  # (N, S), 0..1
+    step = (red[:, -2] - red[:, 1]) * 255 / (size - 3)  # levels per output px, interior columns
+    widths = step.abs() * size / ramp_pack.slope  # input px the crop spans
+    flipped = (step < 0).double().mean().item()
+    assert 0.3 < flipped < 0.7
+    narrowest = 64 * math.sqrt(cfg.crop_scale_min * cfg.crop_ratio_min)  # 32.7 px at 0.35, 3/4
+    assert widths.max() <= 64 * 1.05 and widths.min() >= narrowest * 0.95  # JPEG's few levels
+    assert widths.max() - widths.min() > 25  # random sizes, not one fixed crop
+
+
+def test_spdl_row_is_skipped_saying_why_without_spdl(monkeypatch):
+    bench_loader = load_script("bench_loader")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delitem(sys.modules, "spdl_loader", raising=False)
+    for name in ("spdl", "spdl.io", "spdl.pipeline"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import spdl...` raises ImportError
+    args = type("Args", (), {"batch_size": 4, "batches": 0})()
+    with pytest.raises(bench_loader.Skip, match="spdl is not importable here .*spdl_loader.py"):
+        bench_loader.spdl_row(args, None, 64, torch.device("cpu"))
+
+
+def test_spdl_without_ffmpeg_libraries_is_an_import_error(monkeypatch):
+    """spdl.io loads FFmpeg lazily: spdl_loader's import loads it, so a machine without the
+    libraries skips the row instead of failing it part-way."""
+    spdl_io = pytest.importorskip("spdl.io")
+
+    def no_ffmpeg(*args, **kwargs):
+        raise RuntimeError("Failed to import libspdl. libavutil.so.57: cannot open shared object")
+
+    monkeypatch.setattr(spdl_io, "demux_config", no_ffmpeg)
+    with pytest.raises(ImportError, match="no FFmpeg 4-9 shared libraries.*libavutil.so.57"):
+        load_script("spdl_loader")
+
+
+def test_render_results_appends_the_notes_on_peer_rows(tmp_path):
+    """results/notes/*.md (the spdl row's install and differences) land in RESULTS.md verbatim,
+    after the throughput tables, so re-rendering keeps them."""
+    render = load_script("render_results")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "b.md").write_text("## Second note\n\nbbb\n")
+    (tmp_path / "notes" / "a.md").write_text("## The spdl row\n\napt-get install libavutil57\n")
+    out = tmp_path / "RESULTS.md"
+    assert render.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.index("## The spdl row\n\napt-get install libavutil57") < text.index("bbb")
+    assert text.index("bbb") < text.index("## Training runs")
+    shipped = (BENCHMARKS / "results" / "notes" / "spdl.md").read_text().strip()
+    assert shipped in (BENCHMARKS / "RESULTS.md").read_text()  # RESULTS.md was re-rendered
