@@ -19,10 +19,11 @@ The program's contract (also written into the sidecar, `sidecar`):
 - outside, the caller's part: the image decoded upright (EXIF orientation applied), alpha on
   white, as RGB, and the whole image (no crop) resized to S x S with the loaders' antialiased
   linear filter (`loaders.augment.crop_resize`: a triangle widened to the scale when
-  downscaling, pixel centres aligned, the edge pixel replicated beyond the border).
-  ``PIL.Image.resize((S, S), Image.Resampling.BILINEAR)`` is the same filter up to rounding to
-  uint8, except in the outermost row and column of a downscaled image, where PIL renormalises the
-  filter inside the image instead of replicating the edge (tests/test_predict.py measures both).
+  downscaling, pixel centres aligned, the edge pixel replicated beyond the border, rounded to
+  nearest, ties to even). ``PIL.Image.resize((S, S), Image.Resampling.BILINEAR)`` is the same
+  filter to one grey level (its fixed-point weights), except in the outermost row and column of
+  a downscaled image, where PIL renormalises the filter inside the image instead of replicating
+  the edge (tests/test_predict.py measures both).
 
 `torch.export` (``.pt2``, ``torch.export.load(path).module()``) keeps the weights in float32 on the
 CPU and computes in float32 (no autocast: a deployment picks its own precision), so it gives

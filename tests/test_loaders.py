@@ -392,6 +392,39 @@ def test_tampered_shard_is_refused_before_any_batch(coded_pack, tmp_path, backen
 
 
 @pytest.mark.dali
+def test_dali_gpu_processing_hands_over_uint8_within_a_grey_level_of_the_cpu_reference(synth_pack):
+    """The GPU pipeline's processing (process_images: DALI's resize, then crop_mirror_normalize
+    with dtype UINT8), built here on DALI's CPU operators: uint8 HWC val batches equal to the cpu
+    loader's up to DALI's own rounding, one grey level (docs/loaders.md, Rounding)."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import pipeline_def
+
+    from fastalex.loaders.dali import READER, process_images, read_shards, shard_paths
+
+    cfg = TrainConfig(shards=str(synth_pack), batch_size=30, image_size=227)
+    tars, indices = shard_paths(synth_pack, read_manifest(synth_pack), "val")
+
+    @pipeline_def(batch_size=30, num_threads=1, device_id=None)
+    def val_pipeline():
+        jpegs, _ = read_shards(
+            tars=tars, indices=indices, shard_id=0, num_shards=1, shuffle=False, fill=1
+        )
+        return process_images(jpegs, False, cfg, "cpu")
+
+    pipe = val_pipeline()
+    pipe.build()
+    reference = make(synth_pack, "cpu", "val", batch_size=30, image_size=227)
+    for expected, _ in reference:
+        (images,) = pipe.run()
+        assert pipe.reader_meta(READER)["epoch_size"] == 60
+        images = torch.from_numpy(np.stack([np.array(image) for image in images]))
+        assert images.dtype == torch.uint8 and images.shape == (30, 227, 227, 3)
+        gap = (images.permute(0, 3, 1, 2).int() - expected.int()).abs()
+        assert gap.max() <= 1 and gap.float().mean() < 0.05
+    reference.close()
+
+
+@pytest.mark.dali
 @pytest.mark.parametrize("world", [1, 3])
 def test_dali_decode_split_matches_cpu_decoder(coded_pack, world):
     """dali.decode_split (the resident loader's decoder on CUDA) and cpu.ShardDecoder give the same
