@@ -12,8 +12,8 @@ Tolerances:
   computation; on this CPU that is bf16 (--amp auto), measured bit-identical.
 - float32 logits (amp off: export's precision) of one computation done two ways (batch size,
   canvas, exported graph): LOGIT_TOL = 1e-4 relative to the largest logit. The uint8 inputs
-  are equal (but for a rare rounding tie), so what is left is float32 summation order (oneDNN picks kernels by batch size) through
-  eight layers; measured <= 1e-6.
+  are equal (but for a rare rounding tie), so what is left is float32 summation order (oneDNN
+  picks kernels by batch size) through eight layers; measured <= 1e-6.
 - ONNX Runtime against eager float32: its own convolution kernels, ONNX_TOL = 1e-3 relative.
 - PIL's BILINEAR resize (the sidecar's advice) against crop_resize, per grey level: <= 1 (both
   round to uint8, PIL with fixed-point weights; before crop_resize rounded, measured <= 0.98)
