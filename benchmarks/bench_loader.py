@@ -2,10 +2,12 @@
 
 Rows: ``reference`` (the blog's pipeline rebuilt in reference.py: ImageFolder + PIL + DataLoader
 with 2 workers); one row per entry of ``fastalex.loaders.BACKENDS``, each built by `build_loader`
-from a TrainConfig; and two peers doing the same work, each skipped with the reason where it does
-not import: ``ffcv``, FFCV's own writer and loader (ffcv_loader.py), and ``spdl``, SPDL's thread
-pipeline and FFmpeg decoding (spdl_loader.py). Each row is one continuous stream of batches:
-epoch restarts count where they fall. Imports fastalex's loaders and the benchmark's own modules.
+from a TrainConfig (``cpu`` with its default ``--decode auto``); each VARIANTS row
+(``cpu-threads``: decoding in threads of the main process); and two peers doing the same work, each
+skipped with the reason where it does not import: ``ffcv``, FFCV's own writer and loader
+(ffcv_loader.py), and ``spdl``, SPDL's thread pipeline and FFmpeg decoding (spdl_loader.py). Each
+row is one continuous stream of batches: epoch restarts count where they fall. Imports fastalex's
+loaders and the benchmark's own modules.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import time
 from bench_data import Data, base_config, need
 from harness import Skip, Subject, endless, log, plural
 
+# Rows of a backend under other config fields: name -> (backend, fields).
+VARIANTS = {"cpu-threads": ("cpu", {"decode": "threads"})}
+
 
 def rows(args, data: Data, size: int, device) -> dict:
     """name -> builder of the row's Subject, in table order."""
@@ -24,6 +29,10 @@ def rows(args, data: Data, size: int, device) -> dict:
     builders = {"reference": lambda: reference_row(args, data, size, device)}
     for name in BACKENDS:
         builders[name] = lambda name=name: backend_row(args, data, name, size, device)
+    for row, (name, fields) in VARIANTS.items():
+        builders[row] = lambda name=name, fields=fields: backend_row(
+            args, data, name, size, device, **fields
+        )
     builders["ffcv"] = lambda: ffcv_row(args, data, size, device)
     builders["spdl"] = lambda: spdl_row(args, data, size, device)
     return builders
@@ -66,16 +75,18 @@ def reference_row(args, data: Data, size: int, device) -> Subject:
     return stream_subject(loader, note, args)
 
 
-def backend_row(args, data: Data, name: str, size: int, device) -> Subject:
+def backend_row(args, data: Data, name: str, size: int, device, **fields) -> Subject:
     from fastalex.loaders import Placement, build_loader
 
-    cfg = base_config(args, data, size, loader=name, batch_size=args.batch_size)
+    cfg = base_config(args, data, size, loader=name, batch_size=args.batch_size, **fields)
     need(data, "shards")
     loader = build_loader(cfg, "train", Placement(device))
     if loader.backend != name:
         loader.close()
         raise Skip(f"build_loader(loader={name!r}) ran {loader.backend!r}")
-    note = f"build_loader(loader={name!r})"
+    note = f"build_loader(loader={name!r}{''.join(f', {k}={v!r}' for k, v in fields.items())})"
+    if name == "cpu":
+        note += f", decode in {loader.decode}"
     if name == "dali":
         note += ", DALI " + ("GPU (mixed decode)" if device.type == "cuda" else "CPU-only mode")
     return stream_subject(loader, note, args, cfg)

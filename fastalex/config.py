@@ -125,6 +125,12 @@ class TrainConfig:
         0,
         "decode processes (cpu, resident) or threads (dali); 0 = this process's share of the cores",
     )
+    decode: Literal["auto", "processes", "threads"] = option(
+        "auto",
+        "how the cpu loader decodes: worker processes writing into a shared-memory ring, or "
+        "threads of the training process writing into its batch buffers (simplejpeg releases "
+        "the GIL); auto = processes, or threads where shared memory has no room for the ring",
+    )
     prefetch: int = option(2, "batches prepared ahead of the step")
     resident_max_gb: float = option(
         0.0, "cap on the resident loader's decoded split; 0 = free memory"

@@ -12,16 +12,18 @@ The program's contract (also written into the sidecar, `sidecar`):
   image_size, N any batch size >= 1 (a dynamic dimension);
 - output ``logits``: float32 (N, classes), class i being the sidecar's ``classes[i]``; softmax them
   for probabilities;
-- inside: x / 255, minus the mean, over the std (the run's, per channel), the model in eval mode,
+- inside: the model in eval mode, whose first op is x / 255, minus the mean, over the std (the
+  run's, per channel; model.normalise_pixels, as in training),
   and, when the run evaluated with flip TTA (and not ``flip_tta=False``), the logits of the batch
   and its mirror (width axis) averaged, as `fastalex predict` and `fastalex eval` compute them;
 - outside, the caller's part: the image decoded upright (EXIF orientation applied), alpha on
   white, as RGB, and the whole image (no crop) resized to S x S with the loaders' antialiased
   linear filter (`loaders.augment.crop_resize`: a triangle widened to the scale when
-  downscaling, pixel centres aligned, the edge pixel replicated beyond the border).
-  ``PIL.Image.resize((S, S), Image.Resampling.BILINEAR)`` is the same filter up to rounding to
-  uint8, except in the outermost row and column of a downscaled image, where PIL renormalises the
-  filter inside the image instead of replicating the edge (tests/test_predict.py measures both).
+  downscaling, pixel centres aligned, the edge pixel replicated beyond the border, rounded to
+  nearest, ties to even). ``PIL.Image.resize((S, S), Image.Resampling.BILINEAR)`` is the same
+  filter to one grey level (its fixed-point weights), except in the outermost row and column of
+  a downscaled image, where PIL renormalises the filter inside the image instead of replicating
+  the edge (tests/test_predict.py measures both).
 
 `torch.export` (``.pt2``, ``torch.export.load(path).module()``) keeps the weights in float32 on the
 CPU and computes in float32 (no autocast: a deployment picks its own precision), so it gives
@@ -59,26 +61,19 @@ ONNX_HINT = "pip install 'fastalex[onnx]'  (onnx, onnxscript, onnxruntime)"
 
 
 class PixelModel(nn.Module):
-    """uint8 RGB pixels -> logits: layout to NCHW, normalise, the model, optional flip TTA."""
+    """uint8 RGB pixels -> logits: layout to NCHW, the model (which normalises first), optional
+    flip TTA."""
 
-    def __init__(
-        self, model: nn.Module, mean: list[float], std: list[float], layout: str, flip_tta: bool
-    ) -> None:
+    def __init__(self, model: nn.Module, layout: str, flip_tta: bool) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.model, self.layout, self.flip_tta = model, layout, flip_tta
-        # (x / 255 - mean) / std as one multiply-add, the constants crop_resize normalises with
-        self.register_buffer("scale", torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1))
-        self.register_buffer(
-            "shift", torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
-        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.layout == "nhwc":
             images = images.permute(0, 3, 1, 2)  # (N, S, S, 3) -> (N, 3, S, S) view
-        normalised = images.float() * self.scale + self.shift  # (N, 3, S, S) float32
-        return eval_logits(self.model, normalised, self.flip_tta)
+        return eval_logits(self.model, images, self.flip_tta)
 
 
 def pixel_model(
@@ -90,7 +85,7 @@ def pixel_model(
     card = loaded.card
     tta = card["flip_tta"] if flip_tta is None else flip_tta
     model = loaded.model.float().to(memory_format=torch.contiguous_format)
-    return PixelModel(model, card["mean"], card["std"], layout, tta).eval(), {
+    return PixelModel(model, layout, tta).eval(), {
         **card,
         "flip_tta": tta,
     }

@@ -2,9 +2,12 @@
 
 Owns `ARCHS` and `build_model`, the paper's local response normalisation (`LocalResponseNorm`),
 the optimizer's parameter groups (`param_groups`) and the numbers behind `fastalex model-info`
-(`describe_model`, `format_model_info`). Imports torch and the standard library only: never data,
-loader, config or training code. The model takes images already normalised, float, (N, 3, S, S) in
-either memory format, and returns logits (N, num_classes); normalisation is not part of it.
+(`describe_model`, `format_model_info`). Imports torch, the standard library and config's
+normalisation constants only: never data, loader or training code. The model takes RGB pixels,
+(N, 3, S, S) uint8 (the loaders' batches; float 0..255 works too) in either memory format, and
+returns logits (N, num_classes). Its first op (`normalise_pixels`) is (x / 255 - mean) / std as
+one multiply-add, inside the compiled step, where inductor fuses it with the conversion to float;
+its constants are non-persistent buffers, so state_dicts (and checkpoints) are as before.
 
 Both archs are Krizhevsky, Sutskever & Hinton 2012 ("ImageNet Classification with Deep
 Convolutional Neural Networks", NIPS; "the paper" below) as ONE tower: the paper split conv2, conv4
@@ -63,6 +66,8 @@ from typing import Iterable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastalex.config import IMAGE_MEAN, IMAGE_STD
 
 # Paper section 3.3: "k = 2, n = 5, alpha = 10^-4, and beta = 0.75".
 LRN_SIZE = 5
@@ -233,14 +238,42 @@ def trace_layers(layers: Iterable[tuple[str, nn.Module]], image_size: int) -> li
     return infos
 
 
+def register_normalisation(
+    model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]
+) -> None:
+    """Give `model` the (1, 3, 1, 1) constants of `normalise_pixels` for per-channel mean/std in
+    0..1 units: non-persistent buffers, which follow .to() and stay out of the state_dict."""
+    scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+    model.register_buffer("pixel_scale", scale, persistent=False)
+    model.register_buffer("pixel_shift", shift, persistent=False)
+    # Constants, equal on every rank: on DistributedDataParallel's ignore list (the attribute its
+    # _set_params_and_buffers_to_ignore_for_model sets) it does not broadcast them every forward.
+    model._ddp_params_and_buffers_to_ignore = ("pixel_scale", "pixel_shift")
+
+
+def normalise_pixels(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) pixels 0..255 (uint8 or float) -> float32 (x / 255 - mean) / std, in the
+    input's memory format."""
+    return images.float() * model.pixel_scale + model.pixel_shift
+
+
 def as_pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return value if isinstance(value, tuple) else (value, value)
 
 
 class AlexNet(nn.Sequential):
-    """One-tower AlexNet as one flat sequence: conv1 ... pool5, flatten, drop6 ... fc8."""
+    """One-tower AlexNet as one flat sequence: conv1 ... pool5, flatten, drop6 ... fc8, after
+    `normalise_pixels`."""
 
-    def __init__(self, convs: tuple[ConvSpec, ...], num_classes: int, image_size: int) -> None:
+    def __init__(
+        self,
+        convs: tuple[ConvSpec, ...],
+        num_classes: int,
+        image_size: int,
+        mean: tuple[float, ...] = IMAGE_MEAN,
+        std: tuple[float, ...] = IMAGE_STD,
+    ) -> None:
         features = build_features(convs)
         feature_channels, feature_h, feature_w = trace_layers(features, image_size)[-1].shape
         classifier = [
@@ -254,14 +287,25 @@ class AlexNet(nn.Sequential):
             ("fc8", nn.Linear(FC_WIDTH, num_classes)),
         ]
         super().__init__(OrderedDict(features + classifier))
+        register_normalisation(self, mean, std)
         init_weights(self)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(normalise_pixels(self, images))
 
 
 class TorchvisionAlexNet(nn.Module):
     """torchvision's alexnet() layout and module names (module docstring)."""
 
-    def __init__(self, num_classes: int, image_size: int) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        image_size: int,
+        mean: tuple[float, ...] = IMAGE_MEAN,
+        std: tuple[float, ...] = IMAGE_STD,
+    ) -> None:
         super().__init__()
+        register_normalisation(self, mean, std)
         layers: list[nn.Module] = []
         in_channels = 3
         for index, spec in enumerate(TORCHVISION_CONVS, start=1):
@@ -290,7 +334,8 @@ class TorchvisionAlexNet(nn.Module):
         init_weights(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.flatten(self.avgpool(self.features(images))))
+        features = self.features(normalise_pixels(self, images))
+        return self.classifier(self.flatten(self.avgpool(features)))
 
     def named_layers(self) -> list[tuple[str, nn.Module]]:
         return [
@@ -333,15 +378,22 @@ def init_weights(model: nn.Module) -> None:
     nn.init.normal_(head(model).weight, mean=0.0, std=FC8_INIT_STD)
 
 
-def build_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
-    """A freshly initialised `arch` (one of ARCHS) for (N, 3, image_size, image_size) inputs."""
+def build_model(
+    arch: str,
+    num_classes: int,
+    image_size: int,
+    mean: tuple[float, ...] = IMAGE_MEAN,
+    std: tuple[float, ...] = IMAGE_STD,
+) -> nn.Module:
+    """A freshly initialised `arch` (one of ARCHS) for (N, 3, image_size, image_size) pixels,
+    normalised inside with `mean`/`std` (0..1 units; a checkpoint's card carries them)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if arch == "alexnet-tv":
-        return TorchvisionAlexNet(num_classes, image_size)
-    return AlexNet(ARCH_CONVS[arch], num_classes, image_size)
+        return TorchvisionAlexNet(num_classes, image_size, mean, std)
+    return AlexNet(ARCH_CONVS[arch], num_classes, image_size, mean, std)
 
 
 def describe_model(arch: str, num_classes: int, image_size: int) -> dict:
@@ -393,7 +445,7 @@ def format_model_info(info: dict) -> str:
 
 
 def eval_logits(model: nn.Module, images: torch.Tensor, flip_tta: bool) -> torch.Tensor:
-    """(N, classes) float32 logits of `images` ((N, 3, S, S)); with flip_tta the mean of the
+    """(N, classes) float32 logits of `images` ((N, 3, S, S) pixels); with flip_tta the mean of the
     image's and its left-right mirror's (flipped along the width axis, dim 3). The eval transform
     of train.evaluate, predict and the exported program alike."""
     logits = model(images).float()

@@ -16,9 +16,10 @@ What predict does to an image is what validation does to a packed one:
   on white (`images.decode_image`), downscaled so its longer side is at most ``max_side`` — pack's
   own default, so a photo is seen as a pack of it would store it — and as RGB uint8 (H, W, 3);
 - the whole image resized to image_size (`crop_resize` with `full_boxes`: the antialiased linear
-  filter of the val transform), normalised with the checkpoint's mean/std, images of different
-  sizes placed on one canvas with their sizes, as the `cpu` loader batches them; memory is bounded
-  by the batch (``batch_size`` images of at most max_side px), never by a directory;
+  filter of the val transform, rounded to uint8), images of different sizes placed on one canvas
+  with their sizes, as the `cpu` loader batches them; memory is bounded by the batch
+  (``batch_size`` images of at most max_side px), never by a directory;
+- the model normalises with the checkpoint's mean/std as its first op, as in training;
 - the model under the run's autocast (as `train.evaluate` runs it: bf16 where the device has it
   natively and the run's --amp was auto) and, when the run evaluated with flip TTA, the logits of
   the image and its mirror (width axis) averaged; probabilities are the softmax of those logits.
@@ -29,7 +30,8 @@ does), while a file named explicitly or matched by a glob is tried whatever its 
 predicted once (the first time a path reaches it), in the order given: a directory's and a glob's
 files sorted. A path that names nothing, a directory without images and a file that does not decode
 are each reported and skipped. crop_resize runs eagerly here (no inductor compile on the CPU: the
-compiled and eager passes agree to ~1e-6, and a compile would cost seconds of startup).
+compiled and eager passes agree but for a rare grey level at a rounding tie, and a compile would
+cost seconds of startup).
 """
 
 from __future__ import annotations
@@ -75,15 +77,15 @@ class InferenceModel:
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalised float32 on the device -> (N, classes) float32 logits, averaged
+        """(N, 3, S, S) uint8 pixels on the device -> (N, classes) float32 logits, averaged
         with the mirror's when the run evaluated with flip TTA (as train.evaluate does)."""
         images = images.contiguous(memory_format=self.runtime.memory_format)
         with self.runtime.autocast():
             return eval_logits(self.model, images, self.card["flip_tta"])
 
     def preprocess(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
-        """Decoded images, each (H, W, 3) uint8 RGB of any size, -> (N, 3, S, S) float32,
-        normalised, on the device: the val transform (whole image, antialiased resize)."""
+        """Decoded images, each (H, W, 3) uint8 RGB of any size, -> (N, 3, S, S) uint8 on the
+        device: the val transform (whole image, antialiased resize), as the loaders hand it."""
         heights = [p.shape[0] for p in pixels]
         widths = [p.shape[1] for p in pixels]
         canvas = np.zeros((len(pixels), max(heights), max(widths), 3), np.uint8)
@@ -98,8 +100,6 @@ class InferenceModel:
             boxes,
             None,
             self.card["image_size"],
-            tuple(self.card["mean"]),
-            tuple(self.card["std"]),
             sizes,
             compile_cpu=False,
         )
@@ -126,7 +126,9 @@ def load_model(checkpoint: Path, device: str = "auto", amp: str | None = None) -
         raise UserError(f"{checkpoint}: its saved config does not load here ({e})") from None
     runtime = resolve_runtime(cfg)
     configure_backends(runtime)
-    model = build_model(card["arch"], len(card["classes"]), card["image_size"])
+    model = build_model(
+        card["arch"], len(card["classes"]), card["image_size"], card["mean"], card["std"]
+    )
     model.load_state_dict(state["model"])
     model = model.to(runtime.device, memory_format=runtime.memory_format).eval()
     return InferenceModel(model, card, runtime)

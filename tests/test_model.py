@@ -1,4 +1,5 @@
-"""Tests for fastalex.model: shapes, LRN semantics and numerics, cost accounting, decay groups."""
+"""Tests for fastalex.model: shapes, the pixel normalisation of its first op, LRN semantics and
+numerics, cost accounting, decay groups."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastalex.config import IMAGE_MEAN, IMAGE_STD
 from fastalex.model import (
     ARCHS,
     NATIVE_IMAGE_SIZE_PX,
@@ -50,6 +52,11 @@ TORCHVISION_ALEXNET = {
 }
 
 
+def pixels(n: int, size: int) -> torch.Tensor:
+    """(n, 3, size, size) uint8 RGB noise: what the loaders hand the model."""
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+
+
 def lrn_reference(activations, size, alpha, beta, k):
     """Paper section 3.3 per channel: a_c / (k + alpha * sum of a_j^2 in the window)^beta."""
     channels = activations.shape[1]
@@ -64,7 +71,7 @@ def lrn_reference(activations, size, alpha, beta, k):
 def test_model_maps_images_to_one_logit_per_class(arch, image_size):
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10, image_size=image_size)
-    logits = model(torch.randn(2, 3, image_size, image_size))
+    logits = model(pixels(2, image_size))
     assert logits.shape == (2, 10)
     assert torch.isfinite(logits).all()
 
@@ -80,7 +87,7 @@ def test_described_feature_maps_and_params_match_the_real_model(arch, image_size
             )
         )
     with torch.no_grad():
-        model(torch.randn(1, 3, image_size, image_size))
+        model(pixels(1, image_size))
     info = describe_model(arch, num_classes=10, image_size=image_size)
     assert info["feature_maps"] == shapes
     assert info["param_count"] == sum(p.numel() for p in model.parameters())
@@ -116,7 +123,7 @@ def test_native_sizes_give_paper_and_documented_final_maps():
 def test_channels_last_input_gives_the_same_logits_as_nchw():
     torch.manual_seed(0)
     model = build_model("alexnet64", num_classes=10, image_size=64).eval()
-    images = torch.randn(2, 3, 64, 64)
+    images = pixels(2, 64)
     with torch.no_grad():
         nchw = model(images)
         channels_last = model(images.contiguous(memory_format=torch.channels_last))
@@ -124,13 +131,34 @@ def test_channels_last_input_gives_the_same_logits_as_nchw():
 
 
 def test_initial_loss_is_close_to_log_num_classes():
-    # fc8 ~ N(0, 0.01) starts the logits at std ~0.7: a loss ~0.25 above ln(200) on average.
+    # fc8 ~ N(0, 0.01) starts the logits at std ~0.7: a loss ~0.25 above ln(200) on average
+    # (uniform pixels normalise to std ~1.1).
     torch.manual_seed(0)
     model = build_model("alexnet64", num_classes=200, image_size=64).eval()
     with torch.no_grad():
-        logits = model(torch.randn(16, 3, 64, 64))
+        logits = model(pixels(16, 64))
     loss = F.cross_entropy(logits, torch.randint(0, 200, (16,)))
     assert abs(loss.item() - math.log(200)) < 0.5
+
+
+@pytest.mark.parametrize(("arch", "image_size"), [("alexnet64", 64), ("alexnet-tv", 63)])
+def test_the_first_op_normalises_pixels_with_the_given_mean_and_std(arch, image_size):
+    """model(uint8 pixels) is the layers on (x / 255 - mean) / std: the same weights with an
+    identity normalisation (mean 0, std 1/255) on floats normalised by hand give the same logits;
+    the constants are not in the state_dict, so checkpoints from before load unchanged."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10, image_size).eval()
+    identity = build_model(arch, 10, image_size, (0.0, 0.0, 0.0), (1 / 255,) * 3).eval()
+    state = model.state_dict()
+    assert not any("pixel" in key for key in state)
+    identity.load_state_dict(state)  # strict: the keys of a model without normalisation
+    images = pixels(3, image_size)
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    by_hand = (images.float() / 255 - mean) / std
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), identity(by_hand), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(images), model(images.float()), rtol=0, atol=0)
 
 
 def test_build_model_rejects_unknown_arch_and_too_small_images():

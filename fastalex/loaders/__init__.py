@@ -2,7 +2,8 @@
 from the data side.
 
 Iterating a Loader yields one epoch of `Batch(images, labels)`: images (N, 3, image_size,
-image_size) float32, normalised, channels_last, on the training device; labels int64 (N,). Train:
+image_size) uint8 pixels (after crop, resize and flip, rounded), channels_last, on the training
+device, which the model normalises as its first op (model.py); labels int64 (N,). Train:
 random-resized-crop + flip, each sample at most once per epoch, the short last batch dropped,
 every rank the same number of steps. Val: resize only, every sample once, the short batch kept.
 Imports no backend at import time (`dali` lazily), so the CPU tests run without DALI.
@@ -17,7 +18,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig, default_workers
+from fastalex.config import TrainConfig, default_workers
 from fastalex.errors import UserError
 from fastalex.loaders.augment import Augment
 from fastalex.shards import Manifest, check_pack, read_manifest
@@ -34,7 +35,7 @@ class BackendMissing(UserError, ImportError):
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # (N, 3, S, S) float32 channels_last, normalised, on the device
+    images: torch.Tensor  # (N, 3, S, S) uint8 channels_last, 0..255 RGB pixels, on the device
     labels: torch.Tensor  # (N,) int64, on the device
 
 
@@ -115,8 +116,6 @@ def augment_for(cfg: TrainConfig, split: str) -> Augment:
         image_size=cfg.image_size,
         crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max),
         crop_ratio=(cfg.crop_ratio_min, cfg.crop_ratio_max),
-        mean=IMAGE_MEAN,
-        std=IMAGE_STD,
     )
 
 

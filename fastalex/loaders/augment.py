@@ -1,9 +1,10 @@
 """Batched augmentation on the device: DALI-equivalent random-resized-crop boxes, and one
-crop + resize + flip + normalise op over a uint8 NHWC batch.
+crop + resize + flip op over a uint8 NHWC batch.
 
 Imports torch only (no DALI, no shard code), so every backend uses it. Every function takes tensors
 on any device and works there, with no host sync except where marked. Contract: (N, H, W, 3) uint8
-images top-left on a canvas, with (N, 2) sizes -> (N, 3, S, S) float32 channels_last, normalised.
+images top-left on a canvas, with (N, 2) sizes -> (N, 3, S, S) uint8 channels_last, each resized
+value rounded to the nearest integer (ties to even); the model normalises (model.py).
 Crop boxes follow DALI 2.4's RandomCropGenerator; the resize is DALI's antialiased linear ROI
 resize (pixel centres, border replicated at the image's edge). Reasons and measurements:
 docs/loaders.md.
@@ -11,7 +12,6 @@ docs/loaders.md.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -135,22 +135,28 @@ def bilinear_passes(
     col_weight: torch.Tensor,
     row_index: torch.Tensor,
     row_weight: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
 ) -> torch.Tensor:
     """The two 2-tap passes of crop_resize written as gathers, for inductor to fuse on the CPU:
-    normalise, width pass and height pass become two loops with no transposes.
-    (N, H, W, 3) uint8 -> (N, S, S, 3) float32; taps as resample_taps returns them (K = 2)."""
+    width pass, height pass and rounding become two loops with no transposes.
+    (N, H, W, 3) uint8 -> (N, S, S, 3) uint8; taps as resample_taps returns them (K = 2)."""
     n, height = images.shape[:2]
     batch = torch.arange(n, device=images.device)
-    source = images.float() * scale + shift  # (N, H, W, 3)
+    source = images.float()  # (N, H, W, 3)
     image_rows = torch.arange(height, device=images.device)[None, :, None]
     left = source[batch[:, None, None], image_rows, col_index[:, None, :, 0]]  # (N, H, S, 3)
     right = source[batch[:, None, None], image_rows, col_index[:, None, :, 1]]
     rows = left * col_weight[:, None, :, 0, None] + right * col_weight[:, None, :, 1, None]
     top = rows[batch[:, None], row_index[:, :, 0]]  # (N, S, S, 3)
     bottom = rows[batch[:, None], row_index[:, :, 1]]
-    return top * row_weight[:, :, 0, None, None] + bottom * row_weight[:, :, 1, None, None]
+    return to_pixels(
+        top * row_weight[:, :, 0, None, None] + bottom * row_weight[:, :, 1, None, None]
+    )
+
+
+def to_pixels(values: torch.Tensor) -> torch.Tensor:
+    """Resampled float values (0..255 up to float error) -> uint8, rounded to nearest, ties to
+    even (torch.round; CUDA's and DALI's float -> uint8 conversion round to nearest too)."""
+    return values.round().clamp(0, 255).to(torch.uint8)
 
 
 _compiled_passes = None  # torch.compile(bilinear_passes), built on first use; False if it failed
@@ -175,36 +181,23 @@ def compiled_bilinear(*args: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-@functools.cache
-def normalise_rows(
-    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...], repeats: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) of (x / 255 - mean) / std, tiled `repeats` times, on `device`. Built once per
-    key: creating a small tensor on CUDA from a Python list waits for the queued GPU work, which
-    would stall every batch."""
-    scale = torch.tensor([1 / (255 * s) for s in std]).repeat(repeats)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).repeat(repeats)
-    return scale.to(device), shift.to(device)
-
-
 def crop_resize(
     images: torch.Tensor,
     boxes: torch.Tensor,
     flips: torch.Tensor | None,
     out_px: int,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
     sizes: torch.Tensor | None = None,
     compile_cpu: bool = True,
 ) -> torch.Tensor:
-    """Crop each box, resize it to out_px x out_px, mirror where `flips`, normalise.
+    """Crop each box, resize it to out_px x out_px, mirror where `flips`, round to uint8.
 
     images: (N, H, W, 3) uint8, images placed top-left on an H x W canvas; boxes: (N, 4) float
     (x0, y0, w, h) in pixels; flips: (N,) bool or None; sizes: (N, 2) (height, width) of each image
-    on the canvas (None = the whole canvas), where the border is replicated. mean/std are in 0..1
-    units (pixel / 255). Returns (N, 3, out_px, out_px) float32, channels_last, on images.device.
+    on the canvas (None = the whole canvas), where the border is replicated. Returns
+    (N, 3, out_px, out_px) uint8, channels_last, on images.device (`to_pixels` rounding).
     On the CPU, a batch that is only upsampled or copied 1:1 (2 taps per pass) runs through
-    `compiled_bilinear` unless `compile_cpu` is False; the result is the same to ~1e-6.
+    `compiled_bilinear` unless `compile_cpu` is False; before rounding the two agree to ~1e-5, so
+    a value that close to a half rounds apart, one grey level, in a few pixels per million.
     """
     n, canvas_h, canvas_w, channels = images.shape
     device = images.device
@@ -219,20 +212,15 @@ def crop_resize(
     col_index, col_weight = resample_taps(x0, box_w, out_px, widths, canvas_w, flips)  # (N, S, Kx)
     row_index, row_weight = resample_taps(y0, box_h, out_px, heights, canvas_h)  # (N, S, Ky)
     if compile_cpu and device.type == "cpu" and col_index.shape[2] == row_index.shape[2] == 2:
-        scale = torch.tensor([1 / (255 * s) for s in std])
-        shift = torch.tensor([-m / s for m, s in zip(mean, std)])
-        taps = (col_index, col_weight, row_index, row_weight)
-        out = compiled_bilinear(images, *taps, scale, shift)
+        out = compiled_bilinear(images, col_index, col_weight, row_index, row_weight)
         if out is not None:
             return out.contiguous().permute(0, 3, 1, 2)  # (N, 3, S, S) channels_last
 
-    # (x / 255 - mean) / std as one multiply-add, on the small source, written transposed:
-    # (N, W, H, 3) float32, so the width pass gathers contiguous rows. The per-channel constants are
-    # tiled along a whole row (H * 3 values): a broadcast over a size-3 last dim does not vectorise.
-    scale, shift = normalise_rows(device, tuple(mean), tuple(std), canvas_h)
+    # The source as float, written transposed: (N, W, H, 3) float32, so the width pass gathers
+    # contiguous rows.
     source = torch.empty((n, canvas_w, canvas_h, channels), device=device, dtype=torch.float32)
     source.copy_(images.transpose(1, 2))
-    source = source.view(n * canvas_w, canvas_h * channels).mul_(scale).add_(shift)
+    source = source.view(n * canvas_w, canvas_h * channels)
 
     # Width pass: rows of the transposed source are image columns. (N*S, H*3) = (N, S, H, 3).
     base = (torch.arange(n, device=device) * canvas_w)[:, None, None]
@@ -253,21 +241,21 @@ def crop_resize(
         per_sample_weights=row_weight.reshape(n * out_px, -1),
         mode="sum",
     )
-    return out.view(n, out_px, out_px, channels).permute(0, 3, 1, 2)  # (N, 3, S, S) channels_last
+    pixels = to_pixels(out).view(n, out_px, out_px, channels)  # (N, S, S, 3) uint8
+    return pixels.permute(0, 3, 1, 2)  # (N, 3, S, S) uint8 channels_last
 
 
 @dataclass(frozen=True)
 class Augment:
     """What every backend does to a decoded uint8 batch: train = random-resized-crop + flip, val =
-    the whole image; then crop_resize to image_size and normalise. `draw` and `apply` are apart so
-    a backend can draw on one device (the `cpu` loader's CPU generator) and apply on another."""
+    the whole image; then crop_resize to image_size, rounded to uint8. `draw` and `apply` are
+    apart so a backend can draw on one device (the `cpu` loader's CPU generator) and apply on
+    another."""
 
     train: bool
     image_size: int  # px, square output
     crop_scale: tuple[float, float]  # area fraction range (train)
     crop_ratio: tuple[float, float]  # aspect (w/h) range (train)
-    mean: tuple[float, float, float]  # per channel, pixel / 255 units
-    std: tuple[float, float, float]
 
     def draw(
         self,
@@ -300,8 +288,8 @@ class Augment:
         flips: torch.Tensor | None,
         sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> (N, 3, S, S) float32 channels_last; sizes as crop_resize takes."""
-        return crop_resize(images, boxes, flips, self.image_size, self.mean, self.std, sizes)
+        """(N, H, W, 3) uint8 -> (N, 3, S, S) uint8 channels_last; sizes as crop_resize takes."""
+        return crop_resize(images, boxes, flips, self.image_size, sizes)
 
 
 def ragged_sizes(sizes: torch.Tensor, canvas_px: tuple[int, int]) -> torch.Tensor | None:

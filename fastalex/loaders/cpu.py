@@ -1,14 +1,16 @@
 """The `cpu` backend: pure PyTorch + simplejpeg over the shards, and the correctness reference.
 
-Imports torch, numpy, decode.py, augment.py and host.py; never DALI. Works on any device: worker
-processes (a persistent torch DataLoader, one batch of sample ids per task) decode into a ring of
-uint8 canvases in shared memory; the main process copies a canvas to the device and augments it
-there (augment.py: crop + resize + flip + normalise in one batched op). Reasons and measurements:
-docs/loaders.md.
+Imports torch, numpy, decode.py, augment.py and host.py; never DALI. Works on any device. Decoding
+(cfg.decode): worker processes (a persistent torch DataLoader, one batch of sample ids per task)
+into a ring of uint8 canvases in shared memory, or threads of this process (decode.ThreadDecoder)
+into a ring of canvases in its own (CUDA: pinned) memory. The main process copies a canvas to the
+device and augments it there (augment.py: crop + resize + flip in one batched op, uint8 out).
+Reasons and measurements: docs/loaders.md.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from fastalex.errors import UserError
 from fastalex.loaders import Batch, Placement, loader_workers
 from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader
-from fastalex.loaders.decode import SampleTable, ShardDecoder, worker_start_method
+from fastalex.loaders.decode import SampleTable, ShardDecoder, ThreadDecoder, worker_start_method
 from fastalex.loaders.host import keep_large_blocks_in_heap, one_thread_on_cpu
 from fastalex.loaders.shm import (
     SharedSegment,
@@ -33,6 +35,9 @@ from fastalex.loaders.shm import (
 from fastalex.shards import Manifest
 
 SHM_HEADROOM = 0.8  # share of the free shared memory this machine's rings may take
+# What --decode auto runs: the mode the loader rows `cpu` (processes) and `cpu-threads` measured
+# fastest (docs/loaders.md); auto also takes threads when a process ring cannot fit.
+AUTO_DECODE = "processes"
 
 
 def ring_slots(workers: int, prefetch: int) -> int:
@@ -96,7 +101,8 @@ class DecodeWorkerDied(RuntimeError):
 
 
 class CpuLoader(BaseLoader):
-    """Loader protocol over the shards: worker processes decode, the device augments."""
+    """Loader protocol over the shards: worker processes or threads decode, the device augments.
+    `decode` names the mode running ("processes" or "threads")."""
 
     backend = "cpu"
 
@@ -113,8 +119,45 @@ class CpuLoader(BaseLoader):
         self.table = SampleTable(Path(cfg.shards), manifest, split, cfg.image_size)
         height, width = self.table.canvas_px
         batch_bytes = cfg.batch_size * height * width * 3
-        sweep_stale_segments()  # a crashed run's rings, before the free space is read
-        workers = fit_ring(cfg, placement, batch_bytes, self.train)
+        self.decode, why = cfg.decode, ""
+        if self.decode == "auto":
+            self.decode, why = AUTO_DECODE, " (auto)"
+        if self.decode == "processes":
+            sweep_stale_segments()  # a crashed run's rings, before the free space is read
+            try:
+                workers = fit_ring(cfg, placement, batch_bytes, self.train)
+            except UserError as full:
+                if cfg.decode != "auto":
+                    raise
+                self.decode, why = "threads", f" (auto: no room for processes; {full})"
+        if self.decode == "threads":
+            self._start_threads(cfg, placement, height, width)
+        else:
+            self._start_processes(cfg, placement, workers, height, width)
+        self.summary += why
+        if self.device.type == "cpu":
+            keep_large_blocks_in_heap()
+
+    def _start_threads(self, cfg: TrainConfig, placement: Placement, height: int, width: int):
+        """Decode threads and a ring of prefetch + 1 canvases: while the step uses one, the
+        threads fill the next `prefetch`."""
+        threads = loader_workers(cfg, placement)
+        self.threads = ThreadDecoder(self.table, threads)
+        slots = cfg.prefetch + 1
+        pinned = self.device.type == "cuda"  # copied to the device straight from the ring
+        self.canvases = torch.empty(
+            (slots, cfg.batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pinned
+        )
+        self._copied: list[torch.cuda.Event | None] = [None] * slots  # CUDA: slot's copy done
+        self._pending: deque = deque()  # (slot, futures) of the batches started, oldest first
+        self.summary = (
+            f"cpu: {threads} decode threads, {height} x {width} canvases, {slots}-batch ring"
+        )
+
+    def _start_processes(
+        self, cfg: TrainConfig, placement: Placement, workers: int, height: int, width: int
+    ):
+        """Decode worker processes and their ring in shared memory."""
         slots = ring_slots(workers, cfg.prefetch)
         self.ring = SharedSegment(run_label(cfg.out), (slots, cfg.batch_size, height, width, 3))
         self.canvases = torch.from_numpy(map_segment(self.ring.path, self.ring.shape))
@@ -133,8 +176,6 @@ class CpuLoader(BaseLoader):
             persistent_workers=True,
             multiprocessing_context=worker_start_method(placement),
         )
-        if self.device.type == "cpu":
-            keep_large_blocks_in_heap()
 
     def plan_pass(self) -> tuple[int, list[int | None], list[np.ndarray]]:
         """The next pass: its epoch, the global step of each batch (None for val), and each
@@ -150,8 +191,18 @@ class CpuLoader(BaseLoader):
 
     def __iter__(self):
         epoch, steps, batches = self.plan_pass()
-        self._tasks.batches = batches
-        decoded = iter(self._loader)
+        if self.decode == "threads":
+            decoded = self._decoded_in_threads(batches)
+        else:
+            self._tasks.batches = batches
+            decoded = iter(self._loader)
+        try:
+            yield from self._batches(epoch, steps, batches, decoded)
+        finally:
+            if self.decode == "threads":
+                decoded.close()  # stops the threads' work for this pass now
+
+    def _batches(self, epoch, steps, batches, decoded):
         for step, ids in zip(steps, batches):
             try:
                 slot, sizes = next(decoded)
@@ -160,6 +211,9 @@ class CpuLoader(BaseLoader):
                 generator = None if step is None else self.step_generator(epoch, step)
                 with one_thread_on_cpu(self.device):
                     batch = self._augment(images, torch.from_numpy(sizes), labels, generator)
+                if self.decode == "threads" and self.device.type == "cuda":
+                    self._copied[slot] = torch.cuda.Event()
+                    self._copied[slot].record()  # after the copy out of the pinned slot
             except RuntimeError as error:  # the DataLoader's, on a dead worker (also by SIGCHLD)
                 if "DataLoader worker" not in str(error):
                     raise
@@ -169,6 +223,37 @@ class CpuLoader(BaseLoader):
                     "lower --loader-workers, --prefetch or --batch-size"
                 ) from error
             yield batch
+
+    def _decoded_in_threads(self, batches: list[np.ndarray]):
+        """(slot, (N, 2) sizes) of each batch in turn, the threads `prefetch` batches ahead.
+        Batch i goes to slot i % slots; it is started once batch i - 1 was handed over (and, on
+        CUDA, its copy out of that slot has run), so no slot is written while it is read."""
+        slots = len(self.canvases)
+        self._drop_pending()  # what an abandoned pass left running
+        pending = self._pending
+
+        def start(number: int) -> None:
+            slot = number % slots
+            if self._copied[slot] is not None:
+                self._copied[slot].synchronize()  # CUDA sync point: only if the copy still runs
+                self._copied[slot] = None
+            futures = self.threads.submit(self.canvases[slot].numpy(), batches[number])
+            pending.append((slot, futures))
+
+        try:
+            for number in range(min(slots - 1, len(batches))):
+                start(number)
+            for number in range(len(batches)):
+                if number + slots - 1 < len(batches):
+                    start(number + slots - 1)
+                slot, futures = pending.popleft()
+                yield slot, self.threads.result(futures)
+        finally:  # a pass ended early or by an error: no thread may still write into a slot
+            self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        while self._pending:
+            self.threads.cancel(self._pending.popleft()[1])
 
     def _augment(
         self,
@@ -182,15 +267,22 @@ class CpuLoader(BaseLoader):
         )
         sizes = ragged_sizes(sizes, images.shape[1:3])
         if self.device.type == "cuda":
-            images = images.pin_memory().to(self.device, non_blocking=True)  # the slot is free
+            # A process ring's slot is copied into pinned memory (then free); a thread ring is
+            # pinned already (pin_memory returns it) and guarded by _copied.
+            images = images.pin_memory().to(self.device, non_blocking=True)
             boxes = boxes.pin_memory().to(self.device, non_blocking=True)
             flips = None if flips is None else flips.pin_memory().to(self.device, non_blocking=True)
             sizes = None if sizes is None else sizes.pin_memory().to(self.device, non_blocking=True)
             labels = labels.pin_memory().to(self.device, non_blocking=True)
-        out = self.augment.apply(images, boxes, flips, sizes)  # (N, 3, S, S) f32 channels_last
+        out = self.augment.apply(images, boxes, flips, sizes)  # (N, 3, S, S) u8 channels_last
         return Batch(out, labels)
 
     def close(self) -> None:
+        threads = getattr(self, "threads", None)
+        if threads is not None:
+            self._drop_pending()
+            threads.close()
+            self.threads = None
         loader, self._loader = getattr(self, "_loader", None), None
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None:

@@ -2,8 +2,8 @@
 
 Imports DALI, torch, the shard format, augment.py and host.py; imported lazily by
 loaders/__init__.py only when this backend is chosen. The source (`read_shards`: reader, rank
-sharding, shuffle) is kept apart from the processing (`process_images`: decode -> crop -> flip ->
-normalise). On CUDA the whole pipeline runs on the GPU and hands float32 HWC batches over by DLPack
+sharding, shuffle) is kept apart from the processing (`process_images`: decode -> crop -> resize
+-> flip). On CUDA the whole pipeline runs on the GPU and hands uint8 HWC batches over by DLPack
 (`KeepUntilDone` keeps their buffers alive until the work reading them has run); in CPU-only mode
 DALI decodes onto uint8 canvases and augment.py does the rest, as in the `cpu` backend. The
 epoch order lives inside the pipeline: a resumed run's first pass consumes the batches to skip.
@@ -22,7 +22,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.backend import GetCUDADeviceCount
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
+from fastalex.config import TrainConfig
 from fastalex.errors import UserError
 from fastalex.loaders import Batch, Placement, canvas_px, loader_workers, rank_share
 from fastalex.loaders.augment import CROP_ATTEMPTS, ragged_sizes
@@ -118,8 +118,10 @@ def decode_images(jpegs, device: str):
 
 
 def process_images(jpegs, train: bool, cfg: TrainConfig, device: str):
-    """decode -> random-resized-crop + flip (train) or resize (val) -> normalise, on `device`
-    ("cpu" or "gpu"); (N, S, S, 3) float32 HWC."""
+    """decode -> random-resized-crop + flip (train) or resize (val), on `device` ("cpu" or
+    "gpu"); (N, S, S, 3) uint8 HWC: DALI's resize rounds to the input's uint8 (on the GPU to
+    nearest, ties to even, as augment.to_pixels), crop_mirror_normalize only mirrors (mean 0, std 1)
+    and keeps uint8; the model normalises."""
     size = [cfg.image_size, cfg.image_size]
     images = decode_images(jpegs, device)
     if train:
@@ -134,14 +136,7 @@ def process_images(jpegs, train: bool, cfg: TrainConfig, device: str):
     else:
         images = fn.resize(images, size=size)
         mirror = 0
-    return fn.crop_mirror_normalize(
-        images,
-        dtype=types.FLOAT,
-        output_layout="HWC",
-        mean=[255 * m for m in IMAGE_MEAN],
-        std=[255 * s for s in IMAGE_STD],
-        mirror=mirror,
-    )
+    return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
 
 
 def fit_to_canvas(images, canvas_px: tuple[int, int]):
@@ -173,7 +168,7 @@ def decode_to_canvas(jpegs, canvas_px: tuple[int, int], device: str, fit: bool):
 def shard_pipeline(
     *, tars, indices, shard_id, num_shards, train, fill, cfg, canvas_px, fit, device
 ):
-    """GPU: (images (N, S, S, 3) float32, label digits), all on the GPU. CPU-only mode: (canvases
+    """GPU: (images (N, S, S, 3) uint8, label digits), all on the GPU. CPU-only mode: (canvases
     (N, H, W, 3) uint8, (h, w) (N, 2), label digits), augmented afterwards by augment.py."""
     jpegs, labels = read_shards(
         tars=tars,
@@ -358,7 +353,7 @@ class DaliLoader(BaseLoader):
             digits = outputs[0]["labels"]  # (N, LABEL_DIGITS) uint8 ASCII, on the device
             labels = ((digits.to(torch.int64) - ASCII_ZERO) * self._powers).sum(dim=1)
             if self.on_gpu:
-                images = outputs[0]["images"].permute(0, 3, 1, 2)  # (N, 3, S, S) f32 channels_last
+                images = outputs[0]["images"].permute(0, 3, 1, 2)  # (N, 3, S, S) u8 channels_last
             else:
                 with one_thread_on_cpu(self.device):
                     images = self._augment(outputs[0]["images"], outputs[0]["sizes"], generator)
@@ -370,7 +365,7 @@ class DaliLoader(BaseLoader):
     def _augment(
         self, canvases: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
-        """CPU-only mode: (N, H, W, 3) uint8 canvases -> (N, 3, S, S) float32 channels_last, as
+        """CPU-only mode: (N, H, W, 3) uint8 canvases -> (N, 3, S, S) uint8 channels_last, as
         the `cpu` backend does it (faster than DALI's per-sample CPU operators: docs/loaders.md)."""
         boxes, flips = self.augment.draw(sizes[:, 0], sizes[:, 1], generator)
         return self.augment.apply(canvases, boxes, flips, ragged_sizes(sizes, canvases.shape[1:3]))

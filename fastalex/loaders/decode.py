@@ -1,7 +1,8 @@
 """Where a split's samples lie in its shards, and decoding them onto a bounded canvas.
 
 Imports numpy, torch, simplejpeg (Pillow as a fallback) and the shard format; never a backend.
-Used by the `cpu` loader (in its decode workers) and the `resident` loader (its one-off decode).
+Used by the `cpu` loader (in its decode worker processes, or its threads: `ThreadDecoder`) and the
+`resident` loader (its one-off decode).
 Contract: images are uint8 (N, H, W, 3), each top-left on an H x W canvas (``loaders.canvas_px``),
 with its (height, width); an image larger than the canvas is scaled down to fit as it is decoded.
 Reasons and measurements: docs/loaders.md.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import io
 import mmap
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,11 @@ from fastalex.errors import UserError
 from fastalex.loaders import Placement, canvas_px
 from fastalex.loaders.shm import map_segment
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest, read_index
+
+
+class UndecodableSample(UserError):
+    """A sample's JPEG bytes do not decode (the shard changed after it was checked, or the pack
+    is damaged): names the shard, the sample and the fix."""
 
 
 def decode_labels(digits: np.ndarray) -> np.ndarray:
@@ -104,14 +111,21 @@ class ShardDecoder(torch.utils.data.Dataset):
         slot = number % len(self._canvases)
         return slot, self.decode_into(self._canvases[slot], ids)
 
-    def decode_into(self, pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Decode samples `ids` into pixels[:len(ids)] ((B, H, W, 3) uint8); their (h, w)."""
+    def open_shards(self) -> None:
+        """Map every shard read-only (once per process: a worker's first task, or before threads
+        share this decoder)."""
         if self._maps is None:
-            self._maps = []
+            maps = []
             for path in self.paths:
                 with open(path, "rb") as f:
                     tar = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                self._maps.append(memoryview(tar))
+                maps.append(memoryview(tar))
+            self._maps = maps
+
+    def decode_into(self, pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Decode samples `ids` into pixels[:len(ids)] ((B, H, W, 3) uint8); their (h, w).
+        UndecodableSample names a sample that neither libjpeg-turbo nor Pillow decodes."""
+        self.open_shards()
         height, width = pixels.shape[1:3]
         hw = np.empty((len(ids), 2), dtype=np.int32)
         maps, decode = self._maps, simplejpeg.decode_jpeg
@@ -135,8 +149,7 @@ class ShardDecoder(torch.utils.data.Dataset):
                 image = decode(data, "RGB", False, False, 0, 0, 1, row, False)
                 copied = False
             except ValueError:  # what libjpeg-turbo refuses; pack accepted it through Pillow
-                with Image.open(io.BytesIO(data)) as source:
-                    image = np.asarray(source.convert("RGB"))
+                image = self.decode_with_pillow(data, ids[k])
                 copied = True
             h, w = image.shape[:2]
             if copied or h != height or w != width:
@@ -144,8 +157,59 @@ class ShardDecoder(torch.utils.data.Dataset):
             hw[k] = h, w
         return hw
 
+    def decode_with_pillow(self, data, sample: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB through Pillow; UndecodableSample if it fails too."""
+        try:
+            with Image.open(io.BytesIO(data)) as source:
+                return np.asarray(source.convert("RGB"))
+        except Exception as error:  # Pillow raises several types for bad bytes
+            shard = self.paths[self.shard_ids[sample]]
+            raise UndecodableSample(
+                f"{shard}: sample {sample} of the split ({self.sizes[sample]} bytes at offset "
+                f"{self.offsets[sample]}) does not decode ({type(error).__name__}: {error}); "
+                "the shard changed after it was checked: `fastalex verify` it, or re-pack"
+            ) from None
+
     def __len__(self) -> int:  # tasks are addressed by sample ids, not by position
         return len(self.offsets)
+
+
+class ThreadDecoder:
+    """ShardDecoder's decoding in `threads` threads of this process, straight into buffers the
+    caller owns: a batch is split into one contiguous chunk per thread, each decoded by one call
+    of `decode_into` (simplejpeg releases the GIL while it decodes). No process, no shared
+    memory, no copy."""
+
+    def __init__(self, table: SampleTable, threads: int):
+        self.decoder = ShardDecoder(table)
+        self.decoder.open_shards()  # before the threads share it
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="fastalex-decode")
+
+    def submit(self, pixels: np.ndarray, ids: np.ndarray) -> list[Future]:
+        """Start decoding samples `ids` into pixels[:len(ids)]; the chunks' futures, for
+        `result`."""
+        bounds = np.linspace(0, len(ids), min(self.threads, len(ids)) + 1).astype(int)
+        return [
+            self.pool.submit(self.decoder.decode_into, pixels[start:stop], ids[start:stop])
+            for start, stop in zip(bounds[:-1], bounds[1:])
+        ]
+
+    @staticmethod
+    def result(futures: list[Future]) -> np.ndarray:
+        """(N, 2) int32 (h, w) once every chunk is decoded; a chunk's error raised here."""
+        return np.concatenate([future.result() for future in futures])
+
+    @staticmethod
+    def cancel(futures: list[Future]) -> None:
+        """Drop the chunks not started and wait for the others: afterwards no thread writes into
+        their buffer."""
+        for future in futures:
+            future.cancel()
+        wait(futures)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def jpeg_size(data) -> tuple[int, int]:

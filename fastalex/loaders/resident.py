@@ -3,7 +3,7 @@
 Imports torch, numpy, decode.py and augment.py; DALI only through dali.py, lazily. First use
 decodes the split onto uint8 (N, H, W, 3) canvases on the device (nvJPEG through DALI on CUDA when
 DALI is installed, else decode.py's workers), after checking the bytes against free memory and
---resident-max-gb; every epoch then gathers, crops, resizes, flips and normalises on the device
+--resident-max-gb; every epoch then gathers, crops, resizes and flips on the device (uint8 out)
 with no host round trip. Reasons and measurements: docs/loaders.md.
 """
 
