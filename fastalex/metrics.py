@@ -1,13 +1,11 @@
-"""Counting what a run reports: top-k hits, per-step values kept on the device, count-weighted
-totals, and the run directory's JSON / JSONL files.
+"""Counting what a run reports: top-k hits, the `EpochMeter` (an epoch pass's sums, timed window
+and loader wait), count-weighted totals, and the run directory's JSON / JSONL files.
 
-Every rate here is a ratio of summed counts (hits / samples, loss sum / samples), never a mean of
-per-batch means, so a short last batch or an uneven DDP share weighs what it holds. Values stay on
-the device until a caller asks for them (`StepWindow.drain`, `all_reduce_sum`): each of those is one
-host-device synchronisation, made at log points and epoch ends, never per step.
+Every rate is a ratio of summed counts, never a mean of per-batch means. Values stay on the device
+until a log point or an epoch end asks for them: one host sync each, never per step.
 
 Imports torch and the standard library only (no data, model or config code). Writes files
-atomically (temporary name, then os.replace), so a killed run never leaves half a JSON file.
+atomically (temporary name, then os.replace). Reasons: docs/training.md.
 """
 
 from __future__ import annotations

@@ -349,11 +349,11 @@ def train(
         )
     runtime = resolve_runtime(cfg, rank, world_size, local_rank, local_world_size)
     joined = world_size > 1 and not dist.is_initialized()
-    if joined:  # MASTER_ADDR/PORT come from torchrun, read by torch itself
+    if joined:  # RANK, WORLD_SIZE, MASTER_ADDR/PORT come from torchrun's env, read by torch
+        # itself: given explicitly, rank and world size bypass torchrun's per-restart store
+        # prefix, and a restarted group reads the dead attempt's addresses ("connection refused")
         dist.init_process_group(
             "nccl" if runtime.device.type == "cuda" else "gloo",
-            rank=rank,
-            world_size=world_size,
             timeout=timedelta(seconds=cfg.collective_timeout_s),
         )
     try:

@@ -232,3 +232,17 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(hue_pack, tmp_p
     folder = out / "checkpoints"
     assert not list(folder.glob("*.tmp"))
     assert load_checkpoint(folder / "last.pt")["global_step"] == 2
+
+
+def test_a_torchrun_restart_resumes_by_itself_and_a_plain_rerun_asks_for_resume(hue_pack, tmp_path):
+    """TORCHELASTIC_RESTART_COUNT > 0 (a process torchrun restarted): the run continues from its
+    newest checkpoint without --resume; outside torchrun the same command is refused."""
+    out = tmp_path / "run"
+    train_cli(hue_pack, out, "--max-steps", 2)
+    command = ["train", str(hue_pack), "--out", str(out), *TINY, "--max-steps", "3"]
+    plain = CliRunner().invoke(main, command)
+    assert plain.exit_code == 2 and "--resume" in plain.output, plain.output
+    restarted = CliRunner().invoke(main, command, env={"TORCHELASTIC_RESTART_COUNT": "1"})
+    assert restarted.exit_code == 0, restarted.output
+    assert "resuming" in restarted.output
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["global_step"] == 3
