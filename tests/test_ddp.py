@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -435,9 +436,8 @@ def train_on_contract_loader(rank, world_size, cfg, record, port) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
     )
-    fastalex.train.build_loader = lambda *args, **kwargs: ContractLoader(
-        f"{record}.{rank}", *args, **kwargs
-    )
+    # a partial keeps ContractLoader's signature: the trainer sees that it takes skip_samples
+    fastalex.train.build_loader = functools.partial(ContractLoader, f"{record}.{rank}")
     fastalex.train.train(cfg, rank, world_size, progress=False)
 
 
