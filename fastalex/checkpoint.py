@@ -1,74 +1,193 @@
-"""Checkpoints: writing and reading them, checking them against a pack, the partial-epoch state a
-run stopped mid-epoch carries, and the model card that inference reads.
+"""Checkpoints: the run's `Progress` record, building and reading the checkpoint dict, writing it
+atomically into a rotated folder, finding the newest valid one, and the model card inference reads.
 
-Imports torch, the config and the shard manifest's types; never a loader, the model code or the
-trainer (train.py and predict.py import this module, not the other way round).
+A checkpoint is ``torch.save`` of the dict `checkpoint_state` builds (loadable with
+``weights_only=True``): format, config, classes, normalisation, model/optimizer/scaler state and
+``Progress.state_dict()``'s keys. Files: RUN/checkpoints/step-<global step>.pt (newest K kept),
+last.pt and best.pt as hard links to one of them. Partial-epoch sums are global, never per rank.
 
-A checkpoint (``torch.save`` of a dict, loadable with ``weights_only=True``) holds:
-
-- ``format`` (CHECKPOINT_FORMAT), ``config`` (``asdict(TrainConfig)``), ``classes`` ([wnid, words]
-  in label order), ``normalisation`` ({"mean", "std"}, 0..1 units): with ``config``'s arch, image
-  size and flip_tta, everything `predict` and `export` need without the pack (`model_card`);
-- ``model``, ``optimizer``, ``scaler`` state dicts; ``rng`` (every rank's torch/CUDA RNG state);
-- where a resumed run starts: ``epoch`` (completed epochs), ``step_in_epoch``, ``global_step``,
-  and ``partial`` (a `PartialEpoch` as a dict, or None at an epoch boundary);
-- ``history`` (the metrics rows the weights have seen), ``best_top1``, ``compile_s``, ``metrics``.
-
-The partial-epoch train totals are GLOBAL: summed over every rank before they are saved, and on
-resume added once, after the next all-reduce, never fed back into a rank's own sums (where each of
-k ranks would count them again). Loss sums are float64 sums of float32 per-step values, exact in
-any order for a run's magnitudes, so a resumed epoch's train loss equals the uninterrupted one.
+Imports torch, the config, metrics' `EpochSums` and the shard manifest's types; never a loader,
+the model code or the trainer. Reasons: docs/training.md.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass
+import re
+import shutil
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from fastalex.config import IMAGE_MEAN, IMAGE_STD
+from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
+from fastalex.metrics import EpochSums
 from fastalex.shards import Manifest
 
 CHECKPOINT_FORMAT = 1
 CARD_FIELDS = ("arch", "image_size", "flip_tta")  # from the saved config
+STEP_FILE = re.compile(r"step-(\d+)\.pt")
 
 
 @dataclass
-class PartialEpoch:
-    """What an epoch stopped part-way has done, summed over every rank: train loss sum, top-1
-    hits, samples and steps (each rank's count, the same on all), and the time it took."""
+class Progress:
+    """Where a run stands: what a checkpoint carries besides the weights and optimizer."""
 
-    loss_sum: float = 0.0
-    correct: float = 0.0
-    samples: int = 0
-    steps: int = 0
-    train_s: float = 0.0
-    timed_s: float = 0.0  # train_s less the warm-up steps'
-    timed_samples: int = 0  # samples of the timed steps, this rank's
-    loader_wait_s: float = 0.0  # time the model waited on the loader
+    epoch: int = 0  # completed epochs
+    step_in_epoch: int = 0
+    global_step: int = 0
+    cursor: int = 0  # global samples of the epoch consumed, any number of processes
+    world_size: int = 1  # processes that wrote it
+    partial: EpochSums | None = None  # the epoch's global sums so far; None at a boundary
+    rng: list[dict] = field(default_factory=list)  # every rank's torch/CUDA RNG state
+    history: list[dict] = field(default_factory=list)  # the rows the weights have seen
+    best_top1: float = -math.inf
+    compile_s: float | None = None
 
-    def state(self) -> dict:
-        return asdict(self)
+    def state_dict(self) -> dict:
+        state = asdict(self)
+        state["partial"] = None if self.partial is None else self.partial.state_dict()
+        state["metrics"] = self.history[-1] if self.history else None
+        return state
 
     @classmethod
-    def from_state(cls, state: dict | None) -> PartialEpoch:
-        """From a checkpoint's ``partial`` (None: nothing carried). Checkpoints of fastalex 0.1
-        nest the sums under "totals" (one process's: right for the single-process runs that
-        could resume them)."""
-        state = dict(state or {})
-        state.update(state.pop("totals", {}))
-        return cls(**state)
+    def from_state_dict(cls, state: dict) -> Progress:
+        """From a checkpoint; older ones lack cursor and world_size (single-process runs)."""
+        known = {name: state[name] for name in cls.__dataclass_fields__ if name in state}
+        known["partial"] = (
+            None if state.get("partial") is None else EpochSums.from_state_dict(state["partial"])
+        )
+        progress = cls(**known)
+        if "cursor" not in state and progress.step_in_epoch:
+            progress.cursor = progress.step_in_epoch * state["config"]["batch_size"]
+        return progress
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary name, then rename: a killed run keeps the previous file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def checkpoint_state(
+    cfg: TrainConfig,
+    classes: list,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    progress: Progress,
+) -> dict:
+    """The checkpoint dict: the one place it is built."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": asdict(cfg),
+        "classes": classes,
+        "normalisation": normalisation(),
+        "model": module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        **progress.state_dict(),
+    }
+
+
+def disk_error(path: Path, error: BaseException) -> UserError:
+    """One line for a failed write: the path, the reason and the free space left there."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error)
+    reason = (reason.strip().splitlines() or ["write failed"])[0][:120]
+    return UserError(f"could not write {path}: {reason} ({free})")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)`, fsync, then rename onto `path`: a killed or failed write (a full disk) leaves
+    the previous file whole; the temporary file is removed. UserError naming the free space."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports ENOSPC as RuntimeError
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or "write" in str(e):
+            raise disk_error(path, e) from None
+        raise
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` becomes `source`'s content, atomically: a hard link (no bytes copied) where the
+    filesystem has them, else a copy."""
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+class CheckpointDir:
+    """RUN/checkpoints: step-<global step>.pt files, the newest `keep` kept, last.pt linked to the
+    newest and best.pt to the best."""
+
+    def __init__(self, path: Path, keep: int = 2) -> None:
+        self.path, self.keep = Path(path), keep
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    def steps(self) -> list[tuple[int, Path]]:
+        """(global step, file) of every step checkpoint, newest first."""
+        if not self.path.is_dir():
+            return []
+        found = [
+            (int(m.group(1)), p) for p in self.path.iterdir() if (m := STEP_FILE.match(p.name))
+        ]
+        return sorted(found, reverse=True)
+
+    def save(self, state: dict, best: bool = False) -> tuple[Path, float, int]:
+        """Write step-<global step>.pt, link last.pt (and best.pt), drop all but the newest
+        `keep`. Returns (path, seconds, bytes)."""
+        started = time.perf_counter()
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / f"step-{state['global_step']:08d}.pt"
+        write_atomically(path, lambda tmp: torch.save(state, tmp))
+        link_or_copy(path, self.last)
+        if best:
+            link_or_copy(path, self.path / "best.pt")
+        for _, old in self.steps()[self.keep :]:
+            old.unlink(missing_ok=True)
+        return path, time.perf_counter() - started, path.stat().st_size
+
+    def sweep(self) -> None:
+        """Remove temporary files a killed write left behind."""
+        if self.path.is_dir():
+            for tmp in self.path.glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+    def newest_valid(self, warn: Callable[[str], None]) -> Path | None:
+        """The newest checkpoint that reads whole (each zip member's CRC checked), warning about
+        each one skipped; last.pt for a run written before step files existed."""
+        candidates = [p for _, p in self.steps()] or ([self.last] if self.last.exists() else [])
+        for path in candidates:
+            problem = damage(path)
+            if problem is None:
+                return path
+            warn(f"warning: {path} is damaged ({problem}); using the previous checkpoint")
+        return None
+
+
+def damage(path: Path) -> str | None:
+    """Why `path` is not a whole checkpoint (truncated, a corrupted byte), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member, checks its CRC-32
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None if bad is None else f"CRC mismatch in {bad}"
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -184,3 +303,8 @@ def restore_rng(states: list[dict], device: torch.device, rank: int, world_size:
     torch.set_rng_state(mine["torch"])
     if mine["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda"], device)
+
+
+def load_weights(module: torch.nn.Module, state: dict) -> None:
+    """The model weights of a checkpoint into `module`."""
+    module.load_state_dict(state["model"])

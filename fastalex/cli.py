@@ -258,10 +258,13 @@ def train(ctx: click.Context, shards, config_path, **options) -> None:
     Defaults shown are the `fast` recipe's; `--recipe reference` (the blog's AlexNet at 227 px,
     lr 0.01 at batch 128, StepLR(7, 0.1), 30 epochs) replaces every option not given on the command
     line. Several processes: `torchrun --nproc_per_node N -m fastalex train ...` (DDP; --batch-size
-    is per process). Ctrl-C finishes the step, saves, and `--resume --out RUN` continues.
-    `--config RUN/config.json` re-runs a run's settings (in a new OUT unless --out is given), the
-    options given beside it overriding them.
+    is the global batch, split over the processes; a torchrun restart resumes by itself). Ctrl-C
+    finishes the step, saves, and `--resume --out RUN` continues. `--config RUN/config.json` re-runs
+    a run's settings (in a new OUT unless --out is given), the options given beside it overriding
+    them.
     """
+    import os
+
     from click.core import ParameterSource
 
     from fastalex.train import train as run_training
@@ -282,7 +285,13 @@ def train(ctx: click.Context, shards, config_path, **options) -> None:
     rank, world_size, local_rank, local_world_size = process_group_env()
     try:
         result = run_training(
-            cfg, rank, world_size, local_rank, log=click.echo, local_world_size=local_world_size
+            cfg,
+            rank,
+            world_size,
+            local_rank,
+            log=click.echo,
+            local_world_size=local_world_size,
+            restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
         )
     except UserError:
         if rank != 0:  # rank 0 says it once

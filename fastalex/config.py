@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -101,7 +102,9 @@ class TrainConfig:
         64, "px, square model input (64 native, 227 upsampled as in the paper)"
     )
     epochs: int = option(16, "full passes over the train split")
-    batch_size: int = option(256, "images per step per process")
+    batch_size: int = option(
+        256, "images per step across all processes (each of N processes takes 1/N)"
+    )
     lr: float = option(0.08, "peak learning rate per 256 images (scaled linearly with batch_size)")
     lr_schedule: Literal["warmup-linear", "step"] = option("warmup-linear", "shape of the LR curve")
     warmup_epochs: float = option(1.0, "epochs of linear warm-up from 0 (warmup-linear only)")
@@ -154,7 +157,15 @@ class TrainConfig:
     channels_last: Literal["auto", "on", "off"] = option("auto", "auto = on for CUDA, off for CPU")
     seed: int = option(0, "model init, shuffling and augmentation")
     max_steps: int = option(0, "stop after this many train steps in total; 0 = no limit")
-    resume: bool = option(False, "continue from OUT/checkpoints/last.pt")
+    resume: bool = option(False, "continue from the newest valid checkpoint in OUT/checkpoints")
+    checkpoint_every: str = option(
+        "10m",
+        "also checkpoint inside epochs: every N steps (500) or a duration (90s, 10m); 0 = off",
+    )
+    keep_checkpoints: int = option(2, "newest checkpoints kept in OUT/checkpoints")
+    collective_timeout_s: float = option(
+        300.0, "s a collective waits for a silent process before the run stops (torchrun)"
+    )
     init_from: str = option(
         "",
         "start from these weights: torchvision's alexnet file (--arch alexnet-tv) or a fastalex "
@@ -183,6 +194,16 @@ class TrainConfig:
             raise ValueError(
                 "crop_ratio_min/crop_ratio_max must satisfy 0 < min <= max, got "
                 f"{self.crop_ratio_min}/{self.crop_ratio_max}"
+            )
+        if not re.fullmatch(r"\d+(\.\d+)?[smh]?", self.checkpoint_every.strip()):
+            raise ValueError(
+                "checkpoint_every must be a step count (500) or a duration (90s, 10m, 1h), got "
+                f"{self.checkpoint_every!r}"
+            )
+        if self.keep_checkpoints < 1 or self.collective_timeout_s <= 0:
+            raise ValueError(
+                "keep_checkpoints must be >= 1 and collective_timeout_s > 0, got "
+                f"{self.keep_checkpoints} and {self.collective_timeout_s}"
             )
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")

@@ -1,13 +1,11 @@
-"""Counting what a run reports: top-k hits, per-step values kept on the device, count-weighted
-totals, and the run directory's JSON / JSONL files.
+"""Counting what a run reports: top-k hits, the `EpochMeter` (an epoch pass's sums, timed window
+and loader wait), count-weighted totals, and the run directory's JSON / JSONL files.
 
-Every rate here is a ratio of summed counts (hits / samples, loss sum / samples), never a mean of
-per-batch means, so a short last batch or an uneven DDP share weighs what it holds. Values stay on
-the device until a caller asks for them (`StepWindow.drain`, `all_reduce_sum`): each of those is one
-host-device synchronisation, made at log points and epoch ends, never per step.
+Every rate is a ratio of summed counts, never a mean of per-batch means. Values stay on the device
+until a log point or an epoch end asks for them: one host sync each, never per step.
 
 Imports torch and the standard library only (no data, model or config code). Writes files
-atomically (temporary name, then os.replace), so a killed run never leaves half a JSON file.
+atomically (temporary name, then os.replace). Reasons: docs/training.md.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -105,31 +104,143 @@ class LoaderWait:
         return self.host_s + gaps_ms / 1000
 
 
-class TrainTotals:
-    """Host-side, count-weighted train totals of one epoch, fed from drained windows."""
+@dataclass
+class EpochSums:
+    """An epoch's train totals so far, GLOBAL: summed over every rank (the loader wait is the
+    ranks' mean), so a run resumed on any number of processes adds them exactly once."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    samples: int = 0
+    steps: int = 0  # steps of the epoch taken (the same on every rank)
+    train_s: float = 0.0
+    timed_s: float = 0.0  # train_s less the warm-up steps'
+    timed_samples: int = 0  # samples of the timed steps, all ranks
+    loader_wait_s: float = 0.0  # time the model waited on the loader
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict | None) -> EpochSums:
+        """From a checkpoint's partial-epoch state (None: nothing carried). fastalex 0.1 nested
+        the sums under "totals" (one process's: right for the runs that could resume them)."""
+        state = dict(state or {})
+        state.update(state.pop("totals", {}))
+        return cls(**state)
+
+
+class EpochMeter:
+    """One epoch pass of one process: its sums, the timed window and the loader wait.
+
+    The loop reads ``fetch -> step -> add``; `drain` at a log point moves the device-side window
+    to host sums (a sync) and `all_reduced` gives the epoch so far as `EpochSums` (a collective).
+    The sums a resumed epoch carried in (`merge`) are global and added once, after the reduce.
+    Time spent on other work inside the pass (a checkpoint) is left out with `exclude`.
+    """
 
     def __init__(
-        self, loss_sum: float = 0.0, correct: float = 0.0, samples: int = 0, steps: int = 0
+        self, device: torch.device, window_steps: int, batch_size: int, world_size: int = 1
     ) -> None:
-        self.loss_sum, self.correct, self.samples, self.steps = loss_sum, correct, samples, steps
-        self.first_bad_step: int | None = None  # step within the epoch of the first non-finite loss
+        self.device, self.batch_size, self.world_size = device, batch_size, world_size
+        self.window = StepWindow(window_steps, device)
+        self.wait = LoaderWait(device)
+        self.carried = EpochSums()
+        self.loss_sum, self.correct, self.samples = 0.0, 0.0, 0  # this process, this pass
+        self.steps = 0  # steps of the epoch drained into the sums, carried ones included
+        self.taken = 0  # steps this pass has taken
+        self.first_bad_step: int | None = None  # step within the epoch of the first NaN/inf
+        self.started = self.timed_from = self.ended = 0.0
+        self.timed_after = 0  # steps of this pass before the timed window
+        self.excluded_s = self.excluded_timed_s = 0.0
+        self.timing = False  # inside the timed window
 
-    def absorb(self, rows: Iterable[tuple[float, float]], batch_size: int) -> None:
+    def merge(self, carried: EpochSums) -> None:
+        self.carried, self.steps = carried, carried.steps
+
+    def start(self, timed: bool) -> float:
+        """The pass starts (a sync); `timed`: no warm-up steps in it."""
+        _synchronize(self.device)
+        self.started = self.timed_from = time.perf_counter()
+        self.timing = timed
+        return self.started
+
+    def fetch(self, batches):
+        """The next batch, its wait counted, with the host RNG fenced off: whatever a loader
+        draws from torch's global generator never shifts the dropout stream, so a resumed run
+        draws the masks an uninterrupted one draws."""
+        with self.wait, torch.random.fork_rng(devices=[]):
+            return next(batches)
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        self.window.add(loss_sum, correct)
+        self.taken += 1
+
+    def begin_timed(self) -> float:
+        """End of the warm-up steps (a sync): the timed window and the loader wait start here.
+        Returns the warm-up's seconds."""
+        _synchronize(self.device)
+        self.timed_from, self.timed_after = time.perf_counter(), self.taken
+        self.timing = True
+        self.wait = LoaderWait(self.device)
+        return self.timed_from - self.started
+
+    def drain(self) -> list[tuple[float, float]]:
+        """The window's (loss sum, correct) rows, added to the host sums (a sync point)."""
+        rows = self.window.drain()
         for loss_sum, correct in rows:
             if self.first_bad_step is None and not math.isfinite(loss_sum):
                 self.first_bad_step = self.steps
             self.loss_sum += loss_sum
             self.correct += correct
-            self.samples += batch_size
+            self.samples += self.batch_size
             self.steps += 1
+        return rows
 
-    def state(self) -> dict:
-        return {
-            "loss_sum": self.loss_sum,
-            "correct": self.correct,
-            "samples": self.samples,
-            "steps": self.steps,
-        }
+    def exclude(self, seconds: float) -> None:
+        self.excluded_s += seconds
+        if self.timing:
+            self.excluded_timed_s += seconds
+
+    def stop(self) -> float:
+        _synchronize(self.device)
+        self.ended = time.perf_counter()
+        return self.ended
+
+    @property
+    def timed_steps(self) -> int:
+        return max(0, self.taken - self.timed_after)
+
+    def all_reduced(self) -> EpochSums:
+        """The epoch so far, summed over the ranks (a collective), carried part added once."""
+        local = torch.tensor(
+            [self.loss_sum, self.correct, self.samples, self.wait.seconds()],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        loss_sum, correct, samples, wait_s = all_reduce_sum(local).tolist()
+        now = self.ended or time.perf_counter()
+        carried, timed = self.carried, self.timed_steps
+        return EpochSums(
+            loss_sum=carried.loss_sum + loss_sum,
+            correct=carried.correct + correct,
+            samples=carried.samples + int(samples),
+            steps=self.steps,
+            train_s=carried.train_s + now - self.started - self.excluded_s,
+            timed_s=carried.timed_s
+            + (now - self.timed_from - self.excluded_timed_s if timed else 0.0),
+            timed_samples=carried.timed_samples + timed * self.batch_size * self.world_size,
+            loader_wait_s=carried.loader_wait_s + wait_s / self.world_size,
+        )
+
+    def state_dict(self) -> dict:
+        """The partial-epoch state a checkpoint carries (a collective)."""
+        return self.all_reduced().state_dict()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

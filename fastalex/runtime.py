@@ -502,15 +502,17 @@ def decide_compile(
 
 
 def resident_need_bytes(cfg: TrainConfig, manifest, device, world_size, local_world_size) -> int:
-    """Bytes the resident loader would hold for train + val on this device (a GPU: this rank's
-    share) or machine (a CPU: every local rank's share)."""
+    """Bytes the resident loader would hold on this device (a GPU: this rank's) or machine (a
+    CPU: every local rank's): the whole train split (any rank may draw any sample of the global
+    order) and this rank's share of val."""
     from fastalex.loaders import canvas_px
 
     total = 0
     for split in ("train", "val"):
         info = manifest.splits[split]
         height, width = canvas_px(info.image_px, cfg.image_size)
-        total += -(-info.samples // world_size) * height * width * 3
+        held = info.samples if split == "train" else -(-info.samples // world_size)
+        total += held * height * width * 3
     return total * (local_world_size if device.type == "cpu" else 1)
 
 

@@ -2,76 +2,28 @@
 `train(cfg)` runs it.
 
 Imports torch, the loader contract (`fastalex.loaders`), the model, metrics, runtime and
-checkpoint modules; never argv or os.environ (cli.py passes rank and world size in) and never a
-loader backend directly.
-
-The pieces the benchmarks reuse, so that they time this code and never a copy of the loop:
-
-- ``resolve_runtime(cfg, rank, world_size, local_rank) -> Runtime`` (runtime.py): device, autocast
-  dtype, grad scaler, memory format and compile plan, with impossible combinations refused.
-- ``build_training(cfg, num_classes, runtime, steps_per_epoch) -> Training``: the seeded model
-  (DDP-wrapped when world_size > 1), SGD, GradScaler and LR schedule.
-- ``make_train_step(model, optimizer, scaler, cfg, runtime) -> step``: ``step(images, labels)``
-  runs forward, loss, backward and the optimizer step and returns ``(loss_sum, correct)`` as device
-  tensors (no host sync), compiled per ``cfg.compile``.
-- ``evaluate(model, loader, runtime, flip_tta) -> dict``: count-weighted val loss / top-1 / top-5
-  over every val sample, all-reduced under DDP.
-- ``train(cfg, ...) -> RunResult`` and ``evaluate_checkpoint(path, shards, ...) -> dict``.
-
-Choices where the issue is silent (so the next reader need not guess):
-
-- Speed plan per device. CUDA: channels_last, bf16 autocast (fp16 + GradScaler on GPUs without
-  native bf16), cudnn.benchmark, TF32 matmuls, fused SGD (it takes the loss scale and the inf flag
-  on the device: no sync, no unscale), `torch.compile(model)`. CPU: NCHW, fused SGD when eager (~9 %
-  of a step faster than foreach), and when compiled the whole step in one function (see
-  ``CPU_COMPILE_OPTIONS``) unless a GradScaler (fp16) is in it, which dynamo does not trace. Under
-  DDP the model alone is compiled (DDP's gradient hooks run in the backward).
-- The LR schedule is a pure function of (config, global step): `lr_factor`. A resumed run rebuilds
-  it at the saved step; its hyper-parameters come from the command line like any run's, the
-  checkpoint restores state (weights, momentum buffers, step, grad scaler, RNG). Peak LR = cfg.lr *
-  global batch / 256. Warm-up rises linearly to the peak over warmup_epochs, then the LR decays
-  linearly to zero at the last step of cfg.epochs.
-- train_loss is the optimised objective (label smoothing included); val_loss is plain
-  cross-entropy, on the TTA-averaged logits when flip_tta. Epochs in files and messages count
-  from 1.
-- Every decision that ranks must take together — stop after a signal, stop on a non-finite loss —
-  is one value computed by `agree` (a MIN all-reduce), at every log point (every LOG_EVERY_STEPS
-  steps and the epoch's last step) and after every epoch's eval and checkpoint. A signal that
-  reaches one rank only (or arrives during eval or a checkpoint write) therefore stops every rank
-  at the same step. A single process also stops at once after a signal.
-- Checkpoints (checkpoint.py) are written at each epoch end and when a run stops early
-  (max_steps, SIGINT/SIGTERM), recording the step within the epoch and the epoch's train totals
-  summed over the ranks; `--resume` re-reads that epoch's first batches to continue exactly where
-  it stopped. metrics.jsonl is rewritten from the checkpoint on resume, so it never holds a row the
-  weights have not seen. A max_steps stop inside an epoch still evaluates and logs that partial
-  epoch. A fresh run refuses an --out that already holds one.
-- Exact resume: the only consumer of torch's global RNG is the step (dropout); loader iteration
-  and eval run with the host RNG forked (`next_batch`), so their draws cannot shift the dropout
-  stream of a resumed process.
-- Loader wait (metrics.LoaderWait): per epoch, how long the device had nothing to do because the
-  next batch was not ready, in seconds and % of the epoch's train time, over the same steps as
-  images/s (the warm-up steps, which hold compilation and the loader's start-up, are left out),
-  in the log line, metrics.jsonl and summary.json; an epoch over LOADER_BOUND_PCT says so once,
-  with remedies.
-- Eval uses the un-compiled model (a second and third compile, for eval mode and the short last
-  val batch, would cost more than eager eval saves).
-- Timing: the first WARMUP_STEPS steps a process runs are left out of images/s; compile_s is their
-  time beyond that of as many steady steps. Every rank seeds the same weights, then its own
-  dropout masks (seed + rank * RANK_SEED_STRIDE).
+checkpoint modules; never argv or os.environ (cli.py passes rank, world size and torchrun's restart
+count in) and never a loader backend directly. `--batch-size` is the global batch: each process
+takes cfg.batch_size // world_size (computed once, in `Trainer`). The benchmarks and tools reuse
+`build_training`, `make_train_step`, `evaluate` and `train`, never a copy of the loop.
+Reasons (speed plan, schedule, exact resume, timing, checkpoints, failures): docs/training.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import os
-import shutil
+import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -81,23 +33,23 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from fastalex.checkpoint import (
-    CHECKPOINT_FORMAT,
-    PartialEpoch,
+    CheckpointDir,
+    Progress,
     capture_rng,
     check_checkpoint,
+    checkpoint_state,
+    disk_error,
     load_checkpoint,
-    normalisation,
+    load_weights,
     restore_rng,
     restore_training,
-    save_checkpoint,
 )
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Placement, build_loader
+from fastalex.loaders import Loader, Placement, build_loader
 from fastalex.metrics import (
-    LoaderWait,
-    StepWindow,
-    TrainTotals,
+    EpochMeter,
+    EpochSums,
     all_reduce_sum,
     append_jsonl,
     count_topk,
@@ -115,7 +67,6 @@ from fastalex.runtime import (
     describe_machine,
     git_sha,
     resolve_runtime,
-    synchronize,
     versions,
 )
 from fastalex.shards import Manifest, read_manifest
@@ -127,18 +78,16 @@ WARMUP_STEPS = 3  # compile (step 1), first momentum buffers (step 2): not stead
 LR_REFERENCE_BATCH = 256  # cfg.lr is per 256 images (Goyal et al. 2017, linear scaling rule)
 RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout masks from seed + r * stride
 LOADER_BOUND_PCT = 20.0  # an epoch whose device waited longer than this on the loader is reported
-# On the CPU torch.compile covers the whole step: forward, backward (AOT autograd; dynamo breaks
-# the graph at .backward()) and SGD (inductor fuses the foreach update into one loop per tensor),
-# with inductor's layout optimisation off: on, it makes every conv channels-last, whose oneDNN
-# backward is slower here (as channels_last is in eager). The step timings that decided it are in
-# benchmarks/results (model group); the LRN written as rsqrt(b) * sqrt(rsqrt(b)) is what made
-# the compiled step pay.
+SAVE_COST_PCT = 2.0  # periodic checkpoints costing more than this share of their interval: noted
+# On the CPU torch.compile covers the whole step (forward, AOT-autograd backward, foreach SGD)
+# with inductor's layout optimisation off (docs/training.md says why).
 CPU_COMPILE_OPTIONS = {"layout_optimization": False}
 
 
-def peak_lr(cfg: TrainConfig, world_size: int) -> float:
-    """cfg.lr scaled from 256 images to the global batch (reference: 0.02 * 128 / 256 = 0.01)."""
-    return cfg.lr * cfg.batch_size * world_size / LR_REFERENCE_BATCH
+def peak_lr(cfg: TrainConfig) -> float:
+    """cfg.lr scaled from 256 images to the global batch cfg.batch_size (reference: 0.02 * 128 /
+    256 = 0.01), whatever the number of processes."""
+    return cfg.lr * cfg.batch_size / LR_REFERENCE_BATCH
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int, step: int) -> float:
@@ -179,7 +128,7 @@ def build_training(
             device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
             gradient_as_bucket_view=True,
         )
-    lr = peak_lr(cfg, runtime.world_size)
+    lr = peak_lr(cfg)
     if runtime.compile_whole_step:  # inductor compiles foreach SGD into one fused loop per tensor;
         # a tensor LR lets each step's LR in without a recompile
         kernels = {"lr": torch.tensor(lr), "foreach": True}
@@ -264,23 +213,29 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, flip_tta: bool) -> dict
     }
 
 
-def agree(runtime: Runtime, stop: bool, bad_step: int | None = None) -> tuple[bool, int | None]:
-    """What every rank decides at a log point or an epoch end, from each rank's own view:
-    stop if ANY rank was signalled, and the EARLIEST non-finite step any rank saw (None: none).
+class Agreed(NamedTuple):
+    stop: bool  # some rank was signalled
+    bad_step: int | None  # the earliest non-finite step any rank saw (None: none)
+    save: bool  # some rank's checkpoint clock is due
+
+
+def agree(runtime: Runtime, stop: bool, bad_step: int | None = None, save: bool = False) -> Agreed:
+    """What every rank decides at a log point or an epoch end, from each rank's own view.
 
     One MIN all-reduce under DDP (a collective: every rank must call it at the same point); the
-    values as given in a single process. Every stop decision of the loop goes through here.
+    values as given in a single process. Every stop and periodic-checkpoint decision of the loop
+    goes through here.
     """
     if runtime.world_size == 1:
-        return stop, bad_step
+        return Agreed(stop, bad_step, save)
     flags = torch.tensor(
-        [math.inf if bad_step is None else bad_step, 0.0 if stop else 1.0],
+        [math.inf if bad_step is None else bad_step, 0.0 if stop else 1.0, 0.0 if save else 1.0],
         dtype=torch.float64,
         device=runtime.device,
     )
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    bad, keep_going = flags.tolist()
-    return keep_going == 0.0, None if math.isinf(bad) else int(bad)
+    bad, keep_going, no_save = flags.tolist()
+    return Agreed(keep_going == 0.0, None if math.isinf(bad) else int(bad), no_save == 0.0)
 
 
 @dataclass
@@ -319,12 +274,26 @@ def default_run_dir() -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}_{sha}"
 
 
-def next_batch(batches):
-    """The next Batch, with the host RNG fenced off: whatever a loader draws from torch's global
-    generator (torch's DataLoader seeds its first iterator from it) never shifts the dropout
-    stream, so a resumed run draws the masks an uninterrupted one draws."""
-    with torch.random.fork_rng(devices=[]):
-        return next(batches)
+def open_train_loader(cfg: TrainConfig, placement: Placement, epoch: int, cursor: int) -> Loader:
+    """The train loader from `epoch`, its first pass starting at global sample `cursor`."""
+    return build_loader(cfg, "train", placement, epoch, skip_samples=cursor)
+
+
+def parse_every(text: str) -> tuple[int, float]:
+    """--checkpoint-every as (steps, seconds), the other 0: "500" -> (500, 0), "90s" -> (0, 90),
+    "10m" -> (0, 600), "0" -> (0, 0) (epoch ends only)."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text.strip()).groups()
+    if not unit:
+        return int(float(number)), 0.0
+    return 0, float(number) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def is_collective_error(error: BaseException) -> bool:
+    """A failure of the process group (a peer died, a timeout), not of the code."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        word in text for word in ("gloo", "NCCL", "Connection closed", "Timed out", "timed out")
+    )
 
 
 def train(
@@ -335,8 +304,10 @@ def train(
     log: Callable[[str], None] | None = None,
     progress: bool = True,
     local_world_size: int = 1,
+    restart_count: int = 0,
 ) -> RunResult:
-    """Train per `cfg`; under torchrun each process passes its rank (cli.py reads the env).
+    """Train per `cfg`; under torchrun each process passes its rank and torchrun's restart count
+    (cli.py reads the env): a restarted process (restart_count > 0) resumes by itself.
 
     Rank 0 writes RUN/config.json, metrics.jsonl, summary.json and checkpoints/ and calls `log`
     with one line per epoch. Raises UserError for bad input and for a diverged loss (naming the
@@ -345,15 +316,29 @@ def train(
     """
     if cfg.resume and not cfg.out:
         raise UserError("--resume needs --out RUN: the run directory to continue")
+    if restart_count and not cfg.out:
+        raise UserError("a torchrun restart resumes from --out RUN: give --out to every launch")
+    if cfg.batch_size % world_size:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} (images per step across all processes) does not "
+            f"divide by the {world_size} processes; choose a multiple of {world_size}"
+        )
     runtime = resolve_runtime(cfg, rank, world_size, local_rank, local_world_size)
     joined = world_size > 1 and not dist.is_initialized()
-    if joined:  # MASTER_ADDR/PORT come from torchrun, read by torch itself
+    if joined:  # RANK, WORLD_SIZE, MASTER_ADDR/PORT come from torchrun's env, read by torch
+        # itself: given explicitly, rank and world size bypass torchrun's per-restart store
+        # prefix, and a restarted group reads the dead attempt's addresses ("connection refused")
         dist.init_process_group(
-            "nccl" if runtime.device.type == "cuda" else "gloo", rank=rank, world_size=world_size
+            "nccl" if runtime.device.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=cfg.collective_timeout_s),
         )
     try:
-        return _Run(
-            cfg, runtime, log if rank == 0 and log else (lambda line: None), progress and rank == 0
+        return Trainer(
+            cfg,
+            runtime,
+            log if rank == 0 and log else (lambda line: None),
+            progress and rank == 0,
+            restart_count,
         ).run()
     finally:
         if joined:
@@ -361,113 +346,183 @@ def train(
 
 
 @dataclass
-class EpochOutcome:
-    """One pass of train_epoch: this rank's new totals, what a resumed epoch carried in (global),
-    and the pass's timings (carried ones included)."""
+class EpochPass:
+    """One pass of train_epoch: its meter (sums, timings, what a resumed epoch carried in)."""
 
-    totals: TrainTotals  # this process's steps of this pass; totals.steps counts carried ones too
-    carried: PartialEpoch  # global sums of the steps taken before a resume (zeros otherwise)
-    complete: bool
-    interrupted: bool
-    train_s: float
-    timed_s: float
-    timed_samples: int
-    loader_wait_s: float  # this rank's own wait in this pass (the carried part is in `carried`)
-
-    def global_sums(self, runtime: Runtime) -> PartialEpoch:
-        """The epoch so far summed over the ranks (a collective), carried part added once; the
-        loader wait is the ranks' mean."""
-        local = torch.tensor(
-            [self.totals.loss_sum, self.totals.correct, self.totals.samples, self.loader_wait_s],
-            dtype=torch.float64,
-            device=runtime.device,
-        )
-        loss_sum, correct, samples, wait_s = all_reduce_sum(local).tolist()
-        world_size = runtime.world_size
-        return PartialEpoch(
-            loss_sum=self.carried.loss_sum + loss_sum,
-            correct=self.carried.correct + correct,
-            samples=self.carried.samples + int(samples),
-            steps=self.totals.steps,
-            train_s=self.train_s,
-            timed_s=self.timed_s,
-            timed_samples=self.timed_samples,
-            loader_wait_s=self.carried.loader_wait_s + wait_s / world_size,
-        )
+    meter: EpochMeter
+    complete: bool  # the epoch's last step was taken
+    interrupted: bool  # stopped by a signal before the epoch's end
 
 
-class _Run:
+class Trainer:
     """One process's share of a run: loaders, state, the epoch loop and the files (rank 0)."""
 
+    # fixed for the run
+    cfg: TrainConfig
+    runtime: Runtime
+    log: Callable[[str], None]
+    show_bar: bool
+    main: bool  # rank 0: the one that writes
+    restart_count: int  # torchrun's restarts so far: > 0 resumes by itself
+    local_batch: int  # images per step in this process: cfg.batch_size // world_size
+    every_steps: int  # periodic checkpoints every this many steps (0: by time or none)
+    every_s: float  # ... or every this many seconds
+    run_dir: Path
+    checkpoints: CheckpointDir
+    # built at start
+    train_loader: Loader
+    val_loader: Loader
+    training: Training
+    step: Callable[[torch.Tensor, torch.Tensor], tuple]
+    steps_per_epoch: int
+    classes: list[list[str]]
+    data: dict  # what the run trained on, for summary.json
+    cut_epoch: bool  # dali resumed mid-epoch on another process count: end that epoch here
+    decisions: dict  # each `auto` (amp, compile, loader): what it chose, why, the figures
+    board: Board | None  # --tensorboard: the scalars' writer (rank 0)
+    # carried by a checkpoint
+    progress: Progress
+    # per process
+    signals: StopSignals
+    warmup_s: float | None
+    first_epoch_here: bool  # this process's first epoch holds the warm-up steps
+    pending_rng: list[dict] | None
+    saved: Path | None  # the last checkpoint written or read
+    saved_at: float  # perf_counter of the last periodic checkpoint
+    epoch_start_step: int
+    mark: float  # perf_counter of the last log point
+    warned_loader_bound: bool
+    warned_save_cost: bool
+
     def __init__(
-        self, cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None], progress: bool
+        self,
+        cfg: TrainConfig,
+        runtime: Runtime,
+        log: Callable[[str], None],
+        show_bar: bool,
+        restart_count: int = 0,
     ) -> None:
-        self.cfg, self.runtime, self.log, self.progress = cfg, runtime, log, progress
+        self.cfg, self.runtime, self.log, self.show_bar = cfg, runtime, log, show_bar
         self.main = runtime.rank == 0
-        self.global_step = 0
-        self.history: list[dict] = []
-        self.best_top1 = -math.inf
-        self.compile_s: float | None = None
-        self.warmup_s: float | None = None
-        self.first_epoch_here = True  # this process's first epoch holds the warm-up steps
-        self.pending_rng: list[dict] | None = None
-        self.saved_epochs: int | None = None  # epochs in the last checkpoint written or read
-        self.warned_loader_bound = False
-        self.board = None  # --tensorboard: tensorboard_log.Board on rank 0
+        self.restart_count = restart_count
+        self.local_batch = cfg.batch_size // runtime.world_size
+        self.every_steps, self.every_s = parse_every(cfg.checkpoint_every)
+        self.progress = Progress(world_size=runtime.world_size)
+        self.warmup_s, self.first_epoch_here, self.pending_rng = None, True, None
+        self.saved, self.saved_at = None, time.perf_counter()
+        self.warned_loader_bound = self.warned_save_cost = False
+        self.cut_epoch = False
+        self.decisions, self.board = {}, None
 
     def run(self) -> RunResult:
         cfg, rt = self.cfg, self.runtime
         manifest = read_manifest(Path(cfg.shards))
-        if cfg.out:
-            run_dir = Path(cfg.out)
-        else:  # only rank 0 writes; resume (the only reader elsewhere) requires --out
-            run_dir = default_run_dir()
-            cfg = self.cfg = dataclasses.replace(cfg, out=str(run_dir))
-        self.run_dir, self.last_path = run_dir, run_dir / "checkpoints" / "last.pt"
-        state = None
-        if cfg.resume:
-            state = load_checkpoint(self.last_path)
-            check_checkpoint(state, self.last_path, cfg.arch, cfg.image_size, manifest, cfg.shards)
-            if state["epoch"] >= cfg.epochs:
-                raise UserError(
-                    f"{run_dir} has finished {state['epoch']} of {cfg.epochs} epochs; "
-                    "raise --epochs to train longer"
-                )
-        elif (run_dir / "metrics.jsonl").exists() or self.last_path.exists():
-            raise UserError(
-                f"{run_dir} already holds a run; continue it with --resume or choose another --out"
-            )
-        # Every `auto` (amp, compile, loader) settled once, before the loaders (runtime.py).
-        cfg, rt, self.decisions = decide(cfg, rt, manifest, self.log)
-        self.cfg, self.runtime = cfg, rt
-        first_epoch = state["epoch"] if state else 0
+        if not cfg.out:  # only rank 0 writes; resume (the only reader elsewhere) requires --out
+            self.cfg = cfg = dataclasses.replace(cfg, out=str(default_run_dir()))
+        self.run_dir = Path(cfg.out)
+        self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", cfg.keep_checkpoints)
+        state = self.open_run(manifest)
+        if state:
+            self.progress = Progress.from_state_dict(state)
         placement = Placement(rt.device, rt.rank, rt.world_size, rt.local_world_size)
-        self.train_loader = build_loader(cfg, "train", placement, first_epoch)
+        loader_cfg = dataclasses.replace(cfg, batch_size=self.local_batch)  # per process
+        # Every `auto` (amp, compile, loader) settled once, before the loaders (runtime.py)
+        loader_cfg, rt, self.decisions = decide(loader_cfg, rt, manifest, self.log)
+        self.cfg = cfg = dataclasses.replace(loader_cfg, batch_size=cfg.batch_size)
+        self.runtime = rt
+        p = self.progress
+        self.train_loader = open_train_loader(loader_cfg, placement, p.epoch, p.cursor)
         try:
-            self.val_loader = build_loader(cfg, "val", placement, first_epoch)
+            if p.cursor and p.world_size != rt.world_size and self.train_loader.backend == "dali":
+                # DALI's shuffle lives in its pipeline: the rest of the epoch cannot be split
+                # anew, so that epoch ends where it stopped and the run goes on at the next
+                self.train_loader.close()
+                self.train_loader = open_train_loader(loader_cfg, placement, p.epoch + 1, 0)
+                self.cut_epoch = True
+            self.val_loader = build_loader(loader_cfg, "val", placement, p.epoch)
             try:
                 return self.loop(manifest, state)
             finally:
                 self.val_loader.close()
         finally:
             self.train_loader.close()
-            if self.board is not None:  # --tensorboard
+            if self.board is not None:
                 self.board.close()
 
-    def loop(self, manifest: Manifest, state: dict | None) -> RunResult:
-        cfg, rt = self.cfg, self.runtime
-        steps_per_epoch = len(self.train_loader)
-        epoch, skip = (state["epoch"], state["step_in_epoch"]) if state else (0, 0)
-        if state and state["global_step"] != epoch * steps_per_epoch + skip:
+    def open_run(self, manifest: Manifest) -> dict | None:
+        """The checkpoint this run continues (--resume, or a torchrun restart), or None for a
+        fresh run; UserError for an --out that holds another run or a finished one."""
+        cfg, run_dir = self.cfg, self.run_dir
+        if not (cfg.resume or self.restart_count):
+            if (run_dir / "metrics.jsonl").exists() or self.checkpoints.last.exists():
+                raise UserError(
+                    f"{run_dir} already holds a run; continue it with --resume or choose "
+                    "another --out"
+                )
+            return None
+        path = self.choose_checkpoint()
+        if path is None:
+            if cfg.resume:
+                raise UserError(f"{self.checkpoints.path}: no checkpoint to resume from")
+            self.log(f"restart {self.restart_count}: no checkpoint yet, starting {run_dir} anew")
+            return None
+        state = load_checkpoint(path)
+        check_checkpoint(state, path, cfg.arch, cfg.image_size, manifest, cfg.shards)
+        epoch = state["epoch"]
+        if epoch >= cfg.epochs:
             raise UserError(
-                f"{self.last_path} was written at {state['global_step']} steps "
-                f"(epoch {epoch}, step {skip}), which does not match "
-                f"{steps_per_epoch} steps per epoch: resume with the batch size and "
-                "number of processes it was trained with"
+                f"{run_dir} has finished {epoch} of {cfg.epochs} epochs; "
+                "raise --epochs to train longer"
             )
-        self.global_step = epoch * steps_per_epoch + skip
+        self.saved = path
+        return state
+
+    def choose_checkpoint(self) -> Path | None:
+        """Rank 0 picks the newest valid checkpoint (warning about damaged ones); every rank
+        loads the one it picked."""
+        chosen = [None]
+        if self.main:
+            self.checkpoints.sweep()
+            chosen = [self.checkpoints.newest_valid(self.log)]
+        if self.runtime.world_size > 1:
+            with self.collective("choosing the checkpoint to resume"):
+                dist.broadcast_object_list(chosen, src=0)
+        return None if chosen[0] is None else Path(chosen[0])
+
+    @contextlib.contextmanager
+    def collective(self, what: str):
+        """A collective whose failure (a peer died or went silent past --collective-timeout-s)
+        ends this process with a message naming it, never a wait."""
+        try:
+            yield
+        except RuntimeError as e:
+            if self.runtime.world_size == 1 or not is_collective_error(e):
+                raise
+            reason = (str(e).strip().splitlines() or [""])[0][:160]
+            message = (
+                f"rank {self.runtime.rank}: {what} failed ({reason}): another process died or "
+                f"did not answer within --collective-timeout-s {self.cfg.collective_timeout_s:g};"
+                " see its log (a process the kernel's OOM killer ended leaves none: likely "
+                f"memory). Continue with --resume --out {self.run_dir}"
+            )
+            if not self.main:  # cli.py prints rank 0's errors only
+                sys.stderr.write(f"error: {message}\n")
+            raise UserError(message) from None
+
+    def loop(self, manifest: Manifest, state: dict | None) -> RunResult:
+        cfg, rt, p = self.cfg, self.runtime, self.progress
+        self.steps_per_epoch = steps_per_epoch = len(self.train_loader)
+        epoch, skip = p.epoch, p.step_in_epoch
+        if p.global_step != epoch * steps_per_epoch + skip or p.cursor != skip * cfg.batch_size:
+            raise UserError(
+                f"{self.saved} was written at {p.global_step} steps (epoch {epoch}, step "
+                f"{skip}), which does not match {steps_per_epoch} steps per epoch of "
+                f"{cfg.batch_size} images: resume with the --batch-size it was trained with"
+            )
+        if self.cut_epoch:
+            p.global_step = (epoch + 1) * steps_per_epoch
         self.training = build_training(
-            cfg, manifest.num_classes, rt, steps_per_epoch, self.global_step
+            cfg, manifest.num_classes, rt, steps_per_epoch, p.global_step
         )
         self.classes = [list(c) for c in manifest.classes]
         self.data = {  # what the run trained on, for summary.json and RESULTS.md
@@ -477,150 +532,171 @@ class _Run:
             "val_images": manifest.splits["val"].samples,
             "synthetic": all(words.startswith("synthetic") for _, words in manifest.classes),
         }
-        carried = PartialEpoch()
+        carried = p.partial or EpochSums()
         if state:
             t = self.training
             note = restore_training(t.module, t.optimizer, t.scaler, state)
             if note:
                 self.log(note)
-            self.pending_rng = state["rng"]
-            self.history, self.best_top1 = list(state["history"]), state["best_top1"]
-            self.compile_s, self.saved_epochs = state["compile_s"], state["epoch"]
-            carried = PartialEpoch.from_state(state["partial"])
-        if cfg.init_from and not state:  # --init-from: weights before step 0 (weights.py)
+            self.pending_rng = p.rng
+        elif cfg.init_from:  # weights before step 0 (weights.py)
             self.log(load_initial_weights(self.training.module, cfg.init_from))
         self.step = make_train_step(
             self.training.model, self.training.optimizer, self.training.scaler, cfg, rt
         )
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "config.json", {**asdict(cfg), "decisions": self.decisions})
-            write_jsonl(self.run_dir / "metrics.jsonl", self.history)
-            if cfg.tensorboard:  # --tensorboard (tensorboard_log.py)
+            write_file(self.run_dir / "config.json", write_json, self.config_record())
+            write_file(self.run_dir / "metrics.jsonl", write_jsonl, p.history)
+            if cfg.tensorboard:
                 self.board = Board(self.run_dir)
         self.log(
             f"{'resuming' if state else 'training'} {self.run_dir}: {cfg.arch} at "
             f"{cfg.image_size} px, {manifest.num_classes} classes, "
-            f"{self.train_loader.samples * rt.world_size} train / "
+            f"{steps_per_epoch * cfg.batch_size} train / "
             f"{manifest.splits['val'].samples} val images; "
-            f"{steps_per_epoch} steps per epoch of {cfg.batch_size} x {rt.world_size}; "
+            f"{steps_per_epoch} steps per epoch of {cfg.batch_size} "
+            f"({self.local_batch} x {rt.world_size} processes); "
             f"{describe_device(rt)}, amp {rt.amp}, compile {'on' if rt.compile else 'off'}; "
             f"loader {self.train_loader.summary}"
         )
         with StopSignals() as self.signals:
-            while epoch < cfg.epochs and not (cfg.max_steps and self.global_step >= cfg.max_steps):
+            if self.cut_epoch:
+                self.log(
+                    f"resumed on {rt.world_size} processes (saved on {p.world_size}) inside epoch "
+                    f"{epoch + 1}: the dali loader cannot split the rest of an epoch anew, so "
+                    f"epoch {epoch + 1} ends after its {skip} steps and the run goes on at "
+                    f"epoch {epoch + 2}"
+                )
+                meter = self.new_meter(carried)
+                meter.start(timed=False)
+                meter.stop()
+                self.finish_epoch(epoch, EpochPass(meter, complete=True, interrupted=False))
+                epoch, skip, carried = epoch + 1, 0, EpochSums()
+            while epoch < cfg.epochs and not (cfg.max_steps and p.global_step >= cfg.max_steps):
                 outcome = self.train_epoch(epoch, skip, carried)
                 if outcome.interrupted:
                     return self.interrupted(epoch, outcome)
                 self.finish_epoch(epoch, outcome)
                 if outcome.complete:
-                    epoch, skip, carried = epoch + 1, 0, PartialEpoch()
-                stop, _ = agree(rt, self.signals.received is not None)
+                    epoch, skip, carried = epoch + 1, 0, EpochSums()
+                with self.collective("the stop vote after an epoch"):
+                    stop = agree(rt, self.signals.received is not None).stop
                 if stop and epoch < cfg.epochs:
                     return self.interrupted(epoch, None)
         return self.summarize()
 
-    def train_epoch(self, epoch: int, skip: int, carried: PartialEpoch) -> EpochOutcome:
+    def new_meter(self, carried: EpochSums) -> EpochMeter:
+        meter = EpochMeter(
+            self.runtime.device, LOG_EVERY_STEPS, self.local_batch, self.runtime.world_size
+        )
+        meter.merge(carried)
+        return meter
+
+    def train_epoch(self, epoch: int, skip: int, carried: EpochSums) -> EpochPass:
         """Steps of one epoch (from `skip`, after the `carried` part of a resumed one)."""
-        cfg, rt, device = self.cfg, self.runtime, self.runtime.device
-        steps_per_epoch = len(self.train_loader)
-        totals = TrainTotals(steps=carried.steps)
-        planned = steps_per_epoch - skip
+        cfg, rt, p = self.cfg, self.runtime, self.progress
+        planned = self.steps_per_epoch - skip
         if cfg.max_steps:
-            planned = min(planned, cfg.max_steps - self.global_step)
+            planned = min(planned, cfg.max_steps - p.global_step)
         warm = min(WARMUP_STEPS, planned) if self.first_epoch_here else 0
         self.first_epoch_here = False
-        batches = iter(self.train_loader)  # a generator: nothing runs until next_batch
-        for _ in range(skip):  # a run stopped mid-epoch: the batches it had already taken
-            next_batch(batches)
+        meter = self.new_meter(carried)
+        batches = iter(self.train_loader)  # a generator: nothing runs until fetch
         if self.pending_rng is not None:  # where the interrupted run stood before this step
-            restore_rng(self.pending_rng, device, rt.rank, rt.world_size)
+            restore_rng(self.pending_rng, rt.device, rt.rank, rt.world_size)
             self.pending_rng = None
         self.training.model.train()
-        wait = LoaderWait(device)
         with tqdm(
-            total=steps_per_epoch,
+            total=self.steps_per_epoch,
             initial=skip,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="step",
-            disable=not self.progress,
+            disable=not self.show_bar,
             leave=False,
             dynamic_ncols=True,
         ) as bar:
-            window = StepWindow(LOG_EVERY_STEPS, device)
-            self.epoch_start_step = self.global_step - skip
-            synchronize(device)
-            started = self.mark = time.perf_counter()
-            warm_end, done, stop = started, 0, False
+            self.epoch_start_step = p.global_step - skip
+            self.mark = meter.start(timed=warm == 0)
+            done, stop = 0, False
             for done in range(1, planned + 1):
-                with wait:
-                    images, labels = next_batch(batches)  # (N, 3, S, S) float32, (N,) int64
-                loss_sum, correct = self.step(
-                    images.contiguous(memory_format=rt.memory_format), labels
-                )
+                images, labels = meter.fetch(batches)  # (N, 3, S, S) float32, (N,) int64
+                with self.collective("the gradient all-reduce of a step"):
+                    loss_sum, correct = self.step(
+                        images.contiguous(memory_format=rt.memory_format), labels
+                    )
+                meter.add(loss_sum, correct)
                 self.training.schedule.step()
-                window.add(loss_sum, correct)
-                self.global_step += 1
+                p.global_step += 1
                 bar.update()
                 if done == warm:  # compile, first allocations and worker start-up end here
-                    synchronize(device)
-                    warm_end = time.perf_counter()
-                    self.warmup_s = warm_end - started
-                    wait = LoaderWait(device)  # the wait of the timed steps, as images/s
-                signalled = self.signals.received is not None and rt.world_size == 1
-                if window.full or done == planned or signalled:
-                    stop = self.flush(window, totals, epoch, bar)
-                    if stop:
-                        break
-            synchronize(device)
-            ended = time.perf_counter()
-        timed_steps = max(0, done - warm)
-        if warm and self.warmup_s is not None and self.compile_s is None:
-            steady_step_s = (ended - warm_end) / timed_steps if timed_steps else 0.0
-            self.compile_s = max(0.0, self.warmup_s - warm * steady_step_s) if rt.compile else 0.0
-        complete = skip + done == steps_per_epoch and totals.steps == steps_per_epoch
-        return EpochOutcome(
-            totals=totals,
-            carried=carried,
-            complete=complete,
-            interrupted=stop and not complete,
-            train_s=carried.train_s + ended - started,
-            timed_s=carried.timed_s + (ended - warm_end if timed_steps else 0.0),
-            timed_samples=carried.timed_samples + timed_steps * cfg.batch_size,
-            loader_wait_s=wait.seconds(),
-        )
+                    self.warmup_s = meter.begin_timed()
+                stop = self.log_point(meter, epoch, bar, last=done == planned)
+                if stop:
+                    break
+            meter.stop()
+        if warm and self.warmup_s is not None and p.compile_s is None:
+            timed = meter.timed_steps
+            steady_step_s = (meter.ended - meter.timed_from) / timed if timed else 0.0
+            p.compile_s = max(0.0, self.warmup_s - warm * steady_step_s) if rt.compile else 0.0
+        complete = skip + done == self.steps_per_epoch and meter.steps == self.steps_per_epoch
+        return EpochPass(meter, complete, interrupted=stop and not complete)
 
-    def flush(self, window: StepWindow, totals: TrainTotals, epoch: int, bar: tqdm) -> bool:
-        """A log point: read the window (sync), check the losses, agree on stopping (DDP)."""
-        rows = window.drain()
-        totals.absorb(rows, self.cfg.batch_size)
-        stop, bad = agree(self.runtime, self.signals.received is not None, totals.first_bad_step)
-        if bad is not None:
+    def log_point(self, meter: EpochMeter, epoch: int, bar: tqdm, last: bool) -> bool:
+        """After a step: at a log point (a full window, the pass's last step, a signal in a
+        single process, a checkpoint due by steps) read the window (a sync), check the losses,
+        agree across ranks on stopping and on a checkpoint by time, and write one if due.
+        Returns whether to stop."""
+        rt, step = self.runtime, self.progress.global_step
+        signalled = self.signals.received is not None and rt.world_size == 1
+        by_steps = bool(self.every_steps) and step % self.every_steps == 0
+        if not (meter.window.full or last or signalled or by_steps):
+            return False
+        rows = meter.drain()
+        by_time = bool(self.every_s) and time.perf_counter() - self.saved_at >= self.every_s
+        with self.collective("the stop vote at a log point"):
+            agreed = agree(rt, self.signals.received is not None, meter.first_bad_step, by_time)
+        if agreed.bad_step is not None:
             raise self.diverged(
                 epoch,
-                f"step {bad + 1} of {len(self.train_loader)} "
-                f"(global step {self.epoch_start_step + bad + 1})",
+                f"step {agreed.bad_step + 1} of {self.steps_per_epoch} "
+                f"(global step {self.epoch_start_step + agreed.bad_step + 1})",
             )
         now = time.perf_counter()
         if rows:
-            images = len(rows) * self.cfg.batch_size * self.runtime.world_size
-            loss = sum(row[0] for row in rows) / (len(rows) * self.cfg.batch_size)
-            if self.board is not None:  # --tensorboard
+            images = len(rows) * self.cfg.batch_size
+            loss = sum(row[0] for row in rows) / (len(rows) * self.local_batch)
+            images_per_s = images / max(now - self.mark, 1e-9)
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.0f}", refresh=False)
+            if self.board is not None:
                 lr = self.training.schedule.get_last_lr()[0]
-                self.board.interval(self.global_step, loss, images / max(now - self.mark, 1e-9), lr)
-            bar.set_postfix(
-                loss=f"{loss:.3f}",
-                img_s=f"{images / max(now - self.mark, 1e-9):.0f}",
-                refresh=False,
-            )
+                self.board.interval(step, loss, images_per_s, lr)
         self.mark = now
-        return stop
+        # the pass's last step is saved by finish_epoch, a stop by interrupted
+        if (by_steps or agreed.save) and not (agreed.stop or last):
+            meter.exclude(self.save_mid_epoch(epoch, meter))
+            self.mark = time.perf_counter()
+        return agreed.stop
+
+    def save_mid_epoch(self, epoch: int, meter: EpochMeter) -> float:
+        """A periodic checkpoint inside an epoch (every rank takes part). Returns its seconds."""
+        started = time.perf_counter()
+        sums = self.epoch_sums(meter)
+        self.save(epoch, sums, self.capture_rng(), self.progress.history)
+        self.saved_at = time.perf_counter()
+        return self.saved_at - started
+
+    def epoch_sums(self, meter: EpochMeter) -> EpochSums:
+        with self.collective("summing the epoch's train totals"):
+            return meter.all_reduced()
+
+    def capture_rng(self) -> list[dict]:
+        with self.collective("gathering the ranks' RNG states"):
+            return capture_rng(self.runtime.device, self.runtime.world_size)
 
     def diverged(self, epoch: int, where: str) -> UserError:
-        if self.saved_epochs is not None:
-            kept = (
-                f"the last good checkpoint, {self.last_path} (epoch {self.saved_epochs}), is kept"
-            )
+        if self.saved is not None:
+            kept = f"the last good checkpoint, {self.saved}, is kept"
         else:
             kept = "no checkpoint had been written yet"
         return UserError(
@@ -629,22 +705,22 @@ class _Run:
             "or lengthen --warmup-epochs"
         )
 
-    def finish_epoch(self, epoch: int, outcome: EpochOutcome) -> None:
+    def finish_epoch(self, epoch: int, outcome: EpochPass) -> None:
         """Eval, the metrics row, the checkpoint: after an epoch, or a partial one (max_steps)."""
-        cfg, rt = self.cfg, self.runtime
-        sums = outcome.global_sums(rt)
-        rng_mid_epoch = None if outcome.complete else capture_rng(rt.device, rt.world_size)
+        cfg, rt, p = self.cfg, self.runtime, self.progress
+        sums = self.epoch_sums(outcome.meter)
+        rng_mid_epoch = None if outcome.complete else self.capture_rng()
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # eval draws nothing from the training stream
-            val = evaluate(self.training.module, self.val_loader, rt, cfg.flip_tta)
+            with self.collective("summing the val totals"):
+                val = evaluate(self.training.module, self.val_loader, rt, cfg.flip_tta)
         eval_s = time.perf_counter() - started
         if not math.isfinite(val["loss"]):
             raise self.diverged(epoch, "in its last steps (val loss not finite)")
         row = {
             "epoch": epoch + 1,
             "steps": sums.steps,
-            "lr": peak_lr(cfg, rt.world_size)
-            * lr_factor(cfg, len(self.train_loader), self.global_step - 1),
+            "lr": peak_lr(cfg) * lr_factor(cfg, self.steps_per_epoch, p.global_step - 1),
             "train_loss": sums.loss_sum / sums.samples,
             "train_top1": percent(sums.correct, sums.samples),
             "train_samples": sums.samples,
@@ -656,19 +732,14 @@ class _Run:
             "train_s": sums.train_s,
             "eval_s": eval_s,
             "timed_s": sums.timed_s,  # train_s less the warm-up steps: images/s, loader wait
-            "images_per_s": (
-                sums.timed_samples * rt.world_size / sums.timed_s if sums.timed_samples else None
-            ),
+            "images_per_s": sums.timed_samples / sums.timed_s if sums.timed_samples else None,
             "loader_wait_s": sums.loader_wait_s,
             "loader_wait_pct": percent(sums.loader_wait_s, sums.timed_s),
         }
-        self.history.append(row)
-        improved = row["val_top1"] > self.best_top1
-        self.best_top1 = max(self.best_top1, row["val_top1"])
-        if self.main:
-            append_jsonl(self.run_dir / "metrics.jsonl", row)
-        if self.board is not None:  # --tensorboard
-            self.board.epoch(row)
+        p.history.append(row)
+        improved = row["val_top1"] > p.best_top1
+        p.best_top1 = max(p.best_top1, row["val_top1"])
+        self.write_row(row)
         self.log(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
             f"top-1 {row['train_top1']:.2f} % | val loss {row['val_loss']:.4f} "
@@ -680,12 +751,17 @@ class _Run:
         )
         self.warn_if_loader_bound(row)
         if outcome.complete:
-            self.save(
-                epoch + 1, 0, None, capture_rng(rt.device, rt.world_size), self.history, improved
-            )
+            self.save(epoch + 1, None, self.capture_rng(), p.history, improved)
         else:  # stopped by max_steps mid-epoch: --resume continues inside the epoch, whose
             # partial row a resumed run does not keep
-            self.save(epoch, sums.steps, sums, rng_mid_epoch, self.history[:-1], improved)
+            self.save(epoch, sums, rng_mid_epoch, p.history[:-1], improved)
+
+    def write_row(self, row: dict) -> None:
+        """One metrics.jsonl line (rank 0): the one place a row is written."""
+        if self.main:
+            write_file(self.run_dir / "metrics.jsonl", append_jsonl, row)
+        if self.board is not None:
+            self.board.epoch(row)
 
     def warn_if_loader_bound(self, row: dict) -> None:
         """Once per run: an epoch whose device waited on the loader over LOADER_BOUND_PCT."""
@@ -706,84 +782,89 @@ class _Run:
     def save(
         self,
         epoch: int,
-        step_in_epoch: int,
-        partial: PartialEpoch | None,
+        partial: EpochSums | None,
         rng: list[dict],
         history: list[dict],
         best: bool = False,
     ) -> None:
-        """Write checkpoints/last.pt (rank 0), and best.pt as its copy when val top-1 improved.
-        `epoch`/`step_in_epoch` say where a resumed run starts; `partial` holds the global totals
-        of a part-done epoch; `rng` is every rank's state; `history` the rows the weights have
-        seen as complete epochs (a resumed run rewrites metrics.jsonl from it)."""
-        self.saved_epochs = epoch
-        if not self.main:
-            return
-        t = self.training
-        save_checkpoint(
-            self.last_path,
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": asdict(self.cfg),
-                "classes": self.classes,
-                "normalisation": normalisation(),
-                "model": t.module.state_dict(),
-                "optimizer": t.optimizer.state_dict(),
-                "scaler": t.scaler.state_dict(),
-                "epoch": epoch,
-                "step_in_epoch": step_in_epoch,
-                "global_step": self.global_step,
-                "partial": None if partial is None else partial.state(),
-                "rng": rng,
-                "history": history,
-                "best_top1": self.best_top1,
-                "compile_s": self.compile_s,
-                "metrics": self.history[-1] if self.history else None,
-            },
-        )
-        if best:
-            tmp = self.last_path.with_name("best.pt.tmp")
-            shutil.copyfile(self.last_path, tmp)
-            os.replace(tmp, self.last_path.with_name("best.pt"))
+        """A checkpoint (rank 0) of where the run stands: `epoch` completed epochs plus
+        `partial` (the global sums of a part-done epoch, None at a boundary); `rng` every rank's
+        state; `history` the rows the weights have seen as complete epochs (a resumed run
+        rewrites metrics.jsonl from it); best.pt links to it when val top-1 improved."""
+        p = self.progress
+        steps = partial.steps if partial else 0
+        p.epoch, p.step_in_epoch, p.partial, p.rng = epoch, steps, partial, rng
+        p.cursor, p.world_size = steps * self.cfg.batch_size, self.runtime.world_size
+        record = dataclasses.replace(p, history=list(history))
+        if self.main:
+            t = self.training
+            state = checkpoint_state(
+                self.cfg, self.classes, t.module, t.optimizer, t.scaler, record
+            )
+            path, seconds, size = self.checkpoints.save(state, best)
+            self.log(f"checkpoint {path.name}: {size / 2**20:.0f} MiB in {seconds:.2f} s")
+            self.warn_if_saving_costs(seconds)
+        self.saved = self.checkpoints.path / f"step-{p.global_step:08d}.pt"
 
-    def interrupted(self, epoch: int, outcome: EpochOutcome | None) -> RunResult:
+    def warn_if_saving_costs(self, seconds: float) -> None:
+        """Once: periodic checkpoints that take over SAVE_COST_PCT of their interval."""
+        if (
+            self.warned_save_cost
+            or not self.every_s
+            or seconds < self.every_s * SAVE_COST_PCT / 100
+        ):
+            return
+        self.warned_save_cost = True
+        self.log(
+            f"note: a checkpoint takes {seconds:.1f} s, over {SAVE_COST_PCT:g} % of "
+            f"--checkpoint-every {self.cfg.checkpoint_every}; lengthen it"
+        )
+
+    def interrupted(self, epoch: int, outcome: EpochPass | None) -> RunResult:
         """After SIGINT/SIGTERM (agreed by every rank): save where the run stands (mid-epoch when
         `outcome`)."""
         rt = self.runtime
         if outcome is not None:
-            sums = outcome.global_sums(rt)
-            self.save(epoch, sums.steps, sums, capture_rng(rt.device, rt.world_size), self.history)
+            sums = self.epoch_sums(outcome.meter)
+            self.save(epoch, sums, self.capture_rng(), self.progress.history)
             where = f"epoch {epoch + 1}, step {sums.steps}"
         else:
             where = f"the end of epoch {epoch}"
         if rt.world_size > 1:  # no rank exits (and has torchrun stop the others) before rank 0
-            dist.barrier()  # has written the checkpoint
+            with self.collective("the barrier after the last checkpoint"):
+                dist.barrier()  # has written the checkpoint
         received = self.signals.received
         name = signal.Signals(received).name if received else "a signal to another process"
         message = (
-            f"{name}: stopped at {where}; saved {self.last_path}. Continue with the same "
+            f"{name}: stopped at {where}; saved {self.saved}. Continue with the same "
             f"command plus --resume --out {self.run_dir}"
         )
         self.log(message)
         return RunResult(self.run_dir if self.main else None, "interrupted", message=message)
 
-    def summarize(self) -> RunResult:
-        cfg, rt = self.cfg, self.runtime
-        last = self.history[-1] if self.history else {}
-        rates = [r["images_per_s"] for r in self.history[1:] if r["images_per_s"]]
-        rates = rates or [r["images_per_s"] for r in self.history[:1] if r["images_per_s"]]
-        waited_s = sum(r.get("loader_wait_s", 0.0) for r in self.history)
-        summary = {
+    def config_record(self) -> dict:
+        """config.json's content: the one place it is built."""
+        return {**asdict(self.cfg), "decisions": self.decisions}
+
+    def summary_record(self) -> dict:
+        """summary.json's content: the one place it is built."""
+        cfg, rt, p = self.cfg, self.runtime, self.progress
+        history = p.history
+        last = history[-1] if history else {}
+        rates = [r["images_per_s"] for r in history[1:] if r["images_per_s"]]
+        rates = rates or [r["images_per_s"] for r in history[:1] if r["images_per_s"]]
+        waited_s = sum(r.get("loader_wait_s", 0.0) for r in history)
+        return {
             "top1": last.get("val_top1"),
             "top5": last.get("val_top5"),
-            "best_top1": self.best_top1 if self.history else None,
-            "epochs": len(self.history),
-            "steps": self.global_step,
-            "epoch_s": [r["epoch_s"] for r in self.history],
+            "best_top1": p.best_top1 if history else None,
+            "epochs": len(history),
+            "steps": p.global_step,
+            "epoch_s": [r["epoch_s"] for r in history],
             "images_per_s": median(rates) if rates else None,
             "loader_wait_s": waited_s,
-            "loader_wait_pct": percent(waited_s, sum(r.get("timed_s", 0.0) for r in self.history)),
-            "compile_s": self.compile_s,
+            "loader_wait_pct": percent(waited_s, sum(r.get("timed_s", 0.0) for r in history)),
+            "compile_s": p.compile_s,
             "warmup_s": self.warmup_s,
             "val_samples": last.get("val_samples"),
             "data": self.data,
@@ -798,15 +879,18 @@ class _Run:
             "image_size": cfg.image_size,
             "batch_size": cfg.batch_size,
             "world_size": rt.world_size,
-            "peak_lr": peak_lr(cfg, rt.world_size),
+            "peak_lr": peak_lr(cfg),
             "recipe": cfg.recipe,
             "git_sha": git_sha(),
             "versions": versions(rt),
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+    def summarize(self) -> RunResult:
+        summary = self.summary_record()
         if self.main:
-            write_json(self.run_dir / "summary.json", summary)
-        if self.history:
+            write_file(self.run_dir / "summary.json", write_json, summary)
+        if self.progress.history:
             self.log(
                 f"done: val top-1 {summary['top1']:.2f} %, top-5 {summary['top5']:.2f} % "
                 f"(best top-1 {summary['best_top1']:.2f} %) after {summary['epochs']} "
@@ -814,6 +898,14 @@ class _Run:
                 f"{summary['compile_s'] or 0:.1f} s; {self.run_dir}"
             )
         return RunResult(self.run_dir if self.main else None, "done", summary)
+
+
+def write_file(path: Path, writer: Callable, *args) -> None:
+    """writer(path, *args); a failed write (a full disk) is one line naming the free space."""
+    try:
+        writer(path, *args)
+    except OSError as e:
+        raise disk_error(path, e) from None
 
 
 def evaluate_checkpoint(
@@ -842,11 +934,11 @@ def evaluate_checkpoint(
     check_checkpoint(state, Path(path), cfg.arch, cfg.image_size, manifest, str(shards))
     configure_backends(runtime)
     model = build_model(cfg.arch, manifest.num_classes, cfg.image_size)
-    model.load_state_dict(state["model"])
+    load_weights(model, state)
     model = model.to(runtime.device, memory_format=runtime.memory_format)
     val_loader = build_loader(cfg, "val", Placement(runtime.device))
     try:
         result = evaluate(model, val_loader, runtime, cfg.flip_tta)
     finally:
         val_loader.close()
-    return {**result, "epoch": state["epoch"], "arch": cfg.arch}
+    return {**result, "epoch": Progress.from_state_dict(state).epoch, "arch": cfg.arch}

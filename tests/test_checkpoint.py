@@ -7,10 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fastalex.checkpoint import PartialEpoch, load_checkpoint, model_card
+from fastalex.checkpoint import load_checkpoint, model_card
 from fastalex.cli import main
 from fastalex.config import IMAGE_MEAN, IMAGE_STD
 from fastalex.errors import UserError
+from fastalex.metrics import EpochSums
 from fastalex.plot import read_metrics
 
 TINY = (
@@ -88,10 +89,10 @@ def test_a_partial_epoch_carries_global_totals_and_reads_old_checkpoints():
         "timed_s": 1.0,
         "timed_samples": 32,
     }
-    carried = PartialEpoch.from_state(legacy)
+    carried = EpochSums.from_state_dict(legacy)
     assert (carried.loss_sum, carried.correct, carried.samples, carried.steps) == (3.0, 2.0, 64, 2)
-    assert carried.loader_wait_s == 0.0 and PartialEpoch.from_state(None) == PartialEpoch()
-    assert PartialEpoch.from_state(carried.state()) == carried
+    assert carried.loader_wait_s == 0.0 and EpochSums.from_state_dict(None) == EpochSums()
+    assert EpochSums.from_state_dict(carried.state_dict()) == carried
 
 
 def test_a_checkpoint_carries_what_inference_needs(hue_pack, tmp_path):
@@ -185,3 +186,63 @@ def test_cuda_training_compiled_resumes_with_each_amp_and_loader(hue_pack, tmp_p
     summary = read_metrics(out)
     assert [row["epoch"] for row in summary] == [1, 2]
     assert all(row["train_samples"] == 256 for row in summary)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_with_a_warning(hue_pack, tmp_path):
+    """Checkpoints every 2 steps, the newest 2 kept; a byte flipped inside the newest (which
+    torch.load would read without complaint) is caught by its CRC and the previous one used."""
+    out = tmp_path / "run"
+    train_cli(hue_pack, out, "--max-steps", 6, "--checkpoint-every", 2)
+    folder = out / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-00000004.pt", "step-00000006.pt"]
+    newest = folder / "step-00000006.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(data)
+    result = train_cli(hue_pack, out, "--max-steps", 7, "--checkpoint-every", 2, "--resume")
+    assert f"warning: {newest} is damaged" in result.output, result.output
+    state = load_checkpoint(folder / "last.pt")
+    assert state["global_step"] == 7 and state["step_in_epoch"] == 7
+    assert state["partial"]["samples"] == 7 * 32  # 4 steps carried from step-4, 3 taken again
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(hue_pack, tmp_path, monkeypatch):
+    """ENOSPC half-way through writing a checkpoint: one line naming the file and the free space,
+    no temporary file left, and the previous checkpoint still loads."""
+    import errno
+
+    out = tmp_path / "run"
+    train_cli(hue_pack, out, "--max-steps", 2)
+    real_save = torch.save
+
+    def save_onto_a_full_disk(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        with open(path, "r+b") as file:
+            file.truncate(1000)  # what got written before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_onto_a_full_disk)
+    result = CliRunner().invoke(
+        main, ["train", str(hue_pack), "--out", str(out), *TINY, "--max-steps", "3", "--resume"]
+    )
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: could not write ") and "step-00000003.pt" in lines[-1]
+    assert "No space left on device" in lines[-1] and "MiB free there" in lines[-1]
+    folder = out / "checkpoints"
+    assert not list(folder.glob("*.tmp"))
+    assert load_checkpoint(folder / "last.pt")["global_step"] == 2
+
+
+def test_a_torchrun_restart_resumes_by_itself_and_a_plain_rerun_asks_for_resume(hue_pack, tmp_path):
+    """TORCHELASTIC_RESTART_COUNT > 0 (a process torchrun restarted): the run continues from its
+    newest checkpoint without --resume; outside torchrun the same command is refused."""
+    out = tmp_path / "run"
+    train_cli(hue_pack, out, "--max-steps", 2)
+    command = ["train", str(hue_pack), "--out", str(out), *TINY, "--max-steps", "3"]
+    plain = CliRunner().invoke(main, command)
+    assert plain.exit_code == 2 and "--resume" in plain.output, plain.output
+    restarted = CliRunner().invoke(main, command, env={"TORCHELASTIC_RESTART_COUNT": "1"})
+    assert restarted.exit_code == 0, restarted.output
+    assert "resuming" in restarted.output
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["global_step"] == 3

@@ -2,11 +2,14 @@
 
 Each test launches `torchrun --nproc_per_node 2` through conftest's `launch`, which kills the
 whole process group (ranks and their loader workers) when a test times out or fails. hue_pack: 256
-train / 128 val images, batch 32 per rank -> 4 steps per epoch.
+train / 128 val images, global batch 64 (32 per rank) -> 4 steps per epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -22,7 +25,7 @@ from click.testing import CliRunner
 from fastalex.cli import main
 from fastalex.plot import read_metrics
 
-TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1", "--no-compile")
+TINY = ("--device", "cpu", "--batch-size", "64", "--loader-workers", "1", "--no-compile")
 TIMING_KEYS = {
     "epoch_s",
     "train_s",
@@ -78,23 +81,24 @@ def agree_on_two_ranks(rank: int, store_path: str, views: list, results) -> None
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     runtime = Runtime(torch.device("cpu"), None, False, False, rank, 2)
-    results[rank] = [agree(runtime, *view) for view in views[rank]]
+    results[rank] = [tuple(agree(runtime, *view)) for view in views[rank]]
     dist.destroy_process_group()
 
 
 def test_ranks_agree_on_stopping_and_on_the_earliest_bad_step(tmp_path):
-    """One rank signalled or one rank's non-finite loss: both ranks take the same decision."""
+    """One rank signalled, one rank's non-finite loss or one rank's checkpoint clock due: both
+    ranks take the same decision."""
     import torch.multiprocessing as mp
 
     views = [
-        [(False, None), (False, 7), (False, None), (True, 5)],  # rank 0's own views
-        [(True, None), (False, 3), (False, None), (False, None)],
-    ]  # rank 1's
+        [(False, None, False), (False, 7, True), (False, None, False), (True, 5, False)],
+        [(True, None, False), (False, 3, False), (False, None, False), (False, None, True)],
+    ]  # rank 0's own views, then rank 1's
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(agree_on_two_ranks, (str(tmp_path / "store"), views, results), nprocs=2)
         decided = dict(results)
-    expected = [(True, None), (False, 3), (False, None), (True, 5)]
+    expected = [(True, None, False), (False, 3, True), (False, None, False), (True, 5, True)]
     assert decided[0] == decided[1] == expected
 
 
@@ -110,6 +114,20 @@ def test_ddp_resumed_mid_epoch_gives_the_uninterrupted_rows(hue_pack, tmp_path, 
     assert [row["epoch"] for row in resumed] == [1, 2]
     assert all(row["train_samples"] == 256 and row["val_samples"] == 128 for row in resumed)
     assert without_timing(resumed) == without_timing(straight)
+
+
+def descendants(pid: int) -> list[int]:
+    from conftest import descendants as below
+
+    return below(pid)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def rank_pids(launcher_pid: int) -> dict[int, int]:
@@ -173,7 +191,15 @@ def test_ddp_val_metrics_equal_a_single_process_eval(hue_pack, tmp_path, launch,
     stdout = run_to_end(launch, hue_pack, out, "--loader", backend, "--epochs", "1")
     assert stdout.count("epoch 1/1:") == 1  # only rank 0 reports
     assert sorted(p.name for p in out.rglob("*")) == sorted(
-        ["checkpoints", "config.json", "metrics.jsonl", "summary.json", "last.pt", "best.pt"]
+        [
+            "checkpoints",
+            "config.json",
+            "metrics.jsonl",
+            "summary.json",
+            "last.pt",
+            "best.pt",
+            "step-00000004.pt",
+        ]
     )
     (row,) = read_metrics(out)
     summary = json.loads((out / "summary.json").read_text())
@@ -225,7 +251,7 @@ def test_nccl_two_gpus_share_the_data_and_rank0_writes(hue_pack, tmp_path, launc
             "--device",
             "cuda",
             "--batch-size",
-            "32",
+            "64",
             "--loader",
             "cpu",
             "--epochs",
@@ -237,3 +263,215 @@ def test_nccl_two_gpus_share_the_data_and_rank0_writes(hue_pack, tmp_path, launc
     (row,) = read_metrics(out)
     assert row["train_samples"] == 256 and row["val_samples"] == 128
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.fixture(scope="module")
+def straight_run(hue_pack, tmp_path_factory):
+    """The rows of an uninterrupted 2-process, 2-epoch run on the cpu loader (one launcher)."""
+    from conftest import Launched  # the fixture `launch` is per test; this run is per module
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    with Launched(torchrun_command(hue_pack, out, "--loader", "cpu", "--epochs", "2")) as job:
+        stdout, stderr = job.communicate(TIMEOUT_S)
+    assert job.returncode == 0, stdout + stderr
+    return without_timing(read_metrics(out))
+
+
+def torchrun_command(pack, out, *args, launcher=("--standalone", "--nproc_per_node", "2")):
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launcher,
+        "-m",
+        "fastalex",
+        "train",
+        pack,
+        "--out",
+        out,
+        *TINY,
+        *args,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.skip(
+    reason="TODO(trainer): torchrun's restarted gloo group fails to connect (connectFullMesh: "
+    "connection refused to the dead attempt's addresses) on this CPU build; enable once it does"
+)
+def test_a_rank_killed_mid_epoch_restarts_and_gives_the_uninterrupted_rows(
+    hue_pack, tmp_path, launch, straight_run
+):
+    """SIGKILL rank 1 after the checkpoint of step 2 (no chance to save): torchrun restarts both
+    ranks, which resume by themselves from the newest checkpoint and finish the run."""
+    out = tmp_path / "run"
+    command = torchrun_command(
+        hue_pack,
+        out,
+        "--loader",
+        "cpu",
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "2",
+        launcher=("--standalone", "--nproc_per_node", "2", "--max-restarts", "1"),
+    )
+    job = launch(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in job.process.stdout:
+        if line.startswith("checkpoint step-00000002.pt"):
+            break
+    pids = rank_pids(job.process.pid)
+    assert sorted(pids) == [0, 1], pids
+    workers = descendants(pids[1])
+    os.kill(pids[1], signal.SIGKILL)
+    # its loader's forkserver outlives it and would hold the output pipes open: a killed
+    # container takes it along, so does this test
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    stdout, stderr = job.communicate(TIMEOUT_S)
+    assert job.returncode == 0, stdout + stderr
+    assert "resuming" in stdout, stdout
+    assert without_timing(read_metrics(out)) == straight_run
+
+
+@pytest.mark.slow
+def test_two_launchers_of_one_process_equal_one_launcher_of_two(
+    hue_pack, tmp_path, launch, straight_run
+):
+    """Multi-node on localhost: `torchrun --nnodes 2 --nproc_per_node 1` once per node."""
+    port = free_port()
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    jobs = [
+        launch(
+            torchrun_command(
+                hue_pack,
+                out,
+                "--loader",
+                "cpu",
+                "--epochs",
+                "2",
+                launcher=(
+                    "--nnodes",
+                    "2",
+                    "--nproc_per_node",
+                    "1",
+                    "--node_rank",
+                    str(node),
+                    "--master_addr",
+                    "127.0.0.1",
+                    "--master_port",
+                    str(port),
+                ),
+            ),
+            env=env,
+        )
+        for node in (0, 1)
+    ]
+    for job in jobs:
+        stdout, stderr = job.communicate(TIMEOUT_S)
+        assert job.returncode == 0, stdout + stderr
+    assert without_timing(read_metrics(out)) == straight_run
+
+
+class ContractLoader:
+    """The train-loader contract over sample ids 0..N-1, recording each batch's ids: epoch e's
+    order is a permutation seeded by (seed, e); global step s covers positions [s*G, (s+1)*G),
+    rank r its contiguous slice; the first pass starts at global position skip_samples. Val:
+    each rank's share of the val ids, once. Pixels are a flat grey per label."""
+
+    backend, summary = "contract", "contract test loader"
+
+    def __init__(self, record, cfg, split, placement, first_epoch=0, skip_samples=0):
+        from fastalex.shards import read_manifest
+
+        self.record, self.cfg, self.split, self.placement = record, cfg, split, placement
+        self.epoch, self.skip = first_epoch, skip_samples
+        self.total = read_manifest(Path(cfg.shards)).splits[split].samples
+        self.global_batch = cfg.batch_size * placement.world_size
+        self.samples = len(self) * cfg.batch_size
+
+    def __len__(self):
+        if self.split == "train":
+            return self.total // self.global_batch
+        return -(-self.share(self.total)[1] // self.cfg.batch_size)
+
+    def share(self, count):
+        rank, world = self.placement.rank, self.placement.world_size
+        start, stop = count * rank // world, count * (rank + 1) // world
+        return start, stop - start
+
+    def batch(self, ids):
+        labels = torch.as_tensor(ids) % 4
+        size = self.cfg.image_size
+        images = (labels.float() / 4).view(-1, 1, 1, 1).expand(-1, 3, size, size)
+        return images.contiguous(memory_format=torch.channels_last), labels
+
+    def __iter__(self):
+        if self.split == "val":
+            start, count = self.share(self.total)
+            ids = list(range(start, start + count))
+            for at in range(0, count, self.cfg.batch_size):
+                yield self.batch(ids[at : at + self.cfg.batch_size])
+            return
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = torch.randperm(self.total, generator=torch.Generator().manual_seed(epoch)).tolist()
+        first, self.skip = self.skip // self.global_batch, 0
+        start, _ = self.share(self.global_batch)
+        for step in range(first, len(self)):
+            ids = order[step * self.global_batch + start :][: self.cfg.batch_size]
+            with open(self.record, "a") as file:
+                file.write(json.dumps({"epoch": epoch, "ids": ids}) + "\n")
+            yield self.batch(ids)
+
+    def close(self):
+        pass
+
+
+def train_on_contract_loader(rank, world_size, cfg, record, port) -> None:
+    """A process of a run whose loaders are ContractLoaders (spawned, or the test's own)."""
+    import fastalex.train
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    # a partial keeps ContractLoader's signature: the trainer sees that it takes skip_samples
+    fastalex.train.build_loader = functools.partial(ContractLoader, f"{record}.{rank}")
+    fastalex.train.train(cfg, rank, world_size, progress=False)
+
+
+def test_a_run_stopped_on_two_processes_resumes_on_one_seeing_each_sample_once(
+    hue_pack, tmp_path, monkeypatch
+):
+    """Stopped at step 2 of 4 on 2 processes (global batch 64), resumed on 1: the epoch's
+    samples, recorded by id, are each seen exactly once, and the row counts all 256."""
+    import torch.multiprocessing as mp
+
+    from fastalex.config import TrainConfig
+
+    port = free_port()
+    cfg = TrainConfig(
+        shards=str(hue_pack),
+        out=str(tmp_path / "run"),
+        device="cpu",
+        amp="off",
+        compile=False,
+        batch_size=64,
+        epochs=1,
+        loader="cpu",
+    )
+    record = tmp_path / "ids"
+    stopped = dataclasses.replace(cfg, max_steps=2)
+    mp.spawn(train_on_contract_loader, (2, stopped, record, port), nprocs=2)
+    monkeypatch.setattr("fastalex.train.build_loader", lambda *a, **k: None)  # restored after
+    train_on_contract_loader(0, 1, dataclasses.replace(cfg, resume=True), record, port)
+    seen = [
+        i
+        for path in sorted(tmp_path.glob("ids.*"))
+        for line in path.read_text().splitlines()
+        for i in json.loads(line)["ids"]
+    ]
+    assert sorted(seen) == list(range(256))
+    (row,) = read_metrics(tmp_path / "run")
+    assert row["train_samples"] == 256 and row["steps"] == 4

@@ -59,7 +59,7 @@ def sweep(trainer, min_lr: float, max_lr: float, steps: int, log=print) -> list[
     batches = trainer.batches()
     for index in range(steps):
         lr = min_lr * (max_lr / min_lr) ** (index / max(1, steps - 1))
-        set_lr(trainer.training.optimizer, peak_lr(dataclasses.replace(cfg, lr=lr), 1))
+        set_lr(trainer.training.optimizer, peak_lr(dataclasses.replace(cfg, lr=lr)))
         images, labels = next(batches)
         loss_sum, _ = trainer.step(images, labels)
         loss = loss_sum.item() / len(labels)  # host sync: the sweep decides on every step
