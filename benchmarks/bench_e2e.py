@@ -43,10 +43,12 @@ def rows(args, data: Data, size: int, device) -> dict:
 def decided_config(cfg, shards, log):
     """cfg with every `auto` settled by the code `fastalex train` runs (runtime.decide), and the
     decisions."""
-    from fastalex.runtime import decide, resolve_runtime
+    from fastalex.runtime import decide, decision_lines, resolve_runtime
     from fastalex.shards import read_manifest
 
     cfg, _, decisions = decide(cfg, resolve_runtime(cfg), read_manifest(shards), log)
+    for line in decision_lines(decisions):
+        log(line)
     return cfg, decisions
 
 

@@ -216,6 +216,7 @@ def process_group_env() -> tuple[int, int, int, int]:
 
 
 RERUN_DROPPED = ("shards", "out", "resume", "config_file", "overrides")  # not a run's settings
+RECORD_ONLY = ("decisions",)  # what config.json records beside the settings (train.py)
 
 
 def rerun_config(path: Path, shards: Path, explicit: dict, recipe_given: bool) -> TrainConfig:
@@ -229,11 +230,11 @@ def rerun_config(path: Path, shards: Path, explicit: dict, recipe_given: bool) -
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"--config {path}: cannot read it as JSON ({e})") from None
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(RECORD_ONLY)
     unknown = sorted(set(saved) - known) if isinstance(saved, dict) else ["(not an object)"]
     if unknown:
         raise UserError(f"--config {path}: not a fastalex config.json (unknown {unknown[:3]})")
-    base = {k: v for k, v in saved.items() if k not in RERUN_DROPPED}
+    base = {k: v for k, v in saved.items() if k not in RERUN_DROPPED + RECORD_ONLY}
     overrides = tuple(sorted(explicit))
     config_file = str(Path(path).resolve())
     fields = {**base, **explicit, "shards": str(shards), "config_file": config_file}

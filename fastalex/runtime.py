@@ -601,11 +601,18 @@ def decide_here(cfg: TrainConfig, rt: Runtime, manifest, probes: Probes) -> dict
     loader = decide_loader(
         cfg, rt.device, rt.world_size, rt.local_world_size, manifest, probes, planned
     )
-    decisions = {"amp": amp, "compile": compiled, "loader": loader}
+    return {"amp": amp, "compile": compiled, "loader": loader}
+
+
+def decision_lines(decisions: dict) -> list[str]:
+    """One log line per decision: what it chose, by what (explicit, rule, probe, cache), why.
+    The trainer logs them once the loaders are built, so an error in the options or the pack
+    stays a one-line message."""
+    lines = []
     for name, d in decisions.items():
         shown = {True: "on", False: "off"}.get(d["chose"], d["chose"])
-        probes.log(f"auto {name}: {shown} ({d['by']}: {d['reason']})")
-    return decisions
+        lines.append(f"auto {name}: {shown} ({d['by']}: {d['reason']})")
+    return lines
 
 
 def decide(

@@ -63,6 +63,7 @@ from fastalex.runtime import (
     Runtime,
     configure_backends,
     decide,
+    decision_lines,
     describe_device,
     describe_machine,
     git_sha,
@@ -550,6 +551,8 @@ class Trainer:
             write_file(self.run_dir / "metrics.jsonl", write_jsonl, p.history)
             if cfg.tensorboard:
                 self.board = Board(self.run_dir)
+        for line in decision_lines(self.decisions):
+            self.log(line)
         self.log(
             f"{'resuming' if state else 'training'} {self.run_dir}: {cfg.arch} at "
             f"{cfg.image_size} px, {manifest.num_classes} classes, "
