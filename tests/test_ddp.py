@@ -295,10 +295,6 @@ def torchrun_command(pack, out, *args, launcher=("--standalone", "--nproc_per_no
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="TODO(trainer): torchrun's restarted gloo group fails to connect (connectFullMesh: "
-    "connection refused to the dead attempt's addresses) on this CPU build; enable once it does"
-)
 def test_a_rank_killed_mid_epoch_restarts_and_gives_the_uninterrupted_rows(
     hue_pack, tmp_path, launch, straight_run
 ):
