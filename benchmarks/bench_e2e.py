@@ -1,7 +1,8 @@
 """The e2e group: a loader feeding real training steps, the two stacks timed side by side.
 
-Rows: ``reference`` (the blog's loader from reference.py, eager fp32 NCHW steps, the reference
-recipe's batch), ``fastalex`` (build_loader's default backend and the default stack; compile off
+Rows: ``reference`` (the blog's loader from reference.py, its normalised float32 fed to eager fp32
+NCHW steps of the model's layers without the model's own normalisation, the reference recipe's
+batch), ``fastalex`` (build_loader's default backend and the default stack; compile off
 in --quick), ``defaults`` (every `auto` settled by runtime.decide, the code `fastalex train` runs,
 its decisions in the row; --quick plans 2 steps, so nothing is probed) and the fixed
 configurations it is judged against, fp32/bf16 x eager/compiled x cpu/resident (compiled ones
@@ -79,14 +80,18 @@ def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
         if args.quick and FIXED_ROWS[name]["compile"]:
             raise Skip("compile skipped in --quick (compiling the step takes 35-60 s on 2 cores)")
         cfg = base_config(args, data, size, batch_size=batch_size, **FIXED_ROWS[name])
+    reference = name == "reference"
+    # The reference's loader hands over normalised float32: its step runs the model's layers
+    # without the model's own first op (NormalisedInput), as the blog's model did.
     step, runtime = build_step(
-        cfg, num_classes, EPOCH_IMAGES // batch_size, baseline=name == "reference"
+        cfg, num_classes, EPOCH_IMAGES // batch_size, baseline=reference, normalised=reference
     )
-    if name == "reference":
+    if reference:
         loader = ReferenceLoader(need(data, "tree") / "train", size, batch_size, device)
         note = (
-            "blog loader (reference.py) + eager fp32 NCHW steps of fastalex's model (the blog's "
-            "layer sizes at 227 px), the blog's batch"
+            "blog loader (reference.py: float32, normalised) + eager fp32 NCHW steps of "
+            "fastalex's model less its uint8 normalisation (the blog's layer sizes at 227 px), "
+            "the blog's batch"
         )
     else:
         loader = build_loader(cfg, "train", Placement(device))

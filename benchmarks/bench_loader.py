@@ -6,8 +6,9 @@ from a TrainConfig (``cpu`` with its default ``--decode auto``); each VARIANTS r
 (``cpu-threads``: decoding in threads of the main process); and two peers doing the same work, each
 skipped with the reason where it does not import: ``ffcv``, FFCV's own writer and loader
 (ffcv_loader.py), and ``spdl``, SPDL's thread pipeline and FFmpeg decoding (spdl_loader.py). Each
-row is one continuous stream of batches: epoch restarts count where they fall. Imports fastalex's
-loaders and the benchmark's own modules.
+row is one continuous stream of batches (epoch restarts count where they fall) of what its model
+reads: uint8 pixels for fastalex and the peers, the blog's normalised float32 for the reference.
+Imports fastalex's loaders and the benchmark's own modules.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from harness import Skip, Subject, endless, log, plural
 
 # Rows of a backend under other config fields: name -> (backend, fields).
 VARIANTS = {"cpu-threads": ("cpu", {"decode": "threads"})}
+# What each row's loader hands to its model, in the row's note: every fastalex backend's batch
+# contract (fastalex.loaders.Batch); the peers hand over the same, the reference its own floats.
+MODEL_NORMALISES = " (the model normalises: its first op)"
+HANDS_OVER = f"uint8 pixels, channels_last{MODEL_NORMALISES}"
 
 
 def rows(args, data: Data, size: int, device) -> dict:
@@ -70,7 +75,8 @@ def reference_row(args, data: Data, size: int, device) -> Subject:
         "blog pipeline (reference.py): ImageFolder + PIL decode, RandomResizedCrop(64)"
         f"{'' if size == 64 else f' + Resize({size})'} + flip + ToTensor + Normalize, "
         "DataLoader(2 workers), .to(device); torchvision transforms re-implemented with "
-        "PIL + torch (torchvision not installable beside this torch)"
+        "PIL + torch (torchvision not installable beside this torch); hands over float32 NCHW, "
+        "normalised by the loader (the blog's model takes it as it is)"
     )
     return stream_subject(loader, note, args)
 
@@ -89,6 +95,7 @@ def backend_row(args, data: Data, name: str, size: int, device, **fields) -> Sub
         note += f", decode in {loader.decode}"
     if name == "dali":
         note += ", DALI " + ("GPU (mixed decode)" if device.type == "cuda" else "CPU-only mode")
+    note += f"; hands over {HANDS_OVER}"
     return stream_subject(loader, note, args, cfg)
 
 
@@ -116,7 +123,7 @@ def ffcv_row(args, data: Data, size: int, device) -> Subject:
     note = (
         f"FFCV {ffcv_version()} Loader over {path.name} (FFCV's writer, JPEG quality "
         f"{ffcv_loader.JPEG_QUALITY}), {workers} workers; RandomResizedCrop decoder at the "
-        f"config's ranges + flip; normalised by {loader.normalised_by}"
+        f"config's ranges + flip; hands over {loader.hands_over}{MODEL_NORMALISES}"
     )
     return stream_subject(loader, note, args, cfg)
 
@@ -139,7 +146,7 @@ def spdl_row(args, data: Data, size: int, device) -> Subject:
         f"SPDL {package_version('spdl-io')} PipelineBuilder over the pack's JPEGs, {workers} "
         "threads: demux + FFmpeg decode with a per-image filter graph (crop at the config's "
         f"RandomResizedCrop box, {spdl_loader.SCALE_FLAGS} scale, flip) + convert_frames; "
-        f"normalised by {loader.normalised_by}"
+        f"hands over {loader.hands_over}{MODEL_NORMALISES}"
     )
     return stream_subject(loader, note, args, cfg)
 

@@ -1,10 +1,10 @@
-"""The model group: train steps on synthetic tensors already on the device, no loader.
+"""The model group: train steps on a synthetic uint8 batch already on the device, no loader.
 
 Rows, each adding one thing to the one before: ``eager-fp32`` (NCHW, fp32, eager: the reference's
 set-up), ``channels-last``, ``amp`` (plus channels-last) and ``compiled`` (the defaults of
 `fastalex train` on this device). Every row's model, optimizer, schedule and step are built by
-fastalex.train itself (`build_step`), never copied. Also home to `build_step` and
-`describe_runtime`, which the e2e group shares.
+fastalex.train itself (`build_step`), never copied. Also home to `build_step`, `NormalisedInput`
+(the reference e2e row's model) and `describe_runtime`, which the e2e group shares.
 """
 
 from __future__ import annotations
@@ -27,10 +27,31 @@ MODEL_ROWS = {  # name -> TrainConfig fields; each adds one thing to the one bef
 }
 
 
-def build_step(cfg, num_classes: int, steps_per_epoch: int, baseline: bool = False):
+class NormalisedInput(torch.nn.Module):
+    """The reference blog's network from fastalex's AlexNet (a Sequential of its layers): its
+    layers run on float input the loader already normalised, without the model's first op
+    (normalise_pixels, which reads 0..255 pixels), as the blog's model takes its input."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from fastalex.model import AlexNet
+
+        if not isinstance(model, AlexNet):
+            raise Skip(f"the reference step needs an AlexNet arch, not {type(model).__name__}")
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.Sequential.forward(self.model, images)  # AlexNet.forward less its first op
+
+
+def build_step(
+    cfg, num_classes: int, steps_per_epoch: int, baseline: bool = False, normalised: bool = False
+):
     """fastalex.train's own model, optimizer, schedule and step for `cfg` (never a copy of the
     loop): returns (advance(images, labels), runtime); advance runs one step and steps the LR
-    schedule, leaving the results on the device.
+    schedule, leaving the results on the device. The step takes uint8 pixels, as fastalex's
+    loaders hand them over; with `normalised`, the reference's normalised floats instead
+    (NormalisedInput).
 
     CUDA backend flags are process-wide and the rows of a group interleave, so each advance sets
     its own: a `baseline` row (eager-fp32, the reference stack) runs with TF32 and cuDNN
@@ -43,7 +64,8 @@ def build_step(cfg, num_classes: int, steps_per_epoch: int, baseline: bool = Fal
         raise Skip(f"fastalex.train not available ({e})") from None
     runtime = resolve_runtime(cfg)
     training = train.build_training(cfg, num_classes, runtime, steps_per_epoch)
-    step = train.make_train_step(training.model, training.optimizer, training.scaler, cfg, runtime)
+    model = NormalisedInput(training.model) if normalised else training.model
+    step = train.make_train_step(model, training.optimizer, training.scaler, cfg, runtime)
 
     def set_backends() -> None:
         if runtime.device.type != "cuda":
@@ -84,6 +106,8 @@ def rows(args, size: int, device) -> dict:
 
 
 def model_row(args, name: str, size: int, device) -> Subject:
+    from fastalex.runtime import synthetic_batch
+
     fields = dict(MODEL_ROWS[name])
     note = ""
     if name == "amp" and device.type == "cpu":
@@ -103,10 +127,15 @@ def model_row(args, name: str, size: int, device) -> Subject:
     )
     if name == "eager-fp32" and device.type == "cuda":
         note += "TF32 and cuDNN autotuning off (PyTorch's defaults for a plain script); "
-    generator = torch.Generator(device).manual_seed(0)
-    images = torch.randn(cfg.batch_size, 3, size, size, device=device, generator=generator)
-    images = images.contiguous(memory_format=runtime.memory_format)  # (N, 3, S, S) float32
-    labels = torch.randint(0, NUM_CLASSES, (cfg.batch_size,), device=device, generator=generator)
+    # What a loader hands over, uint8 pixels: the timed step includes the model's normalisation.
+    images, labels = synthetic_batch(
+        cfg.batch_size,
+        size,
+        NUM_CLASSES,
+        device,
+        runtime.memory_format,
+        torch.Generator(device).manual_seed(0),
+    )
 
     def advance() -> int:
         step(images, labels)

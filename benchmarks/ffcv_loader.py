@@ -12,19 +12,16 @@ backend: nothing in fastalex imports it, and the trainer never sees it.
   pack's directory cannot be written, the cache goes to the run's scratch directory.
 - `FfcvLoader`: FFCV's `Loader` doing the work fastalex's train loaders do: random-resized-crop at
   the config's area and aspect ranges to image_size (FFCV's decoder crops while decoding), a
-  horizontal flip, normalisation to float32 with fastalex's mean/std, a channels-last (N, 3, S, S)
-  torch tensor on the device; random order each epoch, the short last batch dropped, the batch size
-  and worker count the fastalex rows get. On the CPU FFCV's NormalizeImage runs in its (numba)
-  pipeline; on CUDA the uint8 batch is copied to the device and normalised there, by FFCV's
-  NormalizeImage where cupy is installed (FFCV's GPU path needs it), else by torch.
-  Same iteration surface as a fastalex Loader: each ``__iter__`` one epoch, ``len()`` batches per
-  epoch, ``close()``.
+  horizontal flip, and what fastalex's loaders hand over: (N, 3, S, S) uint8 pixels, channels-last
+  (FFCV's ToTorchImage view), on CUDA copied to the device by FFCV's ToDevice; the model
+  normalises, so no NormalizeImage. Random order each epoch, the short last batch dropped, the
+  batch size and worker count the fastalex rows get. Same iteration surface as a fastalex Loader:
+  each ``__iter__`` one epoch, ``len()`` batches per epoch, ``close()``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from pathlib import Path
 
@@ -33,17 +30,10 @@ import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
-from ffcv.transforms import (
-    NormalizeImage,
-    RandomHorizontalFlip,
-    Squeeze,
-    ToDevice,
-    ToTensor,
-    ToTorchImage,
-)
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.writer import DatasetWriter
 
-from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
+from fastalex.config import TrainConfig
 from fastalex.loaders import Batch
 from fastalex.shards import iter_shard, read_index, read_manifest
 
@@ -110,42 +100,24 @@ class FfcvLoader:
 
     def __init__(self, cfg: TrainConfig, beton: Path, device: torch.device, workers: int) -> None:
         self.device = torch.device(device)
-        mean = np.array(IMAGE_MEAN) * 255  # FFCV normalises uint8 pixels
-        std = np.array(IMAGE_STD) * 255
+        cuda = self.device.type == "cuda"
         decode = RandomResizedCropRGBImageDecoder(
             (cfg.image_size, cfg.image_size),
             scale=(cfg.crop_scale_min, cfg.crop_scale_max),
             ratio=(cfg.crop_ratio_min, cfg.crop_ratio_max),
         )
-        self.torch_normalise = None
-        if self.device.type == "cuda":
-            images = [
-                decode,
-                RandomHorizontalFlip(),
-                ToTensor(),
-                ToDevice(self.device, non_blocking=True),
-                ToTorchImage(channels_last=True),
-            ]
-            if importlib.util.find_spec("cupy") is not None:
-                images.append(NormalizeImage(mean, std, np.float32))
-                self.normalised_by = "FFCV's NormalizeImage on the GPU"
-            else:
-                self.torch_normalise = (
-                    torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1),
-                    torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1),
-                )
-                self.normalised_by = "torch on the GPU (no cupy for FFCV's GPU NormalizeImage)"
-        else:
-            images = [
-                decode,
-                RandomHorizontalFlip(),
-                NormalizeImage(mean, std, np.float32),
-                ToTensor(),
-                ToTorchImage(channels_last=True),
-            ]
-            self.normalised_by = "FFCV's NormalizeImage in its CPU pipeline"
+        images = [
+            decode,  # (N, S, S, 3) uint8
+            RandomHorizontalFlip(),
+            ToTensor(),
+            *([ToDevice(self.device, non_blocking=True)] if cuda else []),
+            ToTorchImage(channels_last=True),  # a (N, 3, S, S) view: channels_last strides
+        ]
+        self.hands_over = "uint8 pixels, channels_last" + (
+            ", copied to the device by FFCV's ToDevice" if cuda else ""
+        )
         labels = [IntDecoder(), ToTensor(), Squeeze()]
-        if self.device.type == "cuda":
+        if cuda:
             labels.append(ToDevice(self.device, non_blocking=True))
         self.loader = Loader(
             str(beton),
@@ -165,10 +137,7 @@ class FfcvLoader:
 
     def __iter__(self):
         self._epoch = iter(self.loader)
-        for images, labels in self._epoch:  # (N, 3, S, S) channels_last; (N,) int64
-            if self.torch_normalise is not None:
-                mean, std = self.torch_normalise
-                images = images.float().sub_(mean).div_(std)  # keeps channels_last
+        for images, labels in self._epoch:  # (N, 3, S, S) uint8 channels_last; (N,) int64
             yield Batch(images, labels.long())
 
     def close(self) -> None:

@@ -7,7 +7,8 @@ extension loads FFmpeg 4-9 shared libraries, Debian's are FFmpeg 5):
 libavfilter8`` then ``pip install spdl==0.8.0`` (spdl-io, spdl-core; numpy only, no torch).
 Per sample: random-resized-crop box and flip drawn as every fastalex backend draws them, then
 SPDL's demux + decode with an FFmpeg filter graph that crops, scales (bilinear) and flips; per
-batch: SPDL's convert_frames, normalised to float32 (N, 3, S, S) channels_last in the pipeline.
+batch: SPDL's convert_frames, handed over as fastalex's loaders hand theirs: (N, 3, S, S) uint8
+pixels, channels_last (on CUDA copied from pinned memory to the device); the model normalises.
 What differs from the fastalex rows, and why: RESULTS.md, "The spdl row".
 """
 
@@ -22,8 +23,8 @@ from spdl.pipeline import PipelineBuilder
 
 from fastalex.config import TrainConfig
 from fastalex.loaders import Batch, Placement, augment_for, open_pack, plan_share
-from fastalex.loaders.augment import epoch_generator, normalise_rows
-from fastalex.loaders.cpu import SampleTable, jpeg_size
+from fastalex.loaders.base import epoch_generator
+from fastalex.loaders.decode import SampleTable, jpeg_size
 
 SCALE_FLAGS = "bilinear"  # swscale's; widened to the input/output ratio when it downscales
 ERROR_CHARS = 300  # of spdl's own message, in the ImportError
@@ -97,16 +98,8 @@ class SpdlLoader:
             [jpeg_size(self.jpeg(s, o, n)) for s, o, n in self._locations()], dtype=torch.int64
         ).view(-1, 2)
         self.heights, self.widths = sizes[:, 0], sizes[:, 1]
-        scale, shift = normalise_rows(torch.device("cpu"), self.augment.mean, self.augment.std, 1)
-        self.scale, self.shift = scale.numpy(), shift.numpy()  # per channel, for NHWC pixels
-        self.on_device = (
-            scale.to(self.device).view(1, 3, 1, 1),
-            shift.to(self.device).view(1, 3, 1, 1),
-        )
-        self.normalised_by = (
-            "numpy in the pipeline's collate stage"
-            if self.device.type == "cpu"
-            else "torch on the device (uint8 copied from pinned memory)"
+        self.hands_over = "uint8 pixels, channels_last" + (
+            "" if self.device.type == "cpu" else ", copied to the device from pinned memory"
         )
         self.pipeline = (
             PipelineBuilder()
@@ -132,25 +125,22 @@ class SpdlLoader:
         packets = spdl.io.demux_image(self.jpeg(shard, offset, size))
         return spdl.io.decode_packets(packets, filter_desc(box, flip, self.size)), index
 
-    def _collate(self, decoded) -> tuple[np.ndarray, torch.Tensor]:
+    def _collate(self, decoded) -> tuple[torch.Tensor, torch.Tensor]:
         frames, ids = zip(*decoded)
         pixels = spdl.io.to_numpy(spdl.io.convert_frames(list(frames)))  # (N, S, S, 3) uint8
-        labels = self.table.labels[list(ids)]
+        pixels = torch.from_numpy(pixels)
         if self.device.type != "cpu":
-            return torch.from_numpy(pixels).pin_memory(), labels
-        images = np.multiply(pixels, self.scale, dtype=np.float32)  # one thread: no OpenMP spin
-        images += self.shift
-        return torch.from_numpy(images), labels
+            pixels = pixels.pin_memory()
+        return pixels, self.table.labels[list(ids)]
 
     def __len__(self) -> int:
         return self.share.steps
 
     def __iter__(self):
         for pixels, labels in self.pipeline.get_iterator():
-            images = pixels.permute(0, 3, 1, 2)  # (N, 3, S, S), channels_last strides
-            if self.device.type != "cpu":
-                scale, shift = self.on_device
-                images = images.to(self.device, non_blocking=True).float().mul_(scale).add_(shift)
+            images = pixels.permute(0, 3, 1, 2)  # (N, 3, S, S) uint8, channels_last strides
+            if self.device.type != "cpu":  # .to keeps the strides (preserve_format)
+                images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
             yield Batch(images, labels)
 

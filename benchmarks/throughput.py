@@ -12,7 +12,7 @@ Groups, one row per variant and image size (each group in its own module):
   FFCV's own writer and loader doing the same work (ffcv_loader.py), and ``spdl``, SPDL's thread
   pipeline and FFmpeg decoding doing it (spdl_loader.py), each skipped, saying so, where it is not
   installed.
-- ``model`` (bench_model.py; train steps on synthetic tensors on the device): ``eager-fp32``,
+- ``model`` (bench_model.py; train steps on a synthetic uint8 batch on the device): ``eager-fp32``,
   ``channels-last``, ``amp``, ``compiled``, each adding one thing to the one before.
 - ``e2e`` (bench_e2e.py; loader + real training steps): the ``reference`` stack against the
   ``fastalex`` default stack, with the implied epoch time for 100,000 images and ``wait_pct``, the

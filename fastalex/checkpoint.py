@@ -208,7 +208,7 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def normalisation() -> dict:
-    """What the loaders normalise with (config.py), as a checkpoint records it."""
+    """What the model normalises its pixels with (config.py), as a checkpoint records it."""
     return {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)}
 
 

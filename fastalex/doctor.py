@@ -1,11 +1,12 @@
 """`fastalex doctor SHARDS`: what this machine should run, and whether a run of it is data-bound.
 
-Times, in short interleaved windows, the train step in each AMP mode, eager and compiled, on
-synthetic tensors already on the device (no loader: the upper bound), and each loader's images/s on
-the pack alone; then recommends the `fastalex train` options by the rules `--amp/--compile/--loader
-auto` apply (runtime.py), with the predicted epoch time and the share of it the model would wait on
-the loader (loader and step assumed to overlap). Returns one JSON-ready dict; cli.py prints it.
-Imports the config, runtime's probes and the shard manifest. Reasons: docs/defaults.md.
+Times, in short interleaved windows, the train step in each AMP mode, eager and compiled, on a
+synthetic uint8 batch already on the device (no loader: the upper bound), and each loader's
+images/s on the pack alone; then recommends the `fastalex train` options by the rules
+`--amp/--compile/--loader auto` apply (runtime.py), with the predicted epoch time and the share of
+it the model would wait on the loader (loader and step assumed to overlap). Returns one
+JSON-ready dict; cli.py prints it. Imports the config, runtime's probes and the shard manifest.
+Reasons: docs/defaults.md.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def diagnose(
     for variant in variants:
         row = {"kind": "step", "name": label(*variant), "amp": variant[0], "compiled": variant[1]}
         if variant in figures:
-            row.update(figures[variant], note="synthetic tensors on the device: no loader")
+            row.update(figures[variant], note="synthetic uint8 batch on the device: no loader")
         else:
             row.update(images_per_s=None, note="skipped: compiled rows off (--quick)")
         rows.append(row)

@@ -36,7 +36,9 @@ COMPILE_COST_FLOOR_S = 4.0
 PROBE_WINDOWS = 3  # timed windows per variant, interleaved (a slow spell falls on every variant)
 PROBE_WINDOW_STEPS = 1  # steps per window (after one untimed warm-up step per variant)
 PROBE_LOADER_BATCHES = 4  # batches per loader window (after one untimed batch)
-CACHE_VERSION = 1
+# 2: the step probes feed uint8 pixels, which the model normalises inside the timed step; figures
+# of version 1 timed float inputs, without that op, and are measured again.
+CACHE_VERSION = 2
 StepVariant = tuple[str, bool]  # (amp: "off"/"bf16"/"fp16", compiled)
 
 
@@ -201,6 +203,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # CUDA sync point: read the clock once the device is done
 
 
+def synthetic_batch(
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    device: torch.device,
+    memory_format: torch.memory_format,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch as the step receives a loader's: (N, 3, S, S) uint8 pixels in
+    `memory_format` (the model normalises them, so a timed step includes that op) and (N,) int64
+    labels in 0..num_classes-1, on `device`, drawn from `generator` (on that device)."""
+    shape = (batch_size, 3, image_size, image_size)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device, generator=generator)
+    return images.contiguous(memory_format=memory_format), labels
+
+
 def measure_steps(
     cfg: TrainConfig,
     runtime: Runtime,
@@ -209,23 +228,23 @@ def measure_steps(
     clock: Callable[[], float] = time.perf_counter,
     windows: int = PROBE_WINDOWS,
 ) -> list[dict]:
-    """Train steps of cfg's model at its batch and image size on synthetic tensors, one process,
-    per variant: {"images_per_s": median of `windows` interleaved windows, "compile_s": the first
-    call's time beyond a steady step (compiled variants)}. Built by fastalex.train, never a copy."""
+    """Train steps of cfg's model at its batch and image size on a synthetic uint8 batch
+    (synthetic_batch), one process, per variant: {"images_per_s": median of `windows`
+    interleaved windows, "compile_s": the first call's time beyond a steady step (compiled
+    variants)}. Built by fastalex.train, never a copy."""
     from fastalex.train import build_training, make_train_step
 
     single = dataclasses.replace(runtime, rank=0, world_size=1)
     steps, first_s = [], []
     generator = torch.Generator(runtime.device).manual_seed(0)
-    images = torch.randn(
+    images, labels = synthetic_batch(
         cfg.batch_size,
-        3,
         cfg.image_size,
-        cfg.image_size,
-        device=runtime.device,
-        generator=generator,
-    ).contiguous(memory_format=runtime.memory_format)  # (N, 3, S, S) float32
-    labels = torch.randint(0, num_classes, (cfg.batch_size,), device=runtime.device)
+        num_classes,
+        runtime.device,
+        runtime.memory_format,
+        generator,
+    )
     with torch.random.fork_rng(devices=[]):  # the run's own seeding is not touched
         for amp, compiled in variants:
             rt = single.variant(amp, compiled)

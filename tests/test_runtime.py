@@ -3,6 +3,7 @@ every `auto` settled by `decide` with injected measurements (no real timing is a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 
@@ -16,8 +17,10 @@ from fastalex.runtime import (
     Probes,
     Runtime,
     decide,
+    measure_steps,
     probe_cache_file,
     resolve_runtime,
+    step_key,
 )
 
 
@@ -148,6 +151,49 @@ def test_probe_figures_are_cached_reused_and_ignored_with_no_probe_cache(tmp_pat
     assert run(TrainConfig(**FIXED, probe_cache=False))["by"] == "probe" and len(calls) == 2
     other_size = run(TrainConfig(**{**FIXED, "batch_size": 64}))  # another key: measured
     assert other_size["by"] == "probe" and len(calls) == 3
+
+
+def test_figures_cached_before_the_uint8_probes_are_measured_again(tmp_path, monkeypatch):
+    """Version-1 figures timed float inputs without the model's normalisation: not reused."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = TrainConfig(**FIXED)
+    keys = [step_key(cfg, CPU.device, amp, False) for amp in ("off", "bf16")]
+    old = {"version": 1, "entries": {key: {"images_per_s": 100.0} for key in keys}}
+    probe_cache_file().parent.mkdir(parents=True)
+    probe_cache_file().write_text(json.dumps(old))
+    calls = []
+    found = Probes.for_config(cfg)
+    found.steps = step_rates({("off", False): 100.0, ("bf16", False): 150.0}, calls)
+    assert decide(cfg, CPU, fake_manifest(), probes=found)[2]["amp"]["by"] == "probe"
+    assert len(calls) == 1
+
+
+def test_step_probe_times_a_uint8_batch_as_a_loader_hands_it_over(monkeypatch):
+    """measure_steps feeds each step (N, 3, S, S) uint8 pixels in the runtime's memory format,
+    so the model's normalisation is inside the timed step, and labels of the run's classes."""
+    import fastalex.train
+
+    seen = []
+    monkeypatch.setattr(
+        fastalex.train,
+        "build_training",
+        lambda *a, **k: types.SimpleNamespace(model=None, optimizer=None, scaler=None),
+    )
+    monkeypatch.setattr(
+        fastalex.train,
+        "make_train_step",
+        lambda *a: lambda images, labels: seen.append((images, labels)),
+    )
+    cfg = TrainConfig(**{**FIXED, "batch_size": 6, "image_size": 40})
+    for runtime in (CPU, dataclasses.replace(CPU, channels_last=True)):
+        seen.clear()
+        figures = measure_steps(cfg, runtime, [("off", False)], num_classes=7, windows=1)
+        assert figures[0]["images_per_s"] > 0 and len(seen) == 2  # warm-up + one window
+        images, labels = seen[-1]
+        assert images.shape == (6, 3, 40, 40) and images.dtype == torch.uint8
+        assert images.is_contiguous(memory_format=runtime.memory_format)
+        assert images.float().std() > 50  # random pixels over 0..255
+        assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 7
 
 
 def test_a_run_no_longer_than_the_probe_is_not_probed():

@@ -50,6 +50,28 @@ def test_show_batches_draws_every_loader_and_val(tool, hue_pack, tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
 
 
+def test_show_batches_shows_uint8_pixels_and_the_stats_the_model_sees(tool, tmp_path):
+    """A batch of one colour: drawn in that colour, labelled with its mean after the model's own
+    normalisation ((pixel / 255 - mean) / std per channel) and a std of 0."""
+    import numpy as np
+    from PIL import Image
+
+    from fastalex.config import IMAGE_MEAN, IMAGE_STD
+
+    show_batches = tool("show_batches")
+    colour = (200, 100, 30)
+    images = torch.tensor(colour, dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 16, 16)
+    images = images.contiguous(memory_format=torch.channels_last)  # as a loader hands it over
+    label = show_batches.row_label("train: cpu", images)
+    means = " ".join(f"{(c / 255 - m) / s:+.2f}" for c, m, s in zip(colour, IMAGE_MEAN, IMAGE_STD))
+    assert label == f"train: cpu\nmean {means}\nstd 0.00 0.00 0.00"
+    out = tmp_path / "one.png"
+    rows = [("train: cpu", images, torch.zeros(2, dtype=torch.int64))]
+    show_batches.draw(rows, [], [("n0", "thing")], 2, "one colour", out)
+    drawn = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3)
+    assert (drawn == colour).all(axis=1).sum() > 2 * 100  # both images' pixels, that colour
+
+
 def test_show_batches_refuses_an_unknown_loader_in_one_line(tool, hue_pack, tmp_path):
     result = CliRunner().invoke(tool("show_batches").main, [str(hue_pack), "--loaders", "cpu,ffcv"])
     assert result.exit_code == 2 and result.output.count("\n") == 1
@@ -106,7 +128,7 @@ def test_lr_find_sets_the_optimizer_lr_per_step_and_finds_the_valley(tool):
 
     def batches():
         while True:
-            yield torch.zeros(64, 3, 8, 8), torch.zeros(64, dtype=torch.int64)
+            yield torch.zeros(64, 3, 8, 8, dtype=torch.uint8), torch.zeros(64, dtype=torch.int64)
 
     trainer = types.SimpleNamespace(
         cfg=TrainConfig(batch_size=64),

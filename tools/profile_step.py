@@ -180,7 +180,7 @@ def main(ctx, shards, steps, warmup, trace, json_path, **options) -> None:
     def one_step() -> None:
         with record_function(STEP):
             with record_function(LOADER_WAIT):
-                images, labels = next(batches)  # (N, 3, S, S) float32, (N,) int64
+                images, labels = next(batches)  # (N, 3, S, S) uint8, (N,) int64
             trainer.step(images, labels)
             schedule.step()
 

@@ -7,12 +7,12 @@ class: the picture that tells at a glance whether augmentation, labels and norma
 
 Each row is the first train batch of an epoch as `fastalex.loaders.build_loader` hands it to the
 trainer for that backend (every `fastalex train` option applies: crop scale and ratio, image size,
-seed, ...), undone for display (times the std, plus the mean, the loaders' normalisation). All
-rows use the same seed: `cpu` and `resident` draw the same samples and crops from it, `dali` draws
-its own from DALI's generator (its shuffle lives in the pipeline), so its row shows other images.
-The last row is the val transform (the whole image resized) through the `cpu` loader, in pack
-order. Each row's label gives the batch's per-channel mean and std after normalisation (about 0
-and 1 when the normalisation constants suit the data). A backend that cannot run here (DALI not
+seed, ...): uint8 pixels, shown as they are. All rows use the same seed: `cpu` and `resident` draw
+the same samples and crops from it, `dali` draws its own from DALI's generator (its shuffle lives
+in the pipeline), so its row shows other images. The last row is the val transform (the whole
+image resized) through the `cpu` loader, in pack order. Each row's label gives the batch's
+per-channel mean and std after the model's normalisation (model.normalise_pixels with the config's
+constants: about 0 and 1 when they suit the data). A backend that cannot run here (DALI not
 installed, a resident split too large) is left out with the reason, in the figure and on stdout.
 """
 
@@ -28,14 +28,15 @@ NAME_CHARS = 22  # a class name is cut to this in a title
 
 
 def first_batch(cfg, split: str):
-    """(images, labels, backend) of the first batch of `split` under `cfg`, on the CPU."""
+    """(images, labels, backend) of the first batch of `split` under `cfg`, on the CPU: (N, 3, S,
+    S) uint8 pixels, (N,) int64."""
     from fastalex.loaders import Placement, build_loader
     from fastalex.runtime import resolve_runtime
 
     loader = build_loader(cfg, split, Placement(resolve_runtime(cfg).device))
     try:
         images, labels = next(iter(loader))
-        return images.float().cpu(), labels.cpu(), loader.backend
+        return images.cpu(), labels.cpu(), loader.backend
     finally:
         loader.close()
 
@@ -46,6 +47,25 @@ def class_title(classes, label: int) -> str:
     return f"{label}: {name}"
 
 
+def row_label(name: str, images) -> str:
+    """`name`, then the per-channel mean and std of (N, 3, S, S) uint8 `images` after the model's
+    normalisation (model.normalise_pixels with the config's constants: what its layers see)."""
+    import torch
+
+    from fastalex.config import IMAGE_MEAN, IMAGE_STD
+    from fastalex.model import normalise_pixels, register_normalisation
+
+    constants = torch.nn.Module()  # holds the model's normalisation constants, nothing else
+    register_normalisation(constants, IMAGE_MEAN, IMAGE_STD)
+    normalised = normalise_pixels(constants, images)
+    channel_mean = normalised.mean(dim=(0, 2, 3)).tolist()
+    channel_std = normalised.std(dim=(0, 2, 3)).tolist()
+    return (
+        f"{name}\nmean {' '.join(f'{m:+.2f}' for m in channel_mean)}\n"
+        f"std {' '.join(f'{s:.2f}' for s in channel_std)}"
+    )
+
+
 def draw(
     rows: list[tuple[str, object, object]],
     skipped: list[str],
@@ -54,9 +74,6 @@ def draw(
     title: str,
     out_png: Path,
 ) -> None:
-    import torch
-
-    from fastalex.config import IMAGE_MEAN, IMAGE_STD
     from fastalex.plot import pyplot
 
     plt = pyplot()
@@ -67,23 +84,15 @@ def draw(
         squeeze=False,
         constrained_layout=True,
     )
-    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
     for axes_row, (name, images, labels) in zip(axes, rows):
-        channel_mean = images.mean(dim=(0, 2, 3)).tolist()
-        channel_std = images.std(dim=(0, 2, 3)).tolist()
-        pixels = (images[:count] * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        pixels = images[:count].permute(0, 2, 3, 1).numpy()  # (n, S, S, 3) uint8 for imshow
         for column, axis in enumerate(axes_row):
             axis.set_xticks([])
             axis.set_yticks([])
             if column < len(pixels):
                 axis.imshow(pixels[column], interpolation="nearest")
                 axis.set_title(class_title(classes, int(labels[column])), fontsize=7)
-        axes_row[0].set_ylabel(
-            f"{name}\nmean {' '.join(f'{m:+.2f}' for m in channel_mean)}\n"
-            f"std {' '.join(f'{s:.2f}' for s in channel_std)}",
-            fontsize=7,
-        )
+        axes_row[0].set_ylabel(row_label(name, images), fontsize=7)
     if skipped:
         title += "\nnot shown: " + "; ".join(skipped)
     figure.suptitle(title, fontsize=9)
