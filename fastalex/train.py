@@ -154,7 +154,7 @@ def make_train_step(
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
     """``step(images, labels) -> (loss_sum, correct)``: one SGD step, results left on the device.
 
-    images: (N, 3, S, S) float32 in runtime.memory_format; labels: (N,) int64. loss_sum is the
+    images: (N, 3, S, S) uint8 pixels in runtime.memory_format; labels: (N,) int64. loss_sum is the
     batch's summed loss (float32 0-d), correct its top-1 hits (int64 0-d). Nothing here reads a
     value back to the host, so consecutive steps queue without waiting. With fp16 (a GradScaler,
     on CUDA or the CPU alike) a step whose gradients overflow is skipped by the optimizer and the
@@ -623,7 +623,7 @@ class Trainer:
             self.mark = meter.start(timed=warm == 0)
             done, stop = 0, False
             for done in range(1, planned + 1):
-                images, labels = meter.fetch(batches)  # (N, 3, S, S) float32, (N,) int64
+                images, labels = meter.fetch(batches)  # (N, 3, S, S) uint8, (N,) int64
                 with self.collective("the gradient all-reduce of a step"):
                     loss_sum, correct = self.step(
                         images.contiguous(memory_format=rt.memory_format), labels
