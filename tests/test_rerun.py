@@ -63,8 +63,12 @@ def test_config_reruns_the_settings_with_overrides_recorded(board_run, hue_pack,
     first, second = (json.loads(p.read_text()) for p in (config, out / "config.json"))
     assert second["config_file"] == str(config.resolve())
     assert second["overrides"] == ["max_steps", "out"]
-    changed = {k for k in first if first[k] != second[k]}
+    changed = {k for k in first if first[k] != second[k] and k != "decisions"}
     assert changed == {"out", "max_steps", "config_file", "overrides"}
+    # the first run's `auto` choices come back as explicit settings, the same choices
+    chose = {name: d["chose"] for name, d in first["decisions"].items()}
+    assert {name: d["chose"] for name, d in second["decisions"].items()} == chose
+    assert {d["by"] for d in second["decisions"].values()} == {"explicit"}
     assert second["lr"] == 0.05 and second["tensorboard"] is True and second["compile"] is False
 
 

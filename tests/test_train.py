@@ -458,8 +458,8 @@ def test_a_slow_loader_is_reported_as_waiting_and_a_ready_one_is_not(
         def close(self):
             self.loader.close()
 
-    def build_slow(cfg, split, *args):
-        loader = real_build(cfg, split, *args)
+    def build_slow(cfg, split, *args, **kwargs):
+        loader = real_build(cfg, split, *args, **kwargs)
         return Slow(loader) if split == "train" else loader
 
     ready = train_cli(
