@@ -326,12 +326,18 @@ def train(
         )
     runtime = resolve_runtime(cfg, rank, world_size, local_rank, local_world_size)
     joined = world_size > 1 and not dist.is_initialized()
-    if joined:  # RANK, WORLD_SIZE, MASTER_ADDR/PORT come from torchrun's env, read by torch
-        # itself: given explicitly, rank and world size bypass torchrun's per-restart store
-        # prefix, and a restarted group reads the dead attempt's addresses ("connection refused")
+    if joined:
+        timeout = timedelta(seconds=cfg.collective_timeout_s)
+        # torchrun's store (MASTER_ADDR/PORT from its env) outlives a restart and still holds the
+        # dead attempt's process-group keys: a restarted rank could read a dead peer's address
+        # ("connectFullMesh ... connection refused"), so each attempt keys under its own prefix
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
         dist.init_process_group(
             "nccl" if runtime.device.type == "cuda" else "gloo",
-            timeout=timedelta(seconds=cfg.collective_timeout_s),
+            store=dist.PrefixStore(f"fastalex/attempt-{restart_count}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
         )
     try:
         return Trainer(
