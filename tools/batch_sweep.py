@@ -60,7 +60,7 @@ def measure(cfg, steps: int) -> dict:
     finally:
         trainer.loader.close()
     return {
-        "lr": peak_lr(cfg, trainer.runtime.world_size),
+        "lr": peak_lr(cfg),
         "images_per_s": steps * cfg.batch_size / seconds,
         "peak_memory_mb": peak_memory_mb(device),
         "device": device.type,
