@@ -107,7 +107,7 @@ class SpdlLoader:
             .pipe(self._decode, concurrency=workers, name="decode")
             .aggregate(cfg.batch_size, drop_last=True)
             .pipe(self._collate, name="collate")
-            .add_sink()
+            .add_sink(buffer_size=cfg.prefetch)  # prefetch as deep as the fastalex rows'
             .build(num_threads=workers, report_stats_interval=-1)
         )
         self.pipeline.start()

@@ -108,6 +108,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--only", choices=GROUPS, action="append", help="run only this group (repeatable)"
     )
+    p.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        metavar="ROW",
+        help="leave out the rows of this name (repeatable): a row far slower than the others "
+        "refills its prefetch inside their windows, so time it in a run of its own",
+    )
     p.add_argument("--quick", action="store_true", help="tiny data and runs: for the tests")
     p.add_argument("--json", type=Path, help="also write the results as one JSON object here")
     p.add_argument(
@@ -189,12 +197,14 @@ def timing_for(args, group: str) -> Timing:
 
 
 def group_rows(args, data: Data, group: str, size: int, device) -> dict:
-    """The builders of `group`'s rows at `size` (each group module's `rows`)."""
+    """The builders of `group`'s rows at `size` (each group module's `rows`), less --without."""
     if group == "loader":
-        return bench_loader.rows(args, data, size, device)
-    if group == "model":
-        return bench_model.rows(args, size, device)
-    return bench_e2e.rows(args, data, size, device)
+        builders = bench_loader.rows(args, data, size, device)
+    elif group == "model":
+        builders = bench_model.rows(args, size, device)
+    else:
+        builders = bench_e2e.rows(args, data, size, device)
+    return {name: build for name, build in builders.items() if name not in args.without}
 
 
 def main(argv=None) -> int:
