@@ -5,35 +5,7 @@ Imports torch and predict.py (which loads the checkpoint and its model card); ON
 optional ``onnx`` extra (onnx, onnxscript; onnxruntime to run it), imported only for
 ``--format onnx``. Never imports a loader or the trainer.
 
-The program's contract (also written into the sidecar, `sidecar`):
-
-- input ``images``: uint8 RGB, (N, S, S, 3) with ``layout="nhwc"`` (the default: what
-  ``numpy.asarray(PIL image)`` gives) or (N, 3, S, S) with ``layout="nchw"``, S the checkpoint's
-  image_size, N any batch size >= 1 (a dynamic dimension);
-- output ``logits``: float32 (N, classes), class i being the sidecar's ``classes[i]``; softmax them
-  for probabilities;
-- inside: the model in eval mode, whose first op is x / 255, minus the mean, over the std (the
-  run's, per channel; model.normalise_pixels, as in training),
-  and, when the run evaluated with flip TTA (and not ``flip_tta=False``), the logits of the batch
-  and its mirror (width axis) averaged, as `fastalex predict` and `fastalex eval` compute them;
-- outside, the caller's part: the image decoded upright (EXIF orientation applied), alpha on
-  white, as RGB, and the whole image (no crop) resized to S x S with the loaders' antialiased
-  linear filter (`loaders.augment.crop_resize`: a triangle widened to the scale when
-  downscaling, pixel centres aligned, the edge pixel replicated beyond the border, rounded to
-  nearest, ties to even). ``PIL.Image.resize((S, S), Image.Resampling.BILINEAR)`` is the same
-  filter to one grey level (its fixed-point weights), except in the outermost row and column of
-  a downscaled image, where PIL renormalises the filter inside the image instead of replicating
-  the edge (tests/test_predict.py measures both).
-
-`torch.export` (``.pt2``, ``torch.export.load(path).module()``) keeps the weights in float32 on the
-CPU and computes in float32 (no autocast: a deployment picks its own precision), so it gives
-predict's logits under ``amp="off"``; where the run evaluated in bf16, predict's differ from it by
-bf16 rounding. ONNX is written with ``torch.onnx.export(..., dynamo=True)``, the weights inside
-the file.
-Choices where the issue is silent: OUT is the program's file (its suffix added when missing, the
-sidecar beside it with ``.json`` appended: ``model.pt2.json``, so a .pt2 and an .onnx can share
-a stem); flip TTA rides inside the program when the run used it, because
-that is what the run's reported accuracy measured (``--no-flip-tta`` halves the compute).
+The program's contract and the choices behind it: docs/using-the-model.md.
 """
 
 from __future__ import annotations

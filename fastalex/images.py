@@ -5,8 +5,7 @@ Imports numpy, simplejpeg and Pillow; never torch or DALI (pack, verify and pred
 
 - `check_image_header(data)` reads only the header (JPEG's SOF marker through libjpeg-turbo, the
   others through Pillow's lazy open, WebP's canvas size here) and rejects an image whose width x
-  height is over ``max_pixels`` before a single pixel is decoded: a 634-byte JPEG can claim
-  60000 x 60000 pixels, and decoding it took 10.6 GB (issue 10).
+  height is over ``max_pixels`` before a single pixel is decoded (docs/data.md: why).
 - `decode_image(data)` decodes one frame (the first of a GIF, an animated WebP or a multi-page TIFF)
   to 8-bit RGB or L: alpha composited on `ALPHA_BACKGROUND`, palettes and 16-bit samples converted,
   the EXIF orientation applied, optionally downscaled (Lanczos) so the longer side is ``max_side``.

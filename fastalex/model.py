@@ -9,53 +9,7 @@ returns logits (N, num_classes). Its first op (`normalise_pixels`) is (x / 255 -
 one multiply-add, inside the compiled step, where inductor fuses it with the conversion to float;
 its constants are non-persistent buffers, so state_dicts (and checkpoints) are as before.
 
-Both archs are Krizhevsky, Sutskever & Hinton 2012 ("ImageNet Classification with Deep
-Convolutional Neural Networks", NIPS; "the paper" below) as ONE tower: the paper split conv2, conv4
-and conv5 across two GPUs (two channel groups); here every conv sees all its input channels, which
-costs 1.13 GMAC at 227 px instead of the paper's 0.72. Layer order (paper section 3.5):
-
-    conv1 -> ReLU -> LRN -> pool -> conv2 -> ReLU -> LRN -> pool -> conv3 -> ReLU
-    -> conv4 -> ReLU -> conv5 -> ReLU -> pool -> flatten
-    -> dropout -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> fc8
-
-`alexnet` is the paper's layout for 227 px (Tiny ImageNet upsampled); feature maps (C x H x W):
-conv1 96x55x55, pool1 96x27x27, conv2 256x27x27, pool2 256x13x13, conv3-5 384/384/256x13x13,
-pool5 256x6x6, fc6 input 9216.
-
-`alexnet64` is the same eight layers for native 64 px input. Only conv1 changes: 96 filters of 8x8
-at stride 4 with 2 px padding (paper: 11x11, stride 4, no padding), so 64 px tiles into 16 = 64/4
-positions, each interior pixel in two windows per axis. Every later map is then the paper's scaled
-by ~64/227, hence ~10x fewer FLOPs (0.23 vs 2.26 GFLOP per image): conv1 96x16x16, pool1 96x8x8,
-conv2 256x8x8, pool2 256x4x4, conv3-5 384/384/256x4x4, pool5 256x2x2, fc6 input 1024. Higher
-resolution does not fit that budget: conv1 at stride 2 puts conv2 at 15x15 and saves only ~3.5x.
-
-Both archs accept other sizes (alexnet64 at 56 or 72, alexnet at 224): fc6's input width is traced
-from the layers at construction. Pools round their output size up (Caffe's convention), so no
-edge row is dropped when a size does not tile exactly; at the paper's 55/27/13 and at alexnet64's
-16/8/4 rounding changes nothing.
-
-`alexnet-tv` is torchvision's `alexnet()` layout, which differs from the paper (pytorch/vision
-issue 549): conv widths 64-192-384-256-256 (conv1 11x11/4 padding 2), no LRN, pools that round down,
-an adaptive average pool to 6x6 before fc6, dropout before fc6 and fc7 only. Its modules are named
-as torchvision's (`features.0` ... `features.12`, `avgpool`, `classifier.0` ... `classifier.6`), so
-its state_dict keys and shapes are torchvision's and the published ImageNet weights load unchanged
-(1000 classes: 61,100,840 parameters). Its smallest input is 63 px (pool5 would be empty below).
-
-LRN follows the paper's formula (section 3.3), alpha NOT divided by the window size:
-    b_c = a_c / (k + alpha * sum_{c' = c-n/2 .. c+n/2} a_c'^2) ** beta
-with n=5, k=2, alpha=1e-4, beta=0.75.
-torch.nn.LocalResponseNorm divides alpha by n, so ours equals nn.LocalResponseNorm(5, alpha=5e-4,
-beta=0.75, k=2). We keep the paper's convention so that its published constants mean what the paper
-says, and implement it as plain tensor ops (one fused kernel under torch.compile, no graph break),
-summing squares in float32 so fp16/bf16 autocast cannot overflow (300**2 > fp16's max of 65504).
-
-Initialisation: not the paper's N(0, 0.01) for every weight with biases of 0 or 1 (section 5). That
-gives each ReLU layer a gain of 0.01 * sqrt(fan_in / 2) (0.13 for conv1, 0.35-0.42 for conv2-5), so
-the signal reaching conv5 is ~1000x smaller than the input and only the biases of 1 keep the ReLUs
-alive. Instead conv and hidden fc weights are He-normal (He et al. 2015, fan-in, ReLU gain), which
-keeps each layer's variance at the fast recipe's high learning rates; fc8 keeps the paper's
-N(0, 0.01), which starts the logits at std ~0.7 for unit-variance images, so the first loss is
-within a few tenths of ln(num_classes); all biases are 0.
+The layers, LRN and initialisation, with their sources: docs/model.md.
 """
 
 from __future__ import annotations

@@ -8,30 +8,7 @@ decides) and runtime.py; never a loader backend, the shard reader or the trainer
 a checkpoint carries arch, image size, normalisation, flip-TTA setting and class names
 (`checkpoint.model_card`).
 
-What predict does to an image is what validation does to a packed one:
-
-- read the file (a file larger than any image of ``max_pixels`` could be is refused unread), check
-  its header against ``max_pixels`` before any pixel is decoded (`images.check_image_header`: a
-  decompression bomb is rejected from its header), decode the first frame upright (EXIF) with alpha
-  on white (`images.decode_image`), downscaled so its longer side is at most ``max_side`` — pack's
-  own default, so a photo is seen as a pack of it would store it — and as RGB uint8 (H, W, 3);
-- the whole image resized to image_size (`crop_resize` with `full_boxes`: the antialiased linear
-  filter of the val transform, rounded to uint8), images of different sizes placed on one canvas
-  with their sizes, as the `cpu` loader batches them; memory is bounded by the batch
-  (``batch_size`` images of at most max_side px), never by a directory;
-- the model normalises with the checkpoint's mean/std as its first op, as in training;
-- the model under the run's autocast (as `train.evaluate` runs it: bf16 where the device has it
-  natively and the run's --amp was auto) and, when the run evaluated with flip TTA, the logits of
-  the image and its mirror (width axis) averaged; probabilities are the softmax of those logits.
-
-Choices where the issue is silent: a directory is searched recursively for files with an image
-extension (`imagefolder.IMAGE_EXTENSIONS`, any case; hidden files and directories skipped, as pack
-does), while a file named explicitly or matched by a glob is tried whatever its name. Every image is
-predicted once (the first time a path reaches it), in the order given: a directory's and a glob's
-files sorted. A path that names nothing, a directory without images and a file that does not decode
-are each reported and skipped. crop_resize runs eagerly here (no inductor compile on the CPU: the
-compiled and eager passes agree but for a rare grey level at a rounding tie, and a compile would
-cost seconds of startup).
+What predict does to an image, and the choices behind it: docs/using-the-model.md.
 """
 
 from __future__ import annotations

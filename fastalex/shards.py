@@ -62,7 +62,7 @@ from fastalex.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-INDEX_VERSION = "v1.2"  # DALI 2.4 fn.readers.webdataset index format (see DALI_NOTES.md)
+INDEX_VERSION = "v1.2"  # DALI 2.4 fn.readers.webdataset's index format (this module's docstring)
 KEY_DIGITS = 8  # up to 10^8 samples per split
 LABEL_DIGITS = 6  # up to 10^6 classes
 ASCII_ZERO = 48  # ord("0"): label digits are ASCII
