@@ -40,25 +40,7 @@ TIMEOUT_S = 240  # one torchrun of a few epochs takes ~20-40 s on the 2-core box
 
 def torchrun(launch, pack, out, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return launch(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "fastalex",
-            "train",
-            pack,
-            "--out",
-            out,
-            *TINY,
-            *args,
-        ],
-        env=env,
-    )
+    return launch(torchrun_command(pack, out, *args), env=env)
 
 
 def run_to_end(launch, pack, out, *args) -> str:
