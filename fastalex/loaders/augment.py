@@ -113,8 +113,7 @@ def resample_taps(
     device = start.device
     step = length / out_px  # (N,) input pixels per output pixel
     radius = step.clamp(min=1.0)
-    # Taps = the integers strictly inside a support of width 2 * radius, for the widest radius.
-    taps = max(2, math.ceil(2 * max(1.0, max_length / out_px)))
+    taps = tap_count(max_length, out_px)
     j = torch.arange(out_px, device=device, dtype=torch.float32) + 0.5
     if flip is None:
         centre = start[:, None] + j * step[:, None]  # (N, S), continuous (pixel edges at integers)
@@ -127,6 +126,28 @@ def resample_taps(
     weight /= weight.sum(dim=2, keepdim=True)
     index = torch.minimum(index.clamp_(min=0), (limit.to(torch.float32) - 1)[:, None, None])
     return index.to(torch.int64), weight
+
+
+def tap_count(max_length: int, out_px: int) -> int:
+    """Taps per output of resample_taps: the integers strictly inside a support of width
+    2 * radius, for the widest radius a crop of max_length px gives."""
+    return max(2, math.ceil(2 * max(1.0, max_length / out_px)))
+
+
+def box_taps(
+    boxes: torch.Tensor,
+    flips: torch.Tensor | None,
+    heights: torch.Tensor,
+    widths: torch.Tensor,
+    out_px: int,
+    canvas_px: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(col_index, col_weight, row_index, row_weight) of crop_resize's two passes: resample_taps
+    along the width (mirrored where `flips`) and along the height of each box."""
+    x0, y0, box_w, box_h = boxes.unbind(1)
+    col_index, col_weight = resample_taps(x0, box_w, out_px, widths, canvas_px[1], flips)
+    row_index, row_weight = resample_taps(y0, box_h, out_px, heights, canvas_px[0])
+    return col_index, col_weight, row_index, row_weight
 
 
 def bilinear_passes(
@@ -159,26 +180,33 @@ def to_pixels(values: torch.Tensor) -> torch.Tensor:
     return values.round().clamp(0, 255).to(torch.uint8)
 
 
-_compiled_passes = None  # torch.compile(bilinear_passes), built on first use; False if it failed
+class CompiledOnCpu:
+    """`fn` compiled by inductor on first call (dynamic in the batch size: one compile per set of
+    other shapes), or None where torch.compile cannot build it (no compiler...): the caller then
+    runs its eager path. Host ints among the arguments are constants of the compiled graph."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = None  # the compiled function once built; False once a compile failed
+
+    def __call__(self, *args):
+        if self.compiled is False:
+            return None
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=False)
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dim():
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+        try:
+            return self.compiled(*args)
+        except Exception as error:  # any compiler failure: fall back, once and for all
+            warnings.warn(f"crop_resize: torch.compile failed ({error!r:.200}); running eagerly")
+            self.compiled = False
+            return None
 
 
-def compiled_bilinear(*args: torch.Tensor) -> torch.Tensor | None:
-    """bilinear_passes compiled by inductor (dynamic in the batch size: one compile per output
-    size), or None where torch.compile cannot build it (no compiler...): crop_resize then runs
-    eagerly."""
-    global _compiled_passes
-    if _compiled_passes is None:
-        _compiled_passes = torch.compile(bilinear_passes, dynamic=False)
-    if _compiled_passes is False:
-        return None
-    for tensor in args[:5]:
-        torch._dynamo.maybe_mark_dynamic(tensor, 0)
-    try:
-        return _compiled_passes(*args)
-    except Exception as error:  # any compiler failure: fall back, once and for all
-        warnings.warn(f"crop_resize: torch.compile failed ({error!r:.200}); running eagerly")
-        _compiled_passes = False
-        return None
+compiled_taps = CompiledOnCpu(box_taps)  # ~2x the eager small ops (docs/loaders.md)
+compiled_bilinear = CompiledOnCpu(bilinear_passes)
 
 
 def crop_resize(
@@ -196,8 +224,9 @@ def crop_resize(
     on the canvas (None = the whole canvas), where the border is replicated. Returns
     (N, 3, out_px, out_px) uint8, channels_last, on images.device (`to_pixels` rounding).
     On the CPU, a batch that is only upsampled or copied 1:1 (2 taps per pass) runs through
-    `compiled_bilinear` unless `compile_cpu` is False; before rounding the two agree to ~1e-5, so
-    a value that close to a half rounds apart, one grey level, in a few pixels per million.
+    `compiled_taps` and `compiled_bilinear` unless `compile_cpu` is False; before rounding the
+    two paths agree to ~1e-5, so a value that close to a half rounds apart, one grey level, in a
+    few pixels per million.
     """
     n, canvas_h, canvas_w, channels = images.shape
     device = images.device
@@ -208,13 +237,16 @@ def crop_resize(
     else:
         heights, widths = sizes.to(device).unbind(1)
     flips = None if flips is None else flips.to(device)
-    x0, y0, box_w, box_h = boxes.unbind(1)
-    col_index, col_weight = resample_taps(x0, box_w, out_px, widths, canvas_w, flips)  # (N, S, Kx)
-    row_index, row_weight = resample_taps(y0, box_h, out_px, heights, canvas_h)  # (N, S, Ky)
-    if compile_cpu and device.type == "cpu" and col_index.shape[2] == row_index.shape[2] == 2:
-        out = compiled_bilinear(images, col_index, col_weight, row_index, row_weight)
+    canvas = (canvas_h, canvas_w)
+    two_taps = tap_count(canvas_w, out_px) == tap_count(canvas_h, out_px) == 2
+    if compile_cpu and device.type == "cpu" and two_taps:
+        taps = compiled_taps(boxes, flips, heights, widths, out_px, canvas)
+        out = None if taps is None else compiled_bilinear(images, *taps)
         if out is not None:
             return out.contiguous().permute(0, 3, 1, 2)  # (N, 3, S, S) channels_last
+    col_index, col_weight, row_index, row_weight = box_taps(  # (N, S, K) each
+        boxes, flips, heights, widths, out_px, canvas
+    )
 
     # The source as float, written transposed: (N, W, H, 3) float32, so the width pass gathers
     # contiguous rows.

@@ -1,7 +1,8 @@
 """Process-wide host settings for running the augmentation on the CPU device.
 
 Imports torch and ctypes only. Used by the `cpu` and `dali` (CPU-only mode) backends, whose decode
-workers or threads already fill the cores. Reasons and measurements: docs/loaders.md.
+workers or threads already fill the cores, and the `resident` one on the CPU device (its buffers).
+Reasons and measurements: docs/loaders.md.
 """
 
 from __future__ import annotations

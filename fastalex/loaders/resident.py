@@ -22,6 +22,7 @@ from fastalex.loaders import Batch, Placement, loader_workers
 from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader, epoch_order
 from fastalex.loaders.decode import SampleTable, ShardDecoder, worker_start_method
+from fastalex.loaders.host import keep_large_blocks_in_heap
 from fastalex.shards import Manifest
 
 DECODE_BATCH = 512  # images per decode task
@@ -136,6 +137,8 @@ class ResidentLoader(BaseLoader):
             f"uint8 canvases ({self.images.numel() / 2**30:.2f} GiB)"
             + (", larger ones scaled down to fit" if table.may_exceed else "")
         )
+        if self.device.type == "cpu":
+            keep_large_blocks_in_heap()  # each batch's buffers reused, not page-faulted in anew
 
     def _decode(self, cfg, table, ids, manifest, split, placement):
         if self.device.type == "cuda":
@@ -171,7 +174,9 @@ class ResidentLoader(BaseLoader):
                 self.global_batch,
             )
             images = self.augment.apply(
-                self.images[ids],  # (B, H, W, 3) uint8 gathered on the device
+                # (B, H, W, 3) uint8 gathered on the device; index_select copies whole rows
+                # (10x the speed of images[ids] for 64 px uint8 on a CPU, docs/loaders.md)
+                self.images.index_select(0, ids),
                 boxes,
                 flips,
                 None if self.sizes is None else self.sizes[ids],
