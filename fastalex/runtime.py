@@ -29,10 +29,13 @@ from fastalex.errors import UserError
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first CUDA generation with bf16 tensor cores
 AMP_MARGIN = 1.10  # bf16 is kept on a CPU only when its probe is >= 10 % faster than fp32
 RESIDENT_RAM_SHARE = 0.5  # on a CPU the decoded splits may take half of the free RAM
-# The least time a CPU compile of the step has taken: 4.7 s (benchmarks/results/throughput.jsonl,
-# Intel Xeon, model group `compiled` at 64 px, inductor caches warm). A run whose whole eager
-# train time is shorter cannot win a compile back, so it is not even probed.
-COMPILE_COST_FLOOR_S = 4.0
+# Timing a compile costs a compile, so on a CPU it is probed only where it could pay: where the
+# best compiled gain recorded on a CPU (COMPILE_GAIN_MAX: bf16 at 227 px on the Intel Xeon,
+# 65.7 / 43.1 img/s) over the whole eager run would save more than the cheapest cold compile
+# recorded (COMPILE_COLD_MIN_S: 15.9 s, same run; 18-45 s on the 2-core EPYC). Figures in
+# benchmarks/results/throughput.jsonl and docs/defaults.md; cached figures are always used.
+COMPILE_GAIN_MAX = 1.53
+COMPILE_COLD_MIN_S = 15.9
 PROBE_WINDOWS = 3  # timed windows per variant, interleaved (a slow spell falls on every variant)
 PROBE_WINDOW_STEPS = 1  # steps per window (after one untimed warm-up step per variant)
 PROBE_LOADER_BATCHES = 4  # batches per loader window (after one untimed batch)
@@ -491,14 +494,17 @@ def decide_compile(
         }
     eager_img_s = eager[0][0]["images_per_s"]
     eager_s = planned * cfg.batch_size / eager_img_s
-    if eager_s < COMPILE_COST_FLOOR_S:
+    best_saving_s = eager_s * (1 - 1 / COMPILE_GAIN_MAX)
+    cached = probes.read_cache and probes.cache.get(step_key(cfg, rt.device, amp, True))
+    if not cached and best_saving_s < COMPILE_COLD_MIN_S:
         return {
             "chose": False,
             "by": "rule",
             "eager_img_s": eager_img_s,
             "eager_run_s": eager_s,
-            "reason": f"the whole run takes ~{eager_s:.1f} s eager, under the "
-            f"{COMPILE_COST_FLOOR_S:.0f} s the cheapest compile has cost",
+            "reason": f"the whole run takes ~{eager_s:.0f} s eager: even a {COMPILE_GAIN_MAX}x "
+            f"compiled gain would save {best_saving_s:.0f} s, under the {COMPILE_COLD_MIN_S} s "
+            "the cheapest cold compile has cost, so compiling is not probed",
         }
     found = step_figures(cfg, rt, [(amp, False), (amp, True)], planned, num_classes, probes)
     (eager_fig, compiled_fig), source = found

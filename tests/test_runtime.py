@@ -211,11 +211,29 @@ def test_cpu_compile_only_where_the_measured_gain_over_the_run_outweighs_the_com
     )
     assert runtime.compile and decisions["compile"]["chose"] is True
     assert decisions["compile"]["compile_s"] == 30.0
-    # 4,000 images: eager 40 s, compiled 20 s + 30 s: stays eager
+    # 5,000 images: eager 50 s, compiled 25 s + 30 s: stays eager
     _, runtime, decisions = decide(
-        cfg, CPU, fake_manifest(train=4_000), probes=probes(steps=step_rates(rates))
+        cfg, CPU, fake_manifest(train=5_000), probes=probes(steps=step_rates(rates))
     )
     assert not runtime.compile and decisions["compile"]["by"] == "probe"
+
+
+def test_cpu_compile_is_not_probed_where_no_gain_could_repay_a_cold_compile(tmp_path):
+    cfg = TrainConfig(**{**FIXED, "compile": None, "amp": "off"})
+    rates = {("off", False): 100.0, ("off", True): 200.0}
+    # 4,000 images: eager 40 s; even a 1.53x gain saves 14 s, under the cheapest cold compile
+    calls = []
+    cached = probes(tmp_path, steps=step_rates(rates, calls))
+    _, runtime, decisions = decide(cfg, CPU, fake_manifest(train=4_000), probes=cached)
+    assert not runtime.compile and decisions["compile"]["by"] == "rule"
+    assert ("off", True) not in [v for call in calls for v in call]  # never compiled to measure
+    # Once the machine's compile figures are cached, they decide at no cost.
+    decide(cfg, CPU, fake_manifest(train=100_000), probes=cached)
+    assert ("off", True) in calls[-1]
+    calls.clear()
+    _, runtime, decisions = decide(cfg, CPU, fake_manifest(train=4_000), probes=cached)
+    assert calls == [] and decisions["compile"]["by"] == "cache"
+    assert not runtime.compile  # compiled 20 s + 30 s against 40 s eager
 
 
 def test_resident_is_chosen_when_the_splits_fit_and_only_then(monkeypatch):
@@ -309,8 +327,8 @@ def test_a_runs_summary_names_each_decision_and_its_figures(hue_pack, tmp_path, 
     decisions = summary["decisions"]
     assert decisions["amp"]["chose"] == "off" == summary["amp"]
     assert (decisions["amp"]["fp32_img_s"], decisions["amp"]["bf16_img_s"]) == (30.0, 25.0)
-    assert decisions["compile"]["chose"] is False is summary["compile"]  # 9 steps: 30 s loses
-    assert decisions["compile"]["compile_s"] == 30.0
+    assert decisions["compile"]["chose"] is False is summary["compile"]  # 9 steps: not probed
+    assert decisions["compile"]["by"] == "rule" and decisions["compile"]["eager_run_s"] < 5
     assert decisions["loader"]["chose"] == "resident" == summary["loader"]
     assert decisions["loader"]["resident_need_gib"] > 0
     assert all(d["reason"] and d["by"] for d in decisions.values())
