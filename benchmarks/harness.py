@@ -11,7 +11,10 @@ batch or step. `run_group` then
    the next row is built (a fork after the ffcv row has started numba's threads prints a warning);
 3. runs ``repeats`` rounds. Round r times one window of every live row, in the order `schedule`
    gives (the rows rotated by r), so that a slow spell of the machine falls on every row alike and
-   no row always runs first or last. Before its window a row makes untimed lead-in calls (at least
+   no row always runs first or last. Before each window the machine is let settle (``settle_s``:
+   until its CPUs are idle, at most that long): a row's loader refills its prefetch in the
+   background after its own window, and a slow one (SPDL's thread pipeline) would otherwise still
+   be decoding inside the next row's window. Then the row makes untimed lead-in calls (at least
    ``lead_in`` of them and ``lead_in_s`` seconds): they use up what its loader prefetched while the
    other rows ran, which would otherwise come out of the window for free. A window is at least
    ``window_calls`` calls and at least ``window_s`` seconds long, the device synchronised at both
@@ -66,6 +69,7 @@ class Timing:
     window_s: float  # least seconds per timed window
     lead_in: int = 0  # least untimed calls before each window
     lead_in_s: float = 0.0  # least seconds of those
+    settle_s: float = 0.0  # most seconds to wait for an idle machine before each window
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.window_calls < 1 or min(self.warmup, self.lead_in) < 0:
@@ -85,6 +89,43 @@ def schedule(names: Sequence[str], repeats: int) -> list[list[str]]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # CUDA sync point: read the clock once the device is done
+
+
+IDLE_BELOW = 0.1  # the machine counts as idle under this busy share of its CPU time
+SETTLE_SAMPLE_S = 0.1  # each busy-share sample covers this long
+
+
+def cpu_busy_share(interval_s: float = SETTLE_SAMPLE_S) -> float | None:
+    """The busy share of all the machine's CPU time over the next `interval_s` (Linux
+    /proc/stat: everything but idle and iowait), or None where it cannot be read."""
+
+    def totals() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(value) for value in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]
+
+    try:
+        total, idle = totals()
+        time.sleep(interval_s)
+        total_after, idle_after = totals()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle_after - idle) / max(1, total_after - total)
+
+
+def settle(
+    max_s: float,
+    busy: Callable[[], float | None] = cpu_busy_share,
+    clock: Callable[[], float] = time.perf_counter,
+) -> bool:
+    """Wait until the machine is idle (a `busy` sample under IDLE_BELOW), at most `max_s`
+    seconds; True once idle or when `busy` cannot tell, False when time ran out."""
+    start = clock()
+    while clock() - start < max_s:
+        share = busy()
+        if share is None or share < IDLE_BELOW:
+            return True
+    return max_s <= 0
 
 
 def run_calls(
@@ -238,7 +279,10 @@ def warm_up(entry: _Live, device: torch.device, timing: Timing, clock) -> None:
 
 
 def timed(subject: Subject, device: torch.device, timing: Timing, clock) -> tuple:
-    """Lead-in, then one timed window of `subject`: (images, calls, seconds, waited seconds)."""
+    """Settling, lead-in, then one timed window of `subject`: (images, calls, seconds, waited
+    seconds)."""
+    if not settle(timing.settle_s, clock=clock):
+        log(f"the machine was still busy after {timing.settle_s:.0f} s; timing anyway")
     if subject.reset:
         subject.reset()
     run_calls(subject.advance, timing.lead_in, timing.lead_in_s, clock)

@@ -83,6 +83,7 @@ QUICK = dict(batch_size=4, steps=1, batches=0, repeats=3, warmup=1, window_s=0.0
 CUDA_DEFAULTS = dict(batch_size=256, batches=8, steps=5, repeats=7, warmup=3, window_s=1.0)
 CPU_DEFAULTS = dict(batch_size=256, batches=8, steps=1, repeats=5, warmup=2, window_s=1.0)
 LEAD_IN_WINDOWS = 0.5  # loader and e2e rows: untimed lead-in before each window, in windows
+SETTLE_S = 10.0  # loader and e2e rows: most seconds to wait for an idle machine before a window
 
 
 def parse_args(argv=None):
@@ -193,6 +194,7 @@ def timing_for(args, group: str) -> Timing:
         window_s=args.window_s,
         lead_in=int(lead_in),
         lead_in_s=LEAD_IN_WINDOWS * args.window_s if lead_in else 0.0,
+        settle_s=SETTLE_S if lead_in and not args.quick else 0.0,  # --quick: a smoke test
     )
 
 

@@ -558,6 +558,32 @@ def test_run_group_keeps_going_past_rows_that_skip_or_fail_and_says_why():
     assert rows["works"]["window_calls"] == [2, 2, 2] and rows["works"]["compile_s"] == 0.25
 
 
+def test_settle_waits_for_an_idle_machine_and_no_longer_than_its_limit():
+    harness = load_script("harness")
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    def samples(*shares):
+        left = list(shares)
+
+        def busy():
+            now[0] += 0.1
+            return left.pop(0) if left else 1.0
+
+        return busy
+
+    now[0] = 0.0
+    assert harness.settle(5.0, samples(0.9, 0.6, 0.05), clock) and now[0] == pytest.approx(0.3)
+    now[0] = 0.0
+    assert not harness.settle(1.0, samples(), clock) and 1.0 <= now[0] <= 1.2  # one sample over
+    assert harness.settle(1.0, lambda: None, clock)  # no /proc/stat: nothing to wait for
+    assert harness.settle(0.0, samples(), clock)  # settling off
+    share = harness.cpu_busy_share(0.05)
+    assert share is None or 0.0 <= share <= 1.0
+
+
 def test_quick_settings_time_loader_rows_with_a_lead_in_and_model_rows_without():
     throughput = load_script("throughput")
     args = throughput.parse_args(["--quick", "--device", "cpu"])
@@ -567,6 +593,8 @@ def test_quick_settings_time_loader_rows_with_a_lead_in_and_model_rows_without()
     full = throughput.parse_args(["--device", "cpu", "--only", "loader", "--repeats", "9"])
     assert full.repeats == 9 and full.window_s == 1.0
     assert throughput.timing_for(full, "loader").lead_in_s == 0.5
+    assert throughput.timing_for(full, "loader").settle_s == 10.0
+    assert throughput.timing_for(args, "loader").settle_s == 0  # --quick does not wait
     with pytest.raises(SystemExit):
         throughput.parse_args(["--device", "cpu", "--repeats", "2"])
 
