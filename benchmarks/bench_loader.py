@@ -43,12 +43,28 @@ def rows(args, data: Data, size: int, device) -> dict:
     return builders
 
 
-def stream_subject(loader, note: str, args, cfg=None) -> Subject:
-    """A Subject that takes the loader's next batch per call; --batches 0 = one epoch a window."""
-    stream = endless(loader)
+def stream_subject(loader, note: str, args, cfg=None, pause_between_windows=False) -> Subject:
+    """A Subject that takes the loader's next batch per call; --batches 0 = one epoch a window.
+    `pause_between_windows`: after each window the stream is dropped and `loader.pause()` called
+    (the next call starts a new stream: its start-up falls in the untimed lead-in)."""
+    stream = None
+
+    def advance() -> int:
+        nonlocal stream
+        if stream is None:
+            stream = endless(loader)
+        return len(next(stream).labels)
+
+    def pause() -> None:
+        nonlocal stream
+        if stream is not None:
+            stream.close()
+            stream = None
+        loader.pause()
 
     def close() -> None:
-        stream.close()
+        if stream is not None:
+            stream.close()
         loader.close()
 
     window = args.batches or len(loader)
@@ -56,8 +72,9 @@ def stream_subject(loader, note: str, args, cfg=None) -> Subject:
         f"; >= {plural(window, 'batch')} of {args.batch_size} per window, {len(loader)} per epoch"
     )
     return Subject(
-        advance=lambda: len(next(stream).labels),
+        advance=advance,
         close=close,
+        pause=pause if pause_between_windows else None,
         window_calls=window,
         info={
             "batch_size": args.batch_size,
@@ -146,9 +163,10 @@ def spdl_row(args, data: Data, size: int, device) -> Subject:
         f"SPDL {package_version('spdl-io')} PipelineBuilder over the pack's JPEGs, {workers} "
         "threads: demux + FFmpeg decode with a per-image filter graph (crop at the config's "
         f"RandomResizedCrop box, {spdl_loader.SCALE_FLAGS} scale, flip) + convert_frames; "
-        f"hands over {loader.hands_over}{MODEL_NORMALISES}"
+        f"hands over {loader.hands_over}{MODEL_NORMALISES}; its pipeline stopped after each "
+        "window (spdl_loader.SpdlLoader.pause)"
     )
-    return stream_subject(loader, note, args, cfg)
+    return stream_subject(loader, note, args, cfg, pause_between_windows=True)
 
 
 def ffcv_version() -> str:

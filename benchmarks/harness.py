@@ -55,6 +55,7 @@ class Subject:
     window_calls: int | None = None  # this row's least calls per window; None = the group's
     waited_s: Callable[[], float] | None = None  # running total of advance's time blocked on input
     reset: Callable[[], None] | None = None  # untimed, before each lead-in (pack: delete outputs)
+    pause: Callable[[], None] | None = None  # untimed, after each window: stop background threads
     compiles: bool = False  # the first warm-up call compiles: report it as compile_s
     finish: Callable[[dict], None] | None = None  # adds fields derived from the summarised row
 
@@ -292,6 +293,8 @@ def timed(subject: Subject, device: torch.device, timing: Timing, clock) -> tupl
         subject.advance, device, subject.window_calls or timing.window_calls, timing.window_s, clock
     )
     waited = subject.waited_s() - waited_before if subject.waited_s else None
+    if subject.pause:
+        subject.pause()
     return images, calls, seconds, waited
 
 

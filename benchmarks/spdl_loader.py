@@ -101,17 +101,32 @@ class SpdlLoader:
         self.hands_over = "uint8 pixels, channels_last" + (
             "" if self.device.type == "cpu" else ", copied to the device from pinned memory"
         )
+        self.epochs, self.workers, self.prefetch = Epochs(self), workers, cfg.prefetch
+        self.pipeline = None
+        self.start()
+        self.samples = self.share.steps * cfg.batch_size
+
+    def start(self) -> None:
+        """Build and start the pipeline (on the next epoch of its source)."""
         self.pipeline = (
             PipelineBuilder()
-            .add_source(Epochs(self), continuous=True)
-            .pipe(self._decode, concurrency=workers, name="decode")
-            .aggregate(cfg.batch_size, drop_last=True)
+            .add_source(self.epochs, continuous=True)
+            .pipe(self._decode, concurrency=self.workers, name="decode")
+            .aggregate(self.batch_size, drop_last=True)
             .pipe(self._collate, name="collate")
-            .add_sink(buffer_size=cfg.prefetch)  # prefetch as deep as the fastalex rows'
-            .build(num_threads=workers, report_stats_interval=-1)
+            .add_sink(buffer_size=self.prefetch)  # prefetch as deep as the fastalex rows'
+            .build(num_threads=self.workers, report_stats_interval=-1)
         )
         self.pipeline.start()
-        self.samples = self.share.steps * cfg.batch_size
+
+    def pause(self) -> None:
+        """Stop the pipeline's threads until the next ``iter``, which starts a new pipeline.
+        The benchmark pauses the row after each of its windows: left running, even idle, they
+        slowed the other rows' OpenMP work (`resident` at 64 px: 23-31k images/s beside them,
+        44-49k without, on the 2-core EPYC)."""
+        if self.pipeline is not None:
+            self.pipeline.stop()
+            self.pipeline = None
 
     def _locations(self):
         table = self.table
@@ -137,6 +152,8 @@ class SpdlLoader:
         return self.share.steps
 
     def __iter__(self):
+        if self.pipeline is None:
+            self.start()
         for pixels, labels in self.pipeline.get_iterator():
             images = pixels.permute(0, 3, 1, 2)  # (N, 3, S, S) uint8, channels_last strides
             if self.device.type != "cpu":  # .to keeps the strides (preserve_format)
@@ -145,6 +162,4 @@ class SpdlLoader:
             yield Batch(images, labels)
 
     def close(self) -> None:
-        if self.pipeline is not None:
-            self.pipeline.stop()
-            self.pipeline = None
+        self.pause()

@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -584,6 +585,18 @@ def test_settle_waits_for_an_idle_machine_and_no_longer_than_its_limit():
     assert share is None or 0.0 <= share <= 1.0
 
 
+def test_a_row_that_pauses_is_paused_after_each_window_and_never_inside_one():
+    harness = load_script("harness")
+    events = []
+    subject = harness.Subject(
+        advance=lambda: events.append("call") or 1, pause=lambda: events.append("pause")
+    )
+    timing = harness.Timing(repeats=2, warmup=0, window_calls=3, window_s=0.0, lead_in=1)
+    for _ in range(2):
+        assert harness.timed(subject, torch.device("cpu"), timing, time.perf_counter)[:2] == (3, 3)
+    assert events == (["call"] * 4 + ["pause"]) * 2  # lead-in + window, then the pause
+
+
 def test_quick_settings_time_loader_rows_with_a_lead_in_and_model_rows_without():
     throughput = load_script("throughput")
     args = throughput.parse_args(["--quick", "--device", "cpu"])
@@ -792,6 +805,10 @@ def test_spdl_row_loader_keeps_the_batch_contract(coded_pack):
         position = {image_id: i for i, image_id in enumerate(coded_pack.ids["train"])}
         assert all(max(position[i] for i in ids[:32]) > 64 for ids in epochs)
         assert len(set(epochs[0][:32]) & set(epochs[1][:32])) < 16  # ~32 * 32 / 280 = 3.7
+        loader.pause()  # the benchmark's, after each window: threads stopped, restarted on iter
+        assert loader.pipeline is None
+        images, labels = next(iter(loader))
+        assert images.shape == (32, 3, 48, 48) and loader.pipeline is not None
     finally:
         loader.close()
 
