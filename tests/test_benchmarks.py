@@ -392,6 +392,16 @@ def test_unpacked_pack_is_a_source_tree_with_the_same_samples(synth_pack, tmp_pa
     assert sorted(np.bincount([label for _, label in layout.train])) == [40] * 6
 
 
+def test_only_busy_loop_runs_feed_the_busy_loop_ratios(tmp_path):
+    render = load_script("render_results")
+    row = {"run_id": "r", "machine": {}, "group": "loader", "name": "cpu"}
+    (tmp_path / "loader-64-beside-a-busy-loop.jsonl").write_text(json.dumps(row) + "\n")
+    other = dict(row, run_id="other")
+    (tmp_path / "loader-64-beside-spdl-idle-threads.jsonl").write_text(json.dumps(other) + "\n")
+    assert [r["run_id"] for r in render.read_rows(tmp_path, render.BUSY_LOOP_RUNS)] == ["r"]
+    assert len(render.read_rows(tmp_path)) == 2
+
+
 def test_training_table_marks_a_synthetic_run_as_such():
     render = load_script("render_results")
     data = {
