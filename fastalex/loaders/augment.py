@@ -240,7 +240,9 @@ def crop_resize(
     canvas = (canvas_h, canvas_w)
     two_taps = tap_count(canvas_w, out_px) == tap_count(canvas_h, out_px) == 2
     if compile_cpu and device.type == "cpu" and two_taps:
-        taps = compiled_taps(boxes, flips, heights, widths, out_px, canvas)
+        # No flips as all-False flips: val reuses train's graph (equal taps; a compile saved).
+        unflipped = torch.zeros(n, dtype=torch.bool) if flips is None else flips
+        taps = compiled_taps(boxes, unflipped, heights, widths, out_px, canvas)
         out = None if taps is None else compiled_bilinear(images, *taps)
         if out is not None:
             return out.contiguous().permute(0, 3, 1, 2)  # (N, 3, S, S) channels_last
