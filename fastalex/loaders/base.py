@@ -1,11 +1,11 @@
 """What every backend's loader shares: its fields, `__len__`, each pass's epoch and first step,
 and the seeds of the global epoch order and of each global step's augmentation.
 
-Imports torch and the loader contract (fastalex.loaders); never a backend. A backend subclasses
-`BaseLoader` and implements `__iter__` (one pass: the next epoch) and `close`. Train global step s
-covers global positions [s*G, (s+1)*G) of the epoch order, G = batch_size * world_size; rank r takes
-[s*G + r*b, s*G + (r+1)*b). Seeds are hashes of their keys: reproducible anywhere, independent.
-Reasons: docs/loaders.md.
+Imports torch, the loader contract (fastalex.loaders) and host.py; never a backend. A backend
+subclasses `BaseLoader` and implements `__iter__` (one pass: the next epoch) and `close`. Train
+global step s covers global positions [s*G, (s+1)*G) of the epoch order, G = batch_size *
+world_size; rank r takes [s*G + r*b, s*G + (r+1)*b). Seeds are hashes of their keys: reproducible
+anywhere, independent. Reasons: docs/loaders.md.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from fastalex.config import TrainConfig
 from fastalex.loaders import Placement, augment_for, plan_share
+from fastalex.loaders.host import keep_large_blocks_in_heap
 from fastalex.shards import Manifest
 
 
@@ -90,6 +91,8 @@ class BaseLoader:
         self.total = manifest.splits[split].samples  # the whole split's
         self.global_batch = cfg.batch_size * placement.world_size  # G: samples per global step
         self._skip_steps = self._check_skip(skip_samples)
+        if self.device.type == "cpu":
+            keep_large_blocks_in_heap()  # every batch a fresh host tensor: reuse freed blocks
 
     def _check_skip(self, skip_samples: int) -> int:
         """Global steps the first pass skips: skip_samples / G (ValueError unless a whole number

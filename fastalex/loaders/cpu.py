@@ -23,7 +23,7 @@ from fastalex.loaders import Batch, Placement, loader_workers
 from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader
 from fastalex.loaders.decode import SampleTable, ShardDecoder, ThreadDecoder, worker_start_method
-from fastalex.loaders.host import keep_large_blocks_in_heap, one_thread_on_cpu
+from fastalex.loaders.host import one_thread_on_cpu
 from fastalex.loaders.shm import (
     SharedSegment,
     free_shared_memory,
@@ -135,8 +135,6 @@ class CpuLoader(BaseLoader):
         else:
             self._start_processes(cfg, placement, workers, height, width)
         self.summary += why
-        if self.device.type == "cpu":
-            keep_large_blocks_in_heap()
 
     def _start_threads(self, cfg: TrainConfig, placement: Placement, height: int, width: int):
         """Decode threads and a ring of prefetch + 1 canvases: while the step uses one, the

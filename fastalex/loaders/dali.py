@@ -27,7 +27,7 @@ from fastalex.errors import UserError
 from fastalex.loaders import Batch, Placement, canvas_px, loader_workers, rank_share
 from fastalex.loaders.augment import CROP_ATTEMPTS, ragged_sizes
 from fastalex.loaders.base import BaseLoader, epoch_generator, epoch_seed
-from fastalex.loaders.host import keep_large_blocks_in_heap, one_thread_on_cpu
+from fastalex.loaders.host import one_thread_on_cpu
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest
 
 READER = "Reader"
@@ -321,8 +321,6 @@ class DaliLoader(BaseLoader):
         self._taken: int | None = None  # batches taken from DALI's current epoch; None: none begun
         powers = 10 ** torch.arange(LABEL_DIGITS - 1, -1, -1, dtype=torch.int64)
         self._powers = powers.to(self.device)
-        if not self.on_gpu:
-            keep_large_blocks_in_heap()
 
     def _rewind(self) -> None:
         """Take what DALI has left of its current epoch, then reset it for the next one.

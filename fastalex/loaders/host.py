@@ -1,7 +1,8 @@
 """Process-wide host settings for running the augmentation on the CPU device.
 
-Imports torch and ctypes only. Used by the `cpu` and `dali` (CPU-only mode) backends, whose decode
-workers or threads already fill the cores, and the `resident` one on the CPU device (its buffers).
+Imports torch and ctypes only. `one_thread_on_cpu`: the `cpu` and `dali` (CPU-only mode) backends,
+whose decode workers or threads already fill the cores; `keep_large_blocks_in_heap`: BaseLoader,
+for every backend on the CPU device.
 Reasons and measurements: docs/loaders.md.
 """
 

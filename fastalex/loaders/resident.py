@@ -22,7 +22,6 @@ from fastalex.loaders import Batch, Placement, loader_workers
 from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader, epoch_order
 from fastalex.loaders.decode import SampleTable, ShardDecoder, worker_start_method
-from fastalex.loaders.host import keep_large_blocks_in_heap
 from fastalex.shards import Manifest
 
 DECODE_BATCH = 512  # images per decode task
@@ -137,8 +136,6 @@ class ResidentLoader(BaseLoader):
             f"uint8 canvases ({self.images.numel() / 2**30:.2f} GiB)"
             + (", larger ones scaled down to fit" if table.may_exceed else "")
         )
-        if self.device.type == "cpu":
-            keep_large_blocks_in_heap()  # each batch's buffers reused, not page-faulted in anew
 
     def _decode(self, cfg, table, ids, manifest, split, placement):
         if self.device.type == "cuda":
