@@ -408,10 +408,17 @@ class Probes:
     def for_config(cls, cfg: TrainConfig, log: Callable[[str], None] = lambda line: None):
         return cls(ProbeCache(probe_cache_file()), read_cache=cfg.probe_cache, log=log)
 
+    def cached(self, keys: list[str]) -> list | None:
+        """The cached figures of every key; None when one is missing or the cache is not read."""
+        if not self.read_cache:
+            return None
+        entries = [self.cache.get(key) for key in keys]
+        return entries if all(entry is not None for entry in entries) else None
+
     def figures(self, keys: list[str], measure: Callable[[], list], what: str) -> tuple:
         """(figures per key, "cache" or "probe"): all from the cache, else measured together."""
-        cached = [self.cache.get(key) for key in keys] if self.read_cache else [None]
-        if all(entry is not None for entry in cached):
+        cached = self.cached(keys)
+        if cached is not None:
             return cached, "cache"
         self.log(f"auto: measuring {what} ...")
         measured = measure()
@@ -431,7 +438,7 @@ def step_figures(cfg, rt, variants, planned, num_classes, probes) -> tuple | Non
     """Cached or measured figures of `variants`; None when not cached and the run is no
     longer than the probe (nothing measured could pay back what measuring costs)."""
     keys = [step_key(cfg, rt.device, amp, compiled) for amp, compiled in variants]
-    if not (probes.read_cache and all(probes.cache.get(k) for k in keys)):
+    if probes.cached(keys) is None:
         if planned <= probe_steps(len(variants)):
             return None
     measure = probes.steps or measure_steps
@@ -495,7 +502,7 @@ def decide_compile(
     eager_img_s = eager[0][0]["images_per_s"]
     eager_s = planned * cfg.batch_size / eager_img_s
     best_saving_s = eager_s * (1 - 1 / COMPILE_GAIN_MAX)
-    cached = probes.read_cache and probes.cache.get(step_key(cfg, rt.device, amp, True))
+    cached = probes.cached([step_key(cfg, rt.device, amp, True)]) is not None
     if not cached and best_saving_s < COMPILE_COLD_MIN_S:
         return {
             "chose": False,
