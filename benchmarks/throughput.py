@@ -114,8 +114,8 @@ def parse_args(argv=None):
         action="append",
         default=[],
         metavar="ROW",
-        help="leave out the rows of this name (repeatable): a row far slower than the others "
-        "refills its prefetch inside their windows, so time it in a run of its own",
+        help="leave out the rows of this name (repeatable), e.g. a peer not installed here or "
+        "a row you do not need this run",
     )
     p.add_argument("--quick", action="store_true", help="tiny data and runs: for the tests")
     p.add_argument("--json", type=Path, help="also write the results as one JSON object here")
