@@ -32,7 +32,9 @@ from PIL import Image
 from fastalex.errors import UserError
 
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-OFFICIAL_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # DESIGN.md
+# The official zip's md5, as ContinualAI's avalanche records it for this URL
+# (avalanche/benchmarks/datasets/tiny_imagenet/tiny_imagenet.py, TinyImagenet.md5).
+OFFICIAL_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 SYNTH_PX = 64  # Tiny ImageNet images are 64x64 RGB JPEGs
 SYNTH_GRAY_FRACTION = 0.01  # about 1 % of Tiny ImageNet's JPEGs are single-channel
 DOWNLOAD_CHUNK = 1 << 20
