@@ -99,7 +99,7 @@ def prepare_data(args, workdir: Path) -> Data:
             data.tree = data.source = unpack_shards(data.shards, workdir / "tree")
             data.description += " (unpacked to a tree for the reference and pack rows)"
         return data
-    from fastalex.tinyimagenet import synth
+    from fastalex.synth import synth
 
     counts = QUICK_STANDIN if args.quick else STANDIN
     description = (

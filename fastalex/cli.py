@@ -92,7 +92,7 @@ def synth(out, classes, train_per_class, val_per_class, test_images, seed, worke
     64x64 JPEGs whose class (shape x stripes x hue) a CNN can learn; about 1 % grayscale, as in the
     real set. For demos and tests only: accuracy on it says nothing about Tiny ImageNet.
     """
-    from fastalex.tinyimagenet import synth as write_synth
+    from fastalex.synth import synth as write_synth
 
     count = write_synth(
         out,

@@ -18,7 +18,7 @@ from fastalex.cli import main
 from fastalex.config import PackConfig
 from fastalex.pack import detect_source, pack
 from fastalex.shards import iter_shard, read_index, read_manifest
-from fastalex.tinyimagenet import encode_jpeg
+from fastalex.synth import encode_jpeg
 
 pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
 
