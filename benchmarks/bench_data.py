@@ -78,7 +78,7 @@ def unpack_shards(shards: Path, out: Path) -> Path:
 
 def prepare_data(args, workdir: Path) -> Data:
     """--data (and --tree), or a synthetic stand-in written and packed under `workdir`."""
-    from fastalex.tinyimagenet import open_source
+    from fastalex.sources.tinyimagenet import open_source
 
     if args.data:
         data = Data(shards=Path(args.data), description=f"pack {args.data}", scratch=workdir)

@@ -34,8 +34,8 @@ def pack_tree(root, out, **fields) -> None:
     without it (a GPU box that lacks the wheel) the tests that need a pack skip, saying so, and
     every test module still collects."""
     pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
-    from fastalex.imagefolder import detect_source
     from fastalex.pack import pack
+    from fastalex.sources import detect_source
 
     pack(detect_source(root), out, PackConfig(**fields), progress=False)
 

@@ -32,8 +32,8 @@ from fastalex.shards import (
     write_manifest,
     write_shard,
 )
+from fastalex.sources.tinyimagenet import open_source
 from fastalex.synth import synth
-from fastalex.tinyimagenet import open_source
 
 
 def source_images(tree: Path) -> dict[str, int]:

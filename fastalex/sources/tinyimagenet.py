@@ -1,17 +1,12 @@
-"""The Tiny ImageNet source layout: reading it from a directory or the official zip, and fetching
-the zip. (`fastalex/synth.py` writes a stand-in tree in the exact layout.)
+"""The Tiny ImageNet layout, in a directory or in the official zip read in place, and
+`download_zip`, which fetches that zip (resumable, md5-checked).
 
-Imports neither torch nor DALI. The layout (as in the official ``tiny-imagenet-200.zip``)::
-
-    wnids.txt                         one wnid per line: the classes
-    words.txt                         wnid <TAB> words (may list many more wnids than wnids.txt)
-    train/<wnid>/images/*.JPEG        training images of class <wnid>
-    train/<wnid>/<wnid>_boxes.txt     file <TAB> x0 <TAB> y0 <TAB> x1 <TAB> y1
-    val/images/*.JPEG
-    val/val_annotations.txt           file <TAB> wnid <TAB> x0 <TAB> y0 <TAB> x1 <TAB> y1
-    test/images/*.JPEG                unlabelled
-
-Labels are indices into the sorted wnids, as torchvision's ImageFolder orders them.
+The layout: ``wnids.txt`` (the classes, one wnid a line), optionally ``words.txt`` (wnid TAB words),
+``train/<wnid>/images/*``, ``val/images/*`` labelled by ``val/val_annotations.txt`` (file TAB wnid
+TAB box), ``test/images/*`` (unlabelled: counted, not packed); at the top of SRC, below
+``tiny-imagenet-200/`` or in its one subdirectory. Labels index the sorted wnids, as torchvision's
+ImageFolder orders them. Its val split is its own: --val-fraction is refused. Imports errors,
+base.py and tree.py; never torch, DALI or pack. The layout as users see it: docs/data.md.
 """
 
 from __future__ import annotations
@@ -21,11 +16,11 @@ import http.client
 import os
 import urllib.error
 import urllib.request
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastalex.errors import UserError
+from fastalex.sources.base import Layout, SourceKind, SourceRef
+from fastalex.sources.tree import TreeReader, check_source_path, zip_names
 
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 # The official zip's md5, as ContinualAI's avalanche records it for this URL
@@ -34,130 +29,17 @@ OFFICIAL_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 DOWNLOAD_CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class SourceRef:
-    """A picklable handle on a source tree: a directory, or a zip read in place."""
-
-    path: str  # the directory or the zip file
-    root: str  # prefix of the tree inside it ("" or "tiny-imagenet-200/"), '/'-separated
-    layout: str = "tiny-imagenet"  # which reader: "tiny-imagenet" or "imagefolder" (imagefolder.py)
-
-    @property
-    def is_zip(self) -> bool:
-        return not os.path.isdir(self.path)
-
-
-class Source:
-    """Read access to the files of a layout, by '/'-separated path relative to its root."""
-
-    def __init__(self, ref: SourceRef):
-        self.ref = ref
-        self._zip = zipfile.ZipFile(ref.path) if ref.is_zip else None
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
-
-    def read(self, rel: str) -> bytes:
-        if self._zip is not None:
-            return self._zip.read(self.ref.root + rel)
-        with open(os.path.join(self.ref.path, self.ref.root, rel), "rb") as f:
-            return f.read()
-
-    def exists(self, rel: str) -> bool:
-        if self._zip is not None:
-            try:
-                self._zip.getinfo(self.ref.root + rel)
-                return True
-            except KeyError:
-                return False
-        return os.path.isfile(os.path.join(self.ref.path, self.ref.root, rel))
-
-    def size(self, rel: str) -> int:
-        """Bytes of file `rel` (uncompressed, in a zip), read from the directory entry."""
-        if self._zip is not None:
-            return self._zip.getinfo(self.ref.root + rel).file_size
-        return os.path.getsize(os.path.join(self.ref.path, self.ref.root, rel))
-
-    def has_dir(self, rel: str) -> bool:
-        """Whether directory `rel` exists (in a zip: whether any member lies below it)."""
-        if self._zip is not None:
-            prefix = self.ref.root + rel.rstrip("/") + "/"
-            return any(n.startswith(prefix) for n in self._zip.namelist())
-        return os.path.isdir(os.path.join(self.ref.path, self.ref.root, rel))
-
-    def walk_files(self, rel: str) -> list[str]:
-        """Paths relative to `rel` of every file below directory `rel`, at any depth, sorted;
-        hidden files and directories left out. The same list for a directory and its zip."""
-        if self._zip is not None:
-            prefix = self.ref.root + rel.rstrip("/") + "/"
-            found = (n[len(prefix) :] for n in self._zip.namelist() if n.startswith(prefix))
-            return sorted(
-                n
-                for n in found
-                if n and not n.endswith("/") and not any(p.startswith(".") for p in n.split("/"))
-            )
-        top = os.path.join(self.ref.path, self.ref.root, rel)
-        found, seen = [], set()
-        for folder, dirs, files in os.walk(top, followlinks=True):  # as torchvision's ImageFolder
-            real = os.path.realpath(folder)
-            if real in seen:  # a symlink loop: each directory once
-                dirs[:] = []
-                continue
-            seen.add(real)
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            below = os.path.relpath(folder, top).replace(os.sep, "/")
-            below = "" if below == "." else below + "/"
-            found += [
-                below + f
-                for f in files
-                if not f.startswith(".") and os.path.isfile(os.path.join(folder, f))
-            ]
-        return sorted(found)
-
-    def list_dir(self, rel: str) -> list[str]:
-        """Names of the files directly inside directory `rel`, sorted; hidden files left out."""
-        if self._zip is not None:
-            prefix = self.ref.root + rel.rstrip("/") + "/"
-            names = (n[len(prefix) :] for n in self._zip.namelist() if n.startswith(prefix))
-            return sorted(n for n in names if n and "/" not in n and not n.startswith("."))
-        full = os.path.join(self.ref.path, self.ref.root, rel)
-        if not os.path.isdir(full):
-            return []
-        return sorted(
-            e.name for e in os.scandir(full) if e.is_file() and not e.name.startswith(".")
-        )
-
-
 def open_source(path: str | os.PathLike) -> SourceRef:
     """Locate the layout in a directory or zip: at its top, or in its one subdirectory."""
     path = check_source_path(path)
-    root = find_tiny_root(path)
+    root = find_root(path)
     if root is None:
         kind = "tree" if os.path.isdir(path) else "zip"
         raise UserError(f"{path}: not a Tiny ImageNet {kind}: missing wnids.txt")
     return SourceRef(path, root)
 
 
-def check_source_path(path: str | os.PathLike) -> str:
-    """`path` as a string, once it is known to be a directory or a readable zip."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file or directory")
-    if not os.path.isdir(path):
-        zip_names(path)
-    return path
-
-
-def zip_names(path: str) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"{path}: not a directory or a readable zip ({e})") from None
-
-
-def find_tiny_root(path: str) -> str | None:
+def find_root(path: str) -> str | None:
     """The prefix under which a directory or zip holds wnids.txt, or None."""
     if os.path.isdir(path):
         for root in ("", "tiny-imagenet-200/"):
@@ -171,16 +53,7 @@ def find_tiny_root(path: str) -> str | None:
     return min(candidates, key=len)[: -len("wnids.txt")] if candidates else None
 
 
-@dataclass(frozen=True)
-class Layout:
-    classes: tuple[tuple[str, str], ...]  # (wnid, words) in label order
-    train: tuple[tuple[str, int], ...]  # (relative path, label)
-    val: tuple[tuple[str, int], ...]
-    test_images: int  # unlabelled, not packed
-    skipped: tuple[str, ...] = ()  # other files not packed, one line each, for the manifest
-
-
-def _read_text(source: Source, rel: str) -> str:
+def _read_text(source: TreeReader, rel: str) -> str:
     if not source.exists(rel):
         raise UserError(
             f"{source.ref.path}: not a Tiny ImageNet tree: missing {source.ref.root}{rel}"
@@ -188,16 +61,24 @@ def _read_text(source: Source, rel: str) -> str:
     return source.read(rel).decode("utf-8", errors="replace")
 
 
-def read_layout(ref: SourceRef) -> Layout:
-    """Classes and the labelled train and val samples of a tree, checked for consistency."""
-    source = Source(ref)
+def read_layout(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -> Layout:
+    """Classes and the labelled train and val samples of a tree, checked for consistency. The tree
+    has its own val split: `val_fraction` must be 0 (`seed` goes unused)."""
+    if val_fraction:
+        raise UserError(
+            f"{ref.path}: a Tiny ImageNet tree has its own val split; drop --val-fraction"
+        )
+    source = TreeReader(ref)
     try:
-        return _read_layout(ref, source)
+        layout = _read_layout(ref, source)
     finally:
         source.close()
+    if not layout.val:
+        raise UserError(f"{ref.path}: val/val_annotations.txt lists no images")
+    return layout
 
 
-def _read_layout(ref: SourceRef, source: Source) -> Layout:
+def _read_layout(ref: SourceRef, source: TreeReader) -> Layout:
     wnids = sorted({w.strip() for w in _read_text(source, "wnids.txt").split() if w.strip()})
     if not wnids:
         raise UserError(f"{ref.path}: wnids.txt lists no classes")
@@ -294,3 +175,6 @@ def _md5(path: Path) -> str:
         while chunk := f.read(DOWNLOAD_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+SOURCE = SourceKind("tiny-imagenet", find_root, read_layout, TreeReader)

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip(
+    "simplejpeg", reason="fastalex.sources imports images.py, which needs simplejpeg"
+)
+
 from fastalex.errors import UserError
-from fastalex.tinyimagenet import download_zip, open_source, read_layout
+from fastalex.sources.tinyimagenet import download_zip, open_source, read_layout
 
 
 def zip_tree(tree: Path, zip_path: Path) -> Path:
@@ -61,6 +65,19 @@ def test_reader_names_what_is_missing(synth_tree, tmp_path):
     (broken / "val/val_annotations.txt").write_text("val_0.JPEG\tn1\t0\t0\t1\t1\n")
     with pytest.raises(UserError, match="names a missing image val/images/val_0.JPEG"):
         read_layout(open_source(broken))
+
+
+def test_val_fraction_is_refused_and_an_empty_val_split_named(synth_tree, tmp_path):
+    with pytest.raises(UserError, match="has its own val split; drop --val-fraction"):
+        read_layout(open_source(synth_tree), val_fraction=0.1)
+    tree = tmp_path / "tree"
+    (tree / "train/n1/images").mkdir(parents=True)
+    (tree / "train/n1/images/a.JPEG").write_bytes(b"x")
+    (tree / "val").mkdir()
+    (tree / "wnids.txt").write_text("n1\n")
+    (tree / "val/val_annotations.txt").write_text("")
+    with pytest.raises(UserError, match="val/val_annotations.txt lists no images"):
+        read_layout(open_source(tree))
 
 
 def record_requests(server) -> list[str | None]:

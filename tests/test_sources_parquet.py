@@ -16,8 +16,9 @@ from PIL import Image
 
 from fastalex.cli import main
 from fastalex.config import PackConfig
-from fastalex.pack import detect_source, pack
+from fastalex.pack import pack
 from fastalex.shards import iter_shard, read_index, read_manifest
+from fastalex.sources import detect_source
 from fastalex.synth import encode_jpeg
 
 pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
