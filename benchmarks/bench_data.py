@@ -78,7 +78,7 @@ def unpack_shards(shards: Path, out: Path) -> Path:
 
 def prepare_data(args, workdir: Path) -> Data:
     """--data (and --tree), or a synthetic stand-in written and packed under `workdir`."""
-    from fastalex.tinyimagenet import open_source
+    from fastalex.sources.tinyimagenet import open_source
 
     if args.data:
         data = Data(shards=Path(args.data), description=f"pack {args.data}", scratch=workdir)
@@ -99,7 +99,7 @@ def prepare_data(args, workdir: Path) -> Data:
             data.tree = data.source = unpack_shards(data.shards, workdir / "tree")
             data.description += " (unpacked to a tree for the reference and pack rows)"
         return data
-    from fastalex.tinyimagenet import synth
+    from fastalex.synth import synth
 
     counts = QUICK_STANDIN if args.quick else STANDIN
     description = (

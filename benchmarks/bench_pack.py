@@ -22,7 +22,7 @@ def rows(args, data: Data, workdir: Path) -> dict:
 def pack_row(args, data: Data, workdir: Path) -> Subject:
     from fastalex.config import PackConfig
     from fastalex.pack import pack
-    from fastalex.tinyimagenet import open_source
+    from fastalex.sources.tinyimagenet import open_source
 
     ref = open_source(need(data, "source"))
     cfg = PackConfig(shard_size=16 if args.quick else PackConfig.shard_size)

@@ -92,7 +92,7 @@ def synth(out, classes, train_per_class, val_per_class, test_images, seed, worke
     64x64 JPEGs whose class (shape x stripes x hue) a CNN can learn; about 1 % grayscale, as in the
     real set. For demos and tests only: accuracy on it says nothing about Tiny ImageNet.
     """
-    from fastalex.tinyimagenet import synth as write_synth
+    from fastalex.synth import synth as write_synth
 
     count = write_synth(
         out,
@@ -143,9 +143,9 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
     downscaled; other JPEGs are stored byte for byte. A pack killed part-way leaves no manifest;
     run the same command again.
     """
-    from fastalex import tinyimagenet
-    from fastalex.pack import detect_source, summarize
     from fastalex.pack import pack as run_pack
+    from fastalex.pack import summarize
+    from fastalex.sources import detect_source, tinyimagenet
 
     cfg = build(PackConfig, **options)
     if download:
@@ -171,7 +171,7 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
     else:
         raise UserError("give SRC and OUT: fastalex pack SRC-DIR-OR-ZIP OUT")
     if str(src).startswith("hf://"):
-        from fastalex.parquet import snapshot_hub
+        from fastalex.sources.parquet import snapshot_hub
 
         src = snapshot_hub(str(src), str(cache_dir / "hub"))
     manifest, wrote = run_pack(detect_source(src), out, cfg)

@@ -1,12 +1,12 @@
-"""Source tree -> shards: parallel, every image checked (header first, then a full decode) once
-before it is written, atomic.
+"""Source -> shards: parallel, every image checked (header first, then a full decode) once before
+it is written, atomic.
 
-Imports the layout readers, images.py and the shard format, never torch or DALI. Each file goes
-through `images.prepare_image`: a whole, upright JPEG within ``max_side`` is stored byte-identical;
-other formats are transcoded, larger images downscaled, and headers over ``max_pixels`` rejected
-before any decode. A pack is staged in ``OUT/.staging/`` and moved into place only when every
-shard is written; the manifest is written last, so a pack killed at any point leaves no manifest
-and re-running starts it afresh.
+Imports sources/ (every layout through one `Reader`; pack names none), images.py and the shard
+format, never torch or DALI. Each item goes through `images.prepare_image`: a whole, upright JPEG
+within ``max_side`` is stored byte-identical; other formats are transcoded, larger images
+downscaled, and headers over ``max_pixels`` rejected before any decode. A pack is staged in
+``OUT/.staging/`` and moved into place only when every shard is written; the manifest is written
+last, so a pack killed at any point leaves no manifest and re-running starts it afresh.
 """
 
 from __future__ import annotations
@@ -22,12 +22,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastalex import imagefolder
 from fastalex.config import PackConfig
 from fastalex.errors import UserError
-from fastalex.imagefolder import EXPECTED
 from fastalex.images import Rejected, check_jpeg, max_file_bytes, prepare_image
-from fastalex.parquet import ParquetSource, find_parquet_files, read_parquet
 from fastalex.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -44,7 +41,7 @@ from fastalex.shards import (
     write_manifest,
     write_shard,
 )
-from fastalex.tinyimagenet import Layout, Source, SourceRef, check_source_path
+from fastalex.sources import Layout, Reader, SourceRef, open_reader, read_layout
 
 STAGING = ".staging"
 PACK_FILE = re.compile(r"^(train|val)-\d{6}\.(tar|idx)(\.part)?$|^manifest\.json(\.part)?$")
@@ -54,33 +51,7 @@ COUNTS = ("transcoded", "resized", "reoriented")  # per split, in the manifest
 
 
 _progress = None  # multiprocessing.Value shared with the workers
-_sources: dict[SourceRef, Source | ParquetSource] = {}
-
-
-def detect_source(path: str | os.PathLike) -> SourceRef:
-    """The layout at `path`: a directory holding *.parquet files is a Hugging Face snapshot
-    (parquet.py); otherwise Tiny ImageNet or ImageFolder (imagefolder.detect_source)."""
-    path = check_source_path(path)
-    if find_parquet_files(path):
-        return SourceRef(path, "", "parquet")
-    try:
-        return imagefolder.detect_source(path)
-    except UserError:
-        raise UserError(
-            f"{path}: not a source tree pack reads: {EXPECTED}, or a Hugging Face parquet "
-            "snapshot (*.parquet files with image and label columns)"
-        ) from None
-
-
-def read_source(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -> Layout:
-    """The Layout of any source kind `detect_source` returns."""
-    if ref.layout == "parquet":
-        return read_parquet(ref, val_fraction, seed)
-    return imagefolder.read_source(ref, val_fraction, seed)
-
-
-def open_reader(ref: SourceRef) -> Source | ParquetSource:
-    return ParquetSource(ref) if ref.layout == "parquet" else Source(ref)
+_sources: dict[SourceRef, Reader] = {}  # one open reader per source, per worker
 
 
 def _init_worker(progress) -> None:
@@ -106,8 +77,7 @@ def pack_shard(
 ) -> ShardResult:
     """Check, convert where needed (`prepare_image`) and write one shard."""
     source = _sources.get(ref) or _sources.setdefault(ref, open_reader(ref))
-    if isinstance(source, ParquetSource):  # this shard's rows, each row group read once
-        source.prefetch([rel for _, rel, _ in items])
+    source.prefetch([rel for _, rel, _ in items])  # parquet: each row group read once per shard
     rejected = []
     max_px = [0, 0]
     counts = dict.fromkeys(COUNTS, 0)
@@ -235,7 +205,7 @@ def pack(
     written (False: `out` already held this very pack, same source and settings, left as it was).
     """
     out = Path(out)
-    layout = read_source(ref, cfg.val_fraction, cfg.seed)
+    layout = read_layout(ref, cfg.val_fraction, cfg.seed)
     source = describe_source(ref)
     created = not out.exists()
     if not prepare_out(out, source, cfg):

@@ -32,11 +32,11 @@ from tqdm import tqdm
 from fastalex.checkpoint import load_checkpoint, model_card
 from fastalex.config import PackConfig, TrainConfig, default_workers
 from fastalex.errors import UserError
-from fastalex.imagefolder import IMAGE_EXTENSIONS
 from fastalex.images import Rejected, decode_image, max_file_bytes
 from fastalex.loaders.augment import crop_resize, full_boxes, ragged_sizes
 from fastalex.model import build_model, eval_logits
 from fastalex.runtime import Runtime, configure_backends, resolve_runtime
+from fastalex.sources.imagefolder import IMAGE_EXTENSIONS
 
 BATCH_SIZE = 64  # images per forward: 64 canvases of pack's max_side (512 px) are 48 MiB of uint8
 GLOB_CHARS = "*?["  # a path holding one of these that names no file is a glob pattern

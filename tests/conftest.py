@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from fastalex.config import PackConfig
-from fastalex.tinyimagenet import synth
+from fastalex.synth import synth
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,8 +34,8 @@ def pack_tree(root, out, **fields) -> None:
     without it (a GPU box that lacks the wheel) the tests that need a pack skip, saying so, and
     every test module still collects."""
     pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
-    from fastalex.imagefolder import detect_source
     from fastalex.pack import pack
+    from fastalex.sources import detect_source
 
     pack(detect_source(root), out, PackConfig(**fields), progress=False)
 
@@ -62,7 +62,7 @@ def synth_pack(synth_tree, tmp_path_factory):
 def write_tree(root, classes: int, train_per_class: int, val_per_class: int, render) -> None:
     """A Tiny-ImageNet-layout tree of RGB JPEGs: `render(image_id, label) -> (H, W, 3) uint8`.
     Train images get ids 0.., val images the ids after them; label = id % classes."""
-    from fastalex.tinyimagenet import encode_jpeg, synth_wnids
+    from fastalex.synth import encode_jpeg, synth_wnids
 
     wnids = synth_wnids(classes)
     (root / "val" / "images").mkdir(parents=True)
@@ -181,7 +181,7 @@ def hue_pack(tmp_path_factory):
     classes that differ by shape alone need ~10 epochs."""
     import numpy as np
 
-    from fastalex.tinyimagenet import render_image
+    from fastalex.synth import render_image
 
     def render(image_id, label):
         return render_image(HUE_LABELS[label], np.random.default_rng([7, image_id]))[0]

@@ -381,7 +381,7 @@ def test_reference_loader_reads_an_image_folder_in_class_order(synth_tree):
 def test_unpacked_pack_is_a_source_tree_with_the_same_samples(synth_pack, tmp_path):
     bench_data = load_script("bench_data")
     from fastalex.shards import read_manifest
-    from fastalex.tinyimagenet import open_source, read_layout
+    from fastalex.sources.tinyimagenet import open_source, read_layout
 
     tree = bench_data.unpack_shards(synth_pack, tmp_path / "tree")
     layout = read_layout(open_source(tree))

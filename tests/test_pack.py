@@ -32,7 +32,8 @@ from fastalex.shards import (
     write_manifest,
     write_shard,
 )
-from fastalex.tinyimagenet import open_source, synth
+from fastalex.sources.tinyimagenet import open_source
+from fastalex.synth import synth
 
 
 def source_images(tree: Path) -> dict[str, int]:
@@ -189,6 +190,17 @@ def test_corrupt_files_are_rejected_with_reasons_and_the_rest_packed(corrupt_tre
     assert reasons["notes.txt"].startswith("not a JPEG")
     assert manifest.splits["train"].samples == 240 - 3  # 3 replaced files rejected, CMYK kept
     assert verify_pack(tmp_path / "out") == []
+
+
+def test_a_png_named_jpeg_is_transcoded_by_default_and_non_images_listed(corrupt_tree, tmp_path):
+    """docs/data.md's Tiny ImageNet section: every image is decoded whatever its extension."""
+    tree, wnid = corrupt_tree
+    manifest, _ = pack(open_source(tree), tmp_path / "out", PackConfig(shard_size=64), False)
+    reasons = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in manifest.rejected}
+    assert set(reasons) == {f"{wnid}_1.JPEG", f"{wnid}_2.JPEG", "notes.txt"}
+    assert reasons["notes.txt"].startswith("not an image")
+    assert manifest.splits["train"].transcoded == 1  # the PNG named .JPEG
+    assert manifest.splits["train"].samples == 240 - 2
 
 
 def test_strict_fails_naming_the_file_and_writes_nothing(corrupt_tree, tmp_path):

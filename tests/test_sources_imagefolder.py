@@ -21,10 +21,10 @@ pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
 from fastalex.cli import main
 from fastalex.config import PackConfig
 from fastalex.errors import UserError
-from fastalex.imagefolder import detect_source, read_source
 from fastalex.images import Rejected, check_image_header, prepare_image
 from fastalex.pack import pack, verify_pack
 from fastalex.shards import iter_shard, read_index, read_manifest
+from fastalex.sources import detect_source, read_layout
 
 DATA_DOC = Path(__file__).resolve().parent.parent / "docs" / "data.md"
 BAD = {"train/dog/broken.png"}  # the fixture's one corrupt image
@@ -158,10 +158,10 @@ def test_val_fraction_holds_out_each_class_seeded(folder_tree, tmp_path):
     tree = tmp_path / "noval"
     shutil.copytree(folder_tree.path, tree, ignore=shutil.ignore_patterns("val"))
     with pytest.raises(UserError, match="--val-fraction"):
-        read_source(detect_source(tree))
+        read_layout(detect_source(tree))
     with pytest.raises(UserError, match="drop --val-fraction"):
-        read_source(detect_source(folder_tree.path), val_fraction=0.2)
-    layout = read_source(detect_source(tree), val_fraction=0.2, seed=0)
+        read_layout(detect_source(folder_tree.path), val_fraction=0.2)
+    layout = read_layout(detect_source(tree), val_fraction=0.2, seed=0)
     files = {name: len(paths) for name, paths in tree_images(tree, "train").items()}
     files["dog"] += 1  # the broken PNG is still a file of the tree
     for label, name in enumerate(sorted(files)):
@@ -170,8 +170,8 @@ def test_val_fraction_holds_out_each_class_seeded(folder_tree, tmp_path):
         assert len(val) == round(files[name] * 0.2) and len(train) + len(val) == files[name]
         assert all(rel.startswith(f"train/{name}/") for rel in val + train)
     assert not set(layout.val) & set(layout.train)
-    assert read_source(detect_source(tree), val_fraction=0.2, seed=0) == layout
-    assert read_source(detect_source(tree), val_fraction=0.2, seed=1).val != layout.val
+    assert read_layout(detect_source(tree), val_fraction=0.2, seed=0) == layout
+    assert read_layout(detect_source(tree), val_fraction=0.2, seed=1).val != layout.val
     manifest = pack_tree(tree, tmp_path / "out", val_fraction=0.2)
     assert manifest.splits["val"].samples == 2 + 2 + 2 and manifest.pack["val_fraction"] == 0.2
 
@@ -240,13 +240,13 @@ def test_layout_errors_name_the_problem(folder_tree, tmp_path):
     shutil.copytree(folder_tree.path, tree)
     shutil.copytree(tree / "train/dog", tree / "train/emu")
     with pytest.raises(UserError, match="class 'emu' has images in train/ but none in val/"):
-        read_source(detect_source(tree))
+        read_layout(detect_source(tree))
     shutil.rmtree(tree / "train/emu")
     (tree / "val/Cat/readme.txt").write_text("x")
     for image in (tree / "val/Cat").glob("*.*g"):
         image.unlink()
     with pytest.raises(UserError, match="val/Cat/ holds no images"):
-        read_source(detect_source(tree))
+        read_layout(detect_source(tree))
 
 
 def test_pack_again_with_other_settings_names_them(folder_tree, folder_pack, tmp_path):

@@ -1,15 +1,13 @@
-"""The Hugging Face parquet source layout: a local snapshot of an image-classification dataset
-(`zh-plus/tiny-imagenet`'s ``data/train-*.parquet``, ``data/valid-*.parquet``, or the Hub
-converter's ``default/train/0000.parquet``), read with pyarrow; `snapshot_hub` fetches
-``hf://OWNER/NAME``.
+"""The Hugging Face parquet layout: a local snapshot of an image-classification dataset
+(``data/train-*.parquet``, ``data/valid-*.parquet``, or the Hub converter's
+``default/train/0000.parquet``), read with pyarrow; `snapshot_hub` fetches ``hf://OWNER/NAME``.
 
-Imports neither torch nor DALI. Columns: ``image`` (a struct of ``bytes`` and ``path``, or plain
-binary) and ``label`` (a ClassLabel: int ids). A file's split is the first directory or file-name
-prefix that names one: ``train``; ``valid``/``validation``/``val``; ``test`` (skipped, counted).
-Class names: the schema's ``huggingface`` metadata, else a ``dataset_infos.json`` beside the files
-or above them, else the label ids. Labels are kept as the dataset numbers them. Items are
-``"<file> row <n>"``, so a rejected row is named by file and row number. `ParquetSource` reads them
-a shard at a time (`prefetch`), each row group once per shard. Reasons: docs/data.md.
+Columns: ``image`` (a struct of ``bytes`` and ``path``, or plain binary), ``label`` (ClassLabel ids,
+kept as the dataset numbers them). A file's split is the first directory or file-name prefix naming
+one (train; valid/validation/val; test: counted, not packed). Class names: the schema's metadata,
+else a ``dataset_infos.json``, else the ids. Items are ``"<file> row <n>"``; `ParquetReader` reads a
+shard's rows at a time, each row group once per shard. Imports errors, images, base.py; pyarrow when
+it reads. Reasons: docs/data.md.
 """
 
 from __future__ import annotations
@@ -21,9 +19,8 @@ import re
 from collections import defaultdict
 
 from fastalex.errors import UserError
-from fastalex.imagefolder import hold_out
 from fastalex.images import Rejected
-from fastalex.tinyimagenet import Layout, SourceRef
+from fastalex.sources.base import Layout, SourceKind, SourceRef, hold_out
 
 SPLIT_NAMES = {"train": "train", "valid": "val", "validation": "val", "val": "val", "test": "test"}
 SPLIT_WORD = re.compile(r"^(train|valid|validation|val|test)(?=$|[-_.])")
@@ -31,6 +28,11 @@ ROW = " row "  # "<file> row <n>": an item of this layout
 INFO_FILES = ("dataset_infos.json", "dataset_info.json")
 HUB_PREFIX = "hf://"
 HUB_PATTERNS = ["*.parquet", "*.json", "*.md"]  # a snapshot needs nothing else
+
+
+def find_root(path: str) -> str | None:
+    """Root "" when directory `path` holds *.parquet files at any depth (a zip never does)."""
+    return "" if find_parquet_files(path) else None
 
 
 def find_parquet_files(path: str) -> list[str]:
@@ -81,7 +83,7 @@ def _pq():
     return pq
 
 
-def read_parquet(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -> Layout:
+def read_layout(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -> Layout:
     """The Layout of a parquet snapshot; without a val split, `val_fraction` of each class of
     train is held out (seeded, as for an ImageFolder tree)."""
     pq = _pq()
@@ -144,7 +146,7 @@ def read_parquet(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -> La
 
 
 def _hold_out(train, val_fraction: float, seed: int):
-    """imagefolder.hold_out over the rows of each label: (train items, val items)."""
+    """base.hold_out over the rows of each label: (train items, val items)."""
     files = defaultdict(list)
     for rel, label in train:
         files[f"{label:09d}"].append(rel)  # zero-padded: hold_out seeds by sorted position
@@ -194,8 +196,8 @@ def _label_names(features) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
-class ParquetSource:
-    """Image bytes of ``"<file> row <n>"`` items (the Source contract pack.py reads through)."""
+class ParquetReader:
+    """Image bytes of ``"<file> row <n>"`` items: the Reader of this layout (base.py)."""
 
     def __init__(self, ref: SourceRef):
         self.ref = ref
@@ -245,3 +247,6 @@ class ParquetSource:
 
     def size(self, rel: str) -> int:
         return len(self._get(rel))
+
+
+SOURCE = SourceKind("parquet", find_root, read_layout, ParquetReader)

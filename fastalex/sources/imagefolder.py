@@ -1,18 +1,11 @@
-"""The ImageFolder source layout (torchvision's, timm's, most datasets'), read from a directory or a
-zip in place, and `detect_source` / `read_source`, which tell the two layouts `pack` reads apart and
-return the one Layout the packer consumes.
-
-Imports neither torch nor DALI. The layout, at the top of SRC or of its one subdirectory::
-
-    train/<class>/.../<image>     class = the directory's name; images at any depth below it
-    val/<class>/.../<image>       the same classes (without val/: --val-fraction holds some out)
-    classes.txt or words.txt      optional: <class> <TAB or space> <human-readable name>, one a line
-    test/                         not packed
-
-Labels index the sorted class names, as torchvision's ImageFolder orders them, the same in both
+"""The ImageFolder layout (torchvision's, timm's, most datasets'), in a directory or a zip read in
+place: ``train/<class>/.../<image>`` (images at any depth below the class directory),
+``val/<class>/...`` with the same classes (without val/, --val-fraction holds some of train out),
+optionally ``classes.txt`` or ``words.txt`` (<class> TAB or space <name>), ``test/`` not packed; at
+the top of SRC or in its one subdirectory. Labels index the sorted class names, the same in both
 splits; a class in only one split is an error naming it. Images are picked by extension (any case,
-`IMAGE_EXTENSIONS`); other files are counted in the manifest's ``skipped``. Hidden files and
-directories (a leading dot: .DS_Store, .ipynb_checkpoints, macOS's ._ files) are ignored.
+`IMAGE_EXTENSIONS`), other files counted in the manifest's ``skipped``; hidden files and
+directories (.DS_Store, macOS's ._ files) are ignored. Imports errors, base.py and tree.py.
 """
 
 from __future__ import annotations
@@ -20,18 +13,9 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-import numpy as np
-
 from fastalex.errors import UserError
-from fastalex.tinyimagenet import (
-    Layout,
-    Source,
-    SourceRef,
-    check_source_path,
-    find_tiny_root,
-    read_layout,
-    zip_names,
-)
+from fastalex.sources.base import Layout, SourceKind, SourceRef, hold_out
+from fastalex.sources.tree import TreeReader, zip_names
 
 # torchvision's IMG_EXTENSIONS plus GIF, JFIF and the formats that get a clear "not supported"
 # (HEIC/AVIF from phones) instead of being skipped unseen.
@@ -60,20 +44,7 @@ EXPECTED = (
 )
 
 
-def detect_source(path: str | os.PathLike) -> SourceRef:
-    """The layout in a directory or zip, Tiny ImageNet first, then ImageFolder; each at the top or
-    in the one subdirectory. An unrecognised tree is a UserError naming both layouts."""
-    path = check_source_path(path)
-    root = find_tiny_root(path)
-    if root is not None:
-        return SourceRef(path, root)
-    root = find_imagefolder_root(path)
-    if root is not None:
-        return SourceRef(path, root, "imagefolder")
-    raise UserError(f"{path}: not a source tree pack reads: {EXPECTED}")
-
-
-def find_imagefolder_root(path: str) -> str | None:
+def find_root(path: str) -> str | None:
     """The prefix under which a directory or zip holds train/, or None."""
     if os.path.isdir(path):
         if os.path.isdir(os.path.join(path, "train")):
@@ -94,31 +65,10 @@ def find_imagefolder_root(path: str) -> str | None:
     return roots.pop() if len(roots) == 1 else None
 
 
-def read_source(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -> Layout:
-    """The Layout of either kind of tree; `val_fraction` > 0 holds that share of each class of an
-    ImageFolder tree without val/ out as val (seeded)."""
-    if ref.layout == "imagefolder":
-        layout = read_imagefolder(ref, val_fraction, seed)
-        if not layout.val:
-            raise UserError(
-                f"{ref.path}: --val-fraction {val_fraction} holds out no image (every class has "
-                "one image); give a larger fraction or a val/ tree"
-            )
-        return layout
-    if val_fraction:
-        raise UserError(
-            f"{ref.path}: a Tiny ImageNet tree has its own val split; drop --val-fraction"
-        )
-    layout = read_layout(ref)
-    if not layout.val:
-        raise UserError(f"{ref.path}: val/val_annotations.txt lists no images")
-    return layout
-
-
-def read_imagefolder(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -> Layout:
-    """Classes and labelled train and val samples of an ImageFolder tree, checked for
-    consistency."""
-    source = Source(ref)
+def read_layout(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -> Layout:
+    """Classes and labelled train and val samples of a tree, checked for consistency; without val/,
+    `val_fraction` of each class of train is held out as val (seeded)."""
+    source = TreeReader(ref)
     try:
         train, skipped = _class_files(source, "train")
         has_val = source.has_dir("val")
@@ -154,16 +104,22 @@ def read_imagefolder(ref: SourceRef, val_fraction: float = 0.0, seed: int = 0) -
     def samples(split: str, files: dict[str, list[str]]) -> tuple[tuple[str, int], ...]:
         return tuple((f"{split}/{rel}", label_of[name]) for name in classes for rel in files[name])
 
-    return Layout(
+    layout = Layout(
         classes=tuple((name, names.get(name, "")) for name in classes),
         train=samples("train", train),
         val=samples("train" if not has_val else "val", val),
         test_images=0,
         skipped=tuple(skipped),
     )
+    if not layout.val:
+        raise UserError(
+            f"{ref.path}: --val-fraction {val_fraction} holds out no image (every class has "
+            "one image); give a larger fraction or a val/ tree"
+        )
+    return layout
 
 
-def _class_files(source: Source, split: str) -> tuple[dict[str, list[str]], list[str]]:
+def _class_files(source: TreeReader, split: str) -> tuple[dict[str, list[str]], list[str]]:
     """{class: [path below split/]} of the image files of each class, and a `skipped` line for any
     other files."""
     files: dict[str, list[str]] = defaultdict(list)
@@ -194,22 +150,7 @@ def _class_files(source: Source, split: str) -> tuple[dict[str, list[str]], list
     return dict(files), skipped
 
 
-def hold_out(
-    files: dict[str, list[str]], val_fraction: float, seed: int
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(train, val): `val_fraction` of each class's files, drawn with a seeded generator per class.
-    A class of n >= 2 images gives between 1 and n - 1 of them to val; a class of one keeps it."""
-    train, val = {}, {}
-    for label, name in enumerate(sorted(files)):
-        paths = files[name]
-        count = min(len(paths) - 1, max(1, round(len(paths) * val_fraction)))
-        held = set(np.random.default_rng([seed, 1, label]).permutation(len(paths))[:count].tolist())
-        train[name] = [p for i, p in enumerate(paths) if i not in held]
-        val[name] = [p for i, p in enumerate(paths) if i in held]
-    return train, val
-
-
-def _read_names(source: Source) -> dict[str, str]:
+def _read_names(source: TreeReader) -> dict[str, str]:
     for name_file in NAME_FILES:
         if source.exists(name_file):
             text = source.read(name_file).decode("utf-8", errors="replace")
@@ -221,3 +162,6 @@ def _read_names(source: Source) -> dict[str, str]:
                     names[key.strip()] = words.strip()
             return names
     return {}
+
+
+SOURCE = SourceKind("imagefolder", find_root, read_layout, TreeReader)
