@@ -1,7 +1,7 @@
 """Checkpoints: the run's `Progress` record, building and reading the checkpoint dict, writing it
 atomically into a rotated folder, finding the newest valid one, and the one way back from it: the
 config of a record (`config_from_record`, also RUN/config.json's) and the model of its card
-(`model_from_card`).
+(`model_from_card`), which train --config, eval, predict and export all go through.
 
 A checkpoint is ``torch.save`` of the dict `checkpoint_state` builds (loadable with
 ``weights_only=True``): format, config, classes, normalisation, model/optimizer/scaler state and
@@ -227,8 +227,7 @@ def model_card(state: dict, path: Path) -> dict:
     if missing:
         raise UserError(
             f"{path}: this checkpoint lacks {', '.join(missing)}, which inference "
-            "needs; it was written by an older fastalex: re-train, or evaluate it "
-            "on its pack with `fastalex eval CHECKPOINT SHARDS`"
+            "needs; it was written by an older fastalex: re-train it"
         )
     return {
         **{name: config[name] for name in CARD_FIELDS},

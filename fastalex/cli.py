@@ -367,8 +367,8 @@ def doctor(
 def evaluate(checkpoint, shards, json_path, device, loader, loader_workers) -> None:
     """Top-1/top-5 of CHECKPOINT on the val split of SHARDS, with the eval transform and
     flip-TTA setting the checkpoint was trained with."""
+    from fastalex.evaluate import evaluate_checkpoint
     from fastalex.metrics import write_json
-    from fastalex.train import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, str(shards), device, loader, loader_workers)
     click.echo(

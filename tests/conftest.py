@@ -458,6 +458,23 @@ def checkpoint(hue_pack, tmp_path_factory):
     return out / "checkpoints" / "last.pt"
 
 
+@pytest.fixture
+def edited_checkpoint(checkpoint, tmp_path):
+    """edited_checkpoint(config={...}, normalisation={...}) -> the path of a copy of `checkpoint`
+    whose config record has those keys replaced and whose card carries that normalisation."""
+    import torch
+
+    def make(config: dict | None = None, normalisation: dict | None = None):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state["config"] = {**state["config"], **(config or {})}
+        state["normalisation"] = normalisation or state["normalisation"]
+        path = tmp_path / f"edited-{len(list(tmp_path.glob('edited-*.pt')))}.pt"
+        torch.save(state, path)
+        return path
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def val_files(hue_pack, tmp_path_factory):
     """The hue pack's val images as JPEG files (the stored bytes), in the val loader's order;

@@ -70,8 +70,8 @@ def val_loader_batches(checkpoint, hue_pack):
 
 def test_predict_sees_the_val_transform_and_matches_eval(checkpoint, hue_pack, val_files):
     from fastalex.checkpoint import load_checkpoint
+    from fastalex.evaluate import evaluate_checkpoint
     from fastalex.predict import load_model, read_image
-    from fastalex.train import evaluate_checkpoint
 
     model = load_model(checkpoint, "cpu")
     paths, labels = val_files
