@@ -254,6 +254,15 @@ def config_from_record(record: dict, where: str, **overrides) -> TrainConfig:
         raise UserError(f"{where}: {e}") from None
 
 
+def inference_config(state: dict, path: Path, **overrides) -> TrainConfig:
+    """A checkpoint's config as inference (eval, predict, export) runs it on this machine: amp
+    "auto" and no compile, so `resolve_runtime`'s rule decides for this device (CUDA: bf16 at
+    compute capability >= 8.0, else fp16; a CPU: float32, as no probe runs) instead of the
+    amp the run's own machine chose; never a resume. `overrides` over that."""
+    chosen = {"amp": "auto", "compile": False, "resume": False, **overrides}
+    return config_from_record(state.get("config"), str(path), **chosen)
+
+
 def model_from_card(state: dict, path: Path) -> torch.nn.Module:
     """The checkpoint's model, built from its card (arch, classes, image size, mean, std) with its
     weights loaded, on the CPU in eval mode. UserError for a checkpoint without a card."""

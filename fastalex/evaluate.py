@@ -1,12 +1,12 @@
 """`fastalex eval`: val top-1/top-5 of a checkpoint on a pack, with the eval transform and flip-TTA
 setting its run trained with.
 
-The model and config come the one way back from a checkpoint (checkpoint.py: the model built from
-its card, so its mean/std, as predict builds it; its config record); the pack must hold the
-classes the checkpoint was trained on. Imports the
-checkpoint module, the loader contract (`fastalex.loaders`), runtime.py, the shard manifest and
-train.py's val loop (`evaluate`); never a loader backend or argv.
-"""
+The model and the config come the one way back from a checkpoint (checkpoint.py): the model built
+from its card, so with its mean/std, as predict builds it; the config for inference on this
+machine, so with this device's AMP rule, never the run's. The pack must hold the classes the
+checkpoint was trained on. Imports checkpoint.py, the loader contract (`fastalex.loaders`),
+runtime.py, the shard manifest and train.py's val loop (`evaluate`); never a loader backend or
+argv."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from fastalex.checkpoint import (
     Progress,
     check_checkpoint,
-    config_from_record,
+    inference_config,
     load_checkpoint,
     model_from_card,
 )
@@ -34,15 +34,13 @@ def evaluate_checkpoint(
     """
     path = Path(path)
     state = load_checkpoint(path)
-    cfg = config_from_record(
-        state["config"],
-        str(path),
+    cfg = inference_config(
+        state,
+        path,
         shards=str(shards),
         device=device,
         loader=loader,
         loader_workers=loader_workers,
-        compile=False,
-        resume=False,
     )
     runtime = resolve_runtime(cfg)
     manifest = read_manifest(Path(shards))

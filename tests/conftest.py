@@ -494,6 +494,22 @@ def val_files(hue_pack, tmp_path_factory):
     return paths, np.array(labels)
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu(capability, name): a visible CUDA device of that compute capability, as far as
+    `runtime.resolve_runtime` asks (nothing can run on it)."""
+    import torch
+
+    def install(capability: tuple[int, int], name: str = "Fake GPU") -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+    return install
+
+
 # A Python in which `import fastalex` fails (what an exported program must run without): the
 # package alone is hidden, sys.path is left whole (a virtualenv inside a checkout that `git clone`
 # named fastalex/ puts .../fastalex/.venv/.../site-packages there, numpy and torch with it).

@@ -1,6 +1,6 @@
 """Checkpoints: exact resume in fp16 on the CPU, resuming under another AMP setting, the partial
 epoch's global totals, the model card inference reads, and the one way back from a checkpoint:
-the config of a record and the card's model."""
+the config of a record, the inference config (this machine's AMP rule) and the card's model."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from fastalex.checkpoint import (
     config_from_record,
+    inference_config,
     load_checkpoint,
     model_card,
     model_from_card,
@@ -160,6 +161,21 @@ def test_model_from_card_normalises_with_the_cards_mean_and_std():
     default = build_model("alexnet64", 3, 32)  # config.py's mean/std
     default.load_state_dict(state["model"])
     assert not torch.allclose(model(pixels), default.eval()(pixels))
+
+
+def test_inference_decides_amp_for_this_machine_not_the_runs(fake_gpu):
+    """A run whose CPU probe chose bf16: float32 on a CPU (auto runs no probe there), fp16 on a
+    GPU without native bf16 (where replaying bf16 would stop with an error), bf16 from 8.0."""
+    from fastalex.runtime import resolve_runtime
+
+    state = card_state(amp="bf16", compile=True)
+    cfg = inference_config(state, "last.pt", device="cpu")
+    assert (cfg.amp, cfg.compile, cfg.resume) == ("auto", False, False)
+    assert resolve_runtime(cfg).amp == "off" and not resolve_runtime(cfg).compile
+    fake_gpu((7, 0), "Tesla V100")
+    assert resolve_runtime(inference_config(state, "last.pt", device="cuda")).amp == "fp16"
+    fake_gpu((8, 0), "A100")
+    assert resolve_runtime(inference_config(state, "last.pt", device="auto")).amp == "bf16"
 
 
 def test_fp16_step_with_an_inf_gradient_is_skipped_not_applied():

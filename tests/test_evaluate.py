@@ -1,5 +1,6 @@
 """`fastalex eval` (evaluate.py): the model built from the checkpoint's card, so eval scores what
-predict predicts whatever mean/std the card carries; the command's output and --json."""
+predict predicts whatever mean/std the card carries, and the runtime decided for this machine,
+never replayed from the run; the command's output and --json."""
 
 from __future__ import annotations
 
@@ -41,6 +42,42 @@ def test_eval_uses_the_cards_mean_and_std_as_predict_does(
     assert evaluated["loss"] == pytest.approx(loss, rel=1e-5)
     as_trained = evaluate_checkpoint(checkpoint, str(hue_pack), "cpu", "cpu", 1)
     assert as_trained["loss"] != pytest.approx(loss, rel=1e-3)  # the card's mean/std did count
+
+
+class Decided(Exception):
+    """Raised by a spy once the runtime is decided: nothing can run on a faked GPU."""
+
+
+@pytest.mark.slow
+def test_a_bf16_run_evaluates_by_this_machines_rule(
+    edited_checkpoint, hue_pack, fake_gpu, monkeypatch
+):
+    """A checkpoint whose run chose bf16 (a CPU probe does) evaluates in float32 on a CPU, which
+    runs no probe, and would evaluate in fp16 on a GPU without native bf16, not stop there."""
+    import fastalex.evaluate
+    from fastalex.evaluate import evaluate_checkpoint
+
+    bf16 = edited_checkpoint(config={"amp": "bf16", "compile": True})
+    decided, real = [], fastalex.evaluate.resolve_runtime
+
+    def spy(cfg, *args):
+        decided.append(real(cfg, *args))
+        return decided[-1]
+
+    monkeypatch.setattr(fastalex.evaluate, "resolve_runtime", spy)
+    result = evaluate_checkpoint(bf16, str(hue_pack), "cpu", "cpu", 1)
+    assert (decided[0].amp, decided[0].compile) == ("off", False)
+    assert result["samples"] == 128 and 0 <= result["top1"] <= 100
+
+    def spy_then_stop(cfg, *args):
+        spy(cfg, *args)
+        raise Decided
+
+    monkeypatch.setattr(fastalex.evaluate, "resolve_runtime", spy_then_stop)
+    fake_gpu((7, 0), "Tesla V100")
+    with pytest.raises(Decided):
+        evaluate_checkpoint(bf16, str(hue_pack), "cuda", "cpu", 1)
+    assert decided[-1].device.type == "cuda" and decided[-1].amp == "fp16"
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """predict: the val transform of a checkpoint's own run, files/dirs/globs with bad files in the
-mix, header bombs refused undecoded, and docs/using-the-model.md's commands (export's tests:
-test_export.py).
+mix, header bombs refused undecoded, the precision this machine's rule picks whatever the run's
+machine chose, and docs/using-the-model.md's commands (export's tests: test_export.py).
 
 Tolerances:
 - predict's input against the val loader's, per uint8 pixel: PIXEL_TOL, one grey level
@@ -8,8 +8,8 @@ Tolerances:
   loader through simplejpeg: wheels may bundle other builds) and resize with the same crop_resize
   (eager here, inductor-compiled in the loader: equal but for a rare rounding tie).
 - Top-1 and loss against `fastalex eval`: exact and 1e-5 relative. Predict runs the batches eval
-  runs (the run's batch size, the val order), under the run's autocast, so the logits are the same
-  computation (float32: the checkpoint fixture trains with --amp off); measured bit-identical.
+  runs (the run's batch size, the val order), under the runtime eval decides on this machine
+  (float32 on a CPU), so the logits are the same computation; measured bit-identical.
 - float32 logits of one computation done two ways (batch size, canvas): LOGIT_TOL = 1e-4 relative
   to the largest logit. The uint8 inputs are equal (but for a rare rounding tie), so what is left
   is float32 summation order (oneDNN picks kernels by batch size) through eight layers; measured
@@ -44,21 +44,16 @@ def cli(*args, **kwargs):
 
 def val_loader_batches(checkpoint, hue_pack):
     """(images, labels) of the whole val split as the cpu loader hands them to evaluate."""
-    from fastalex.checkpoint import load_checkpoint
-    from fastalex.config import TrainConfig
+    from fastalex.checkpoint import inference_config, load_checkpoint
     from fastalex.loaders import Placement, build_loader
 
-    saved = load_checkpoint(checkpoint)["config"]
-    cfg = TrainConfig(
-        **{
-            **saved,
-            "shards": str(hue_pack),
-            "device": "cpu",
-            "loader": "cpu",
-            "loader_workers": 1,
-            "compile": False,
-            "resume": False,
-        }
+    cfg = inference_config(
+        load_checkpoint(checkpoint),
+        checkpoint,
+        shards=str(hue_pack),
+        device="cpu",
+        loader="cpu",
+        loader_workers=1,
     )
     loader = build_loader(cfg, "val", Placement(torch.device("cpu")))
     try:
@@ -218,7 +213,7 @@ def test_json_and_csv_carry_ids_names_and_probabilities(checkpoint, val_files):
 def test_images_of_any_size_predict_in_one_batch_as_they_would_alone(checkpoint, val_files):
     from fastalex.predict import load_model
 
-    model = load_model(checkpoint, "cpu", amp="off")  # float32: differences are not bf16 rounding
+    model = load_model(checkpoint, "cpu")  # float32 on a CPU: differences are not bf16 rounding
     rng = np.random.default_rng(0)
     sizes = [(64, 64), (90, 150), (40, 30), (700, 300), (64, 64), (13, 97)]
     pixels = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
@@ -260,6 +255,38 @@ def test_user_errors_are_one_line_and_exit_2(checkpoint, val_files, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+class Decided(Exception):
+    """Raised by a spy once the runtime is decided: nothing can run on a faked GPU."""
+
+
+@pytest.mark.slow
+def test_a_bf16_run_predicts_by_this_machines_rule(
+    edited_checkpoint, val_files, fake_gpu, monkeypatch
+):
+    """A checkpoint whose run chose bf16 (a CPU probe does) predicts in float32 on a CPU, which
+    runs no probe, and would predict in fp16 on a GPU without native bf16, not stop there."""
+    import fastalex.predict
+    from fastalex.predict import load_model, read_image
+
+    bf16 = edited_checkpoint(config={"amp": "bf16", "compile": True})
+    model = load_model(bf16, "cpu")
+    assert (model.runtime.amp, model.runtime.compile) == ("off", False)
+    logits = model.predict([read_image(str(p)) for p in val_files[0][:4]])
+    assert logits.dtype == torch.float32 and logits.shape == (4, 4)
+
+    decided, real = [], fastalex.predict.resolve_runtime
+
+    def spy(cfg, *args):
+        decided.append(real(cfg, *args))
+        raise Decided
+
+    monkeypatch.setattr(fastalex.predict, "resolve_runtime", spy)
+    fake_gpu((7, 0), "Tesla V100")
+    with pytest.raises(Decided):
+        load_model(bf16, "cuda")
+    assert decided[0].device.type == "cuda" and decided[0].amp == "fp16"
 
 
 # --- docs/using-the-model.md ------------------------------------------------------------------
