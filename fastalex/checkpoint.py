@@ -1,17 +1,20 @@
 """Checkpoints: the run's `Progress` record, building and reading the checkpoint dict, writing it
-atomically into a rotated folder, finding the newest valid one, and the model card inference reads.
+atomically into a rotated folder, finding the newest valid one, and the one way back from it: the
+config of a record (`config_from_record`, also RUN/config.json's) and the model of its card
+(`model_from_card`), which train --config, eval, predict and export all go through.
 
 A checkpoint is ``torch.save`` of the dict `checkpoint_state` builds (loadable with
 ``weights_only=True``): format, config, classes, normalisation, model/optimizer/scaler state and
 ``Progress.state_dict()``'s keys. Files: RUN/checkpoints/step-<global step>.pt (newest K kept),
 last.pt and best.pt as hard links to one of them. Partial-epoch sums are global, never per rank.
 
-Imports torch, the config, metrics' `EpochSums` and the shard manifest's types; never a loader,
-the model code or the trainer. Reasons: docs/training.md.
+Imports torch, the config, the model (to build a card's), metrics' `EpochSums` and the shard
+manifest's types; never a loader or the trainer. Reasons: docs/training.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -27,11 +30,13 @@ import torch
 from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
 from fastalex.metrics import EpochSums
+from fastalex.model import build_model
 from fastalex.shards import Manifest
 
 CHECKPOINT_FORMAT = 1
 CARD_FIELDS = ("arch", "image_size", "flip_tta")  # from the saved config
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
+RECORD_ONLY = ("decisions",)  # what config.json records beside the settings (train.py)
 
 
 @dataclass
@@ -222,14 +227,51 @@ def model_card(state: dict, path: Path) -> dict:
     if missing:
         raise UserError(
             f"{path}: this checkpoint lacks {', '.join(missing)}, which inference "
-            "needs; it was written by an older fastalex: re-train, or evaluate it "
-            "on its pack with `fastalex eval CHECKPOINT SHARDS`"
+            "needs; it was written by an older fastalex: re-train it"
         )
     return {
         **{name: config[name] for name in CARD_FIELDS},
         **state["normalisation"],
         "classes": [list(c) for c in state["classes"]],
     }
+
+
+def config_from_record(record: dict, where: str, **overrides) -> TrainConfig:
+    """The TrainConfig of a settings record (RUN/config.json, a checkpoint's "config") with
+    `overrides` over it; what the record keeps beside the settings ("decisions") is dropped.
+    UserError naming `where` for a key no TrainConfig field has, or settings that do not
+    validate."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: not a fastalex config (not an object)")
+    unknown = sorted(set(record) - known - set(RECORD_ONLY))
+    if unknown:
+        raise UserError(f"{where}: not a fastalex config (unknown {unknown[:3]})")
+    settings = {k: v for k, v in record.items() if k in known}
+    try:
+        return TrainConfig(**{**settings, **overrides})
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def inference_config(state: dict, path: Path, **overrides) -> TrainConfig:
+    """A checkpoint's config as inference (eval, predict, export) runs it on this machine: amp
+    "auto" and no compile, so `resolve_runtime`'s rule decides for this device (CUDA: bf16 at
+    compute capability >= 8.0, else fp16; a CPU: float32, as no probe runs) instead of the
+    amp the run's own machine chose; never a resume. `overrides` over that."""
+    chosen = {"amp": "auto", "compile": False, "resume": False, **overrides}
+    return config_from_record(state.get("config"), str(path), **chosen)
+
+
+def model_from_card(state: dict, path: Path) -> torch.nn.Module:
+    """The checkpoint's model, built from its card (arch, classes, image size, mean, std) with its
+    weights loaded, on the CPU in eval mode. UserError for a checkpoint without a card."""
+    card = model_card(state, Path(path))
+    model = build_model(
+        card["arch"], len(card["classes"]), card["image_size"], card["mean"], card["std"]
+    )
+    load_weights(model, state)
+    return model.eval()
 
 
 def check_checkpoint(

@@ -216,7 +216,6 @@ def process_group_env() -> tuple[int, int, int, int]:
 
 
 RERUN_DROPPED = ("shards", "out", "resume", "config_file", "overrides")  # not a run's settings
-RECORD_ONLY = ("decisions",)  # what config.json records beside the settings (train.py)
 
 
 def rerun_config(path: Path, shards: Path, explicit: dict, recipe_given: bool) -> TrainConfig:
@@ -224,21 +223,24 @@ def rerun_config(path: Path, shards: Path, explicit: dict, recipe_given: bool) -
     a new OUT unless --out is given. The result records the file and the overridden fields."""
     import json
 
+    from fastalex.checkpoint import config_from_record
+
     if recipe_given:
         raise UserError("give one of --config and --recipe: the config holds every setting")
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"--config {path}: cannot read it as JSON ({e})") from None
-    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(RECORD_ONLY)
-    unknown = sorted(set(saved) - known) if isinstance(saved, dict) else ["(not an object)"]
-    if unknown:
-        raise UserError(f"--config {path}: not a fastalex config.json (unknown {unknown[:3]})")
-    base = {k: v for k, v in saved.items() if k not in RERUN_DROPPED + RECORD_ONLY}
-    overrides = tuple(sorted(explicit))
-    config_file = str(Path(path).resolve())
-    fields = {**base, **explicit, "shards": str(shards), "config_file": config_file}
-    return build(TrainConfig, **fields, overrides=overrides)
+    if isinstance(saved, dict):
+        saved = {k: v for k, v in saved.items() if k not in RERUN_DROPPED}
+    return config_from_record(
+        saved,
+        f"--config {path}",
+        **explicit,
+        shards=str(shards),
+        config_file=str(Path(path).resolve()),
+        overrides=tuple(sorted(explicit)),
+    )
 
 
 @main.command(context_settings={"show_default": True})
@@ -365,8 +367,8 @@ def doctor(
 def evaluate(checkpoint, shards, json_path, device, loader, loader_workers) -> None:
     """Top-1/top-5 of CHECKPOINT on the val split of SHARDS, with the eval transform and
     flip-TTA setting the checkpoint was trained with."""
+    from fastalex.evaluate import evaluate_checkpoint
     from fastalex.metrics import write_json
-    from fastalex.train import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, str(shards), device, loader, loader_workers)
     click.echo(

@@ -40,7 +40,6 @@ from fastalex.checkpoint import (
     checkpoint_state,
     disk_error,
     load_checkpoint,
-    load_weights,
     restore_rng,
     restore_training,
 )
@@ -915,39 +914,3 @@ def write_file(path: Path, writer: Callable, *args) -> None:
         writer(path, *args)
     except OSError as e:
         raise disk_error(path, e) from None
-
-
-def evaluate_checkpoint(
-    path: Path, shards: str, device: str = "auto", loader: str = "auto", loader_workers: int = 0
-) -> dict:
-    """Val top-1/top-5 of a checkpoint, with the eval transform and TTA setting it trained with.
-
-    Returns {"top1", "top5", "loss", "samples", "epoch", "arch"}.
-    """
-    state = load_checkpoint(Path(path))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {k: v for k, v in state["config"].items() if k in known}
-    cfg = TrainConfig(
-        **{
-            **saved,
-            "shards": str(shards),
-            "device": device,
-            "loader": loader,
-            "loader_workers": loader_workers,
-            "compile": False,
-            "resume": False,
-        }
-    )
-    runtime = resolve_runtime(cfg)
-    manifest = read_manifest(Path(shards))
-    check_checkpoint(state, Path(path), cfg.arch, cfg.image_size, manifest, str(shards))
-    configure_backends(runtime)
-    model = build_model(cfg.arch, manifest.num_classes, cfg.image_size)
-    load_weights(model, state)
-    model = model.to(runtime.device, memory_format=runtime.memory_format)
-    val_loader = build_loader(cfg, "val", Placement(runtime.device))
-    try:
-        result = evaluate(model, val_loader, runtime, cfg.flip_tta)
-    finally:
-        val_loader.close()
-    return {**result, "epoch": Progress.from_state_dict(state).epoch, "arch": cfg.arch}

@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic Tiny-ImageNet trees and packs, written once per session."""
+"""Shared fixtures: small synthetic Tiny-ImageNet trees and packs, a checkpoint trained on one,
+written once per session; processes a test launches."""
 
 from __future__ import annotations
 
@@ -436,3 +437,95 @@ def bomb_jpeg():
         return bytes(data)
 
     return make
+
+
+# --- a trained checkpoint and its val images (predict, eval and export tests) ---------------------
+
+
+@pytest.fixture(scope="session")
+def checkpoint(hue_pack, tmp_path_factory):
+    """RUN/checkpoints/last.pt of one epoch (8 steps) of alexnet64 on the hue pack, flip TTA on
+    (the fast recipe), float32 (--amp off: no probe, the same weights on every machine)."""
+    from click.testing import CliRunner
+
+    from fastalex.cli import main
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    args = ["train", str(hue_pack), "--out", str(out), "--device", "cpu", "--amp", "off"]
+    args += ["--batch-size", "32", "--loader-workers", "1", "--loader", "cpu", "--no-compile"]
+    result = CliRunner().invoke(main, [*args, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    return out / "checkpoints" / "last.pt"
+
+
+@pytest.fixture
+def edited_checkpoint(checkpoint, tmp_path):
+    """edited_checkpoint(config={...}, normalisation={...}) -> the path of a copy of `checkpoint`
+    whose config record has those keys replaced and whose card carries that normalisation."""
+    import torch
+
+    def make(config: dict | None = None, normalisation: dict | None = None):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state["config"] = {**state["config"], **(config or {})}
+        state["normalisation"] = normalisation or state["normalisation"]
+        path = tmp_path / f"edited-{len(list(tmp_path.glob('edited-*.pt')))}.pt"
+        torch.save(state, path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def val_files(hue_pack, tmp_path_factory):
+    """The hue pack's val images as JPEG files (the stored bytes), in the val loader's order;
+    returns (paths, labels)."""
+    import numpy as np
+
+    from fastalex.shards import iter_shard, read_index, read_manifest
+
+    folder = tmp_path_factory.mktemp("valfiles")
+    paths, labels = [], []
+    for shard in read_manifest(hue_pack).splits["val"].shards:
+        index = read_index(hue_pack / shard.index_name)
+        for jpeg, label in iter_shard(hue_pack / shard.name, index):
+            paths.append(folder / f"{len(paths):04d}.jpg")
+            paths[-1].write_bytes(jpeg)
+            labels.append(label)
+    return paths, np.array(labels)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu(capability, name): a visible CUDA device of that compute capability, as far as
+    `runtime.resolve_runtime` asks (nothing can run on it)."""
+    import torch
+
+    def install(capability: tuple[int, int], name: str = "Fake GPU") -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+    return install
+
+
+# A Python in which `import fastalex` fails (what an exported program must run without): the
+# package alone is hidden, sys.path is left whole (a virtualenv inside a checkout that `git clone`
+# named fastalex/ puts .../fastalex/.venv/.../site-packages there, numpy and torch with it).
+HIDE_FASTALEX = "import sys; sys.modules['fastalex'] = None; "
+
+
+@pytest.fixture
+def without_fastalex(launch):
+    """run(code, *args, cwd, python=sys.executable) -> the stdout of `code` run by a fresh
+    `python -c` in which `import fastalex` raises ImportError; fails the test on a non-zero exit."""
+    import sys
+
+    def run(code: str, *args, cwd, python=sys.executable) -> str:
+        process = launch([python, "-c", HIDE_FASTALEX + code, *args], cwd=cwd)
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stdout + stderr
+        return stdout
+
+    return run

@@ -1,15 +1,24 @@
 """Checkpoints: exact resume in fp16 on the CPU, resuming under another AMP setting, the partial
-epoch's global totals, and the model card inference reads."""
+epoch's global totals, the model card inference reads, and the one way back from a checkpoint:
+the config of a record, the inference config (this machine's AMP rule) and the card's model."""
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from fastalex.checkpoint import load_checkpoint, model_card
+from fastalex.checkpoint import (
+    config_from_record,
+    inference_config,
+    load_checkpoint,
+    model_card,
+    model_from_card,
+)
 from fastalex.cli import main
-from fastalex.config import IMAGE_MEAN, IMAGE_STD
+from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
 from fastalex.metrics import EpochSums
 from fastalex.plot import read_metrics
@@ -107,6 +116,66 @@ def test_a_checkpoint_carries_what_inference_needs(hue_pack, tmp_path):
     del state["normalisation"]
     with pytest.raises(UserError, match="lacks normalisation"):
         model_card(state, path)
+
+
+def test_config_from_record_drops_decisions_lets_overrides_win_and_names_the_source():
+    record = {
+        **asdict(TrainConfig(lr=0.05, amp="bf16", batch_size=64)),
+        "decisions": {"amp": {"chose": "bf16", "by": "probe"}},
+    }
+    cfg = config_from_record(record, "RUN/config.json", batch_size=32, shards="pack")
+    assert (cfg.lr, cfg.amp, cfg.batch_size, cfg.shards) == (0.05, "bf16", 32, "pack")
+    with pytest.raises(UserError, match=r"^RUN/config.json: .*unknown \['learning_rate'\]"):
+        config_from_record({**record, "learning_rate": 1}, "RUN/config.json")
+    with pytest.raises(UserError, match=r"^RUN/config.json: .*not an object"):
+        config_from_record([1, 2], "RUN/config.json")
+    with pytest.raises(UserError, match=r"^last.pt: .*batch_size"):
+        config_from_record(record, "last.pt", batch_size=0)  # TrainConfig's ValueError
+
+
+def card_state(**config) -> dict:
+    """The parts of a checkpoint inference reads: config, classes, normalisation, weights."""
+    from fastalex.model import build_model
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(image_size=32, **config)
+    return {
+        "config": asdict(cfg),
+        "classes": [["n01", "one"], ["n02", "two"], ["n03", ""]],
+        "normalisation": {"mean": [0.6, 0.35, 0.5], "std": [0.15, 0.35, 0.25]},
+        "model": build_model(cfg.arch, 3, cfg.image_size).state_dict(),
+    }
+
+
+def test_model_from_card_normalises_with_the_cards_mean_and_std():
+    from fastalex.model import build_model
+
+    state = card_state()
+    model = model_from_card(state, "last.pt")
+    assert not model.training
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+    card = build_model("alexnet64", 3, 32, **state["normalisation"])
+    card.load_state_dict(state["model"])
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(model(pixels), card.eval()(pixels))
+    default = build_model("alexnet64", 3, 32)  # config.py's mean/std
+    default.load_state_dict(state["model"])
+    assert not torch.allclose(model(pixels), default.eval()(pixels))
+
+
+def test_inference_decides_amp_for_this_machine_not_the_runs(fake_gpu):
+    """A run whose CPU probe chose bf16: float32 on a CPU (auto runs no probe there), fp16 on a
+    GPU without native bf16 (where replaying bf16 would stop with an error), bf16 from 8.0."""
+    from fastalex.runtime import resolve_runtime
+
+    state = card_state(amp="bf16", compile=True)
+    cfg = inference_config(state, "last.pt", device="cpu")
+    assert (cfg.amp, cfg.compile, cfg.resume) == ("auto", False, False)
+    assert resolve_runtime(cfg).amp == "off" and not resolve_runtime(cfg).compile
+    fake_gpu((7, 0), "Tesla V100")
+    assert resolve_runtime(inference_config(state, "last.pt", device="cuda")).amp == "fp16"
+    fake_gpu((8, 0), "A100")
+    assert resolve_runtime(inference_config(state, "last.pt", device="auto")).amp == "bf16"
 
 
 def test_fp16_step_with_an_inf_gradient_is_skipped_not_applied():
