@@ -3,7 +3,7 @@
 Rows: ``reference`` (the blog's loader from reference.py, its normalised float32 fed to eager fp32
 NCHW steps of the model's layers without the model's own normalisation, the reference recipe's
 batch), ``fastalex`` (build_loader's default backend and the default stack; compile off
-in --quick), ``defaults`` (every `auto` settled by runtime.decide, the code `fastalex train` runs,
+in --quick), ``defaults`` (every `auto` settled by auto.decide, the code `fastalex train` runs,
 its decisions in the row; --quick plans 2 steps, so nothing is probed) and the fixed
 configurations it is judged against, fp32/bf16 x eager/compiled x cpu/resident (compiled ones
 skipped in --quick); the same arch at each size.
@@ -42,9 +42,10 @@ def rows(args, data: Data, size: int, device) -> dict:
 
 
 def decided_config(cfg, shards, log):
-    """cfg with every `auto` settled by the code `fastalex train` runs (runtime.decide), and the
+    """cfg with every `auto` settled by the code `fastalex train` runs (auto.decide), and the
     decisions."""
-    from fastalex.runtime import decide, decision_lines, resolve_runtime
+    from fastalex.auto import decide, decision_lines
+    from fastalex.runtime import resolve_runtime
     from fastalex.shards import read_manifest
 
     cfg, _, decisions = decide(cfg, resolve_runtime(cfg), read_manifest(shards), log)

@@ -21,6 +21,7 @@ import torch
 from fastalex.config import TrainConfig, default_workers
 from fastalex.errors import UserError
 from fastalex.loaders.augment import Augment
+from fastalex.runtime import Placement
 from fastalex.shards import Manifest, check_pack, read_manifest
 
 BACKENDS = ("dali", "cpu", "resident")
@@ -43,22 +44,13 @@ class Loader(Protocol):
     backend: str  # "dali", "cpu" or "resident": the one actually running
     samples: int  # samples this rank yields per epoch (train: after dropping the short batch)
     summary: str  # one line for the run's log: workers or threads, what it holds
+    resplits: bool  # whether the rest of a part-done epoch can be split over another world size
 
     def __iter__(self) -> Iterator[Batch]: ...
 
     def __len__(self) -> int: ...
 
     def close(self) -> None: ...
-
-
-class Placement(NamedTuple):
-    """Where the batches go, which share of the split this process reads, and how many processes
-    share this machine's cores (torchrun's LOCAL_WORLD_SIZE)."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
 
 
 def loader_workers(cfg: TrainConfig, placement: Placement) -> int:
@@ -127,10 +119,11 @@ def open_pack(cfg: TrainConfig, split: str, placement: Placement) -> Manifest:
         raise UserError(f"{cfg.shards}: the pack has no {split!r} split")
     check_pack(Path(cfg.shards), manifest, (split,))
     share = manifest.splits[split].samples // placement.world_size
-    if split == "train" and share < cfg.batch_size:
+    if split == "train" and share < placement.batch_share(cfg.batch_size):
         raise UserError(
-            f"batch_size {cfg.batch_size} is larger than the train share of each of the "
-            f"{placement.world_size} processes ({share} images); lower --batch-size"
+            f"--batch-size {cfg.batch_size} over {placement.world_size} processes takes "
+            f"{placement.batch_share(cfg.batch_size)} images a step from each, more than the "
+            f"train share of each ({share} images); lower --batch-size"
         )
     return manifest
 
@@ -144,22 +137,19 @@ def build_loader(
 ) -> Loader:
     """The configured backend's loader for `split` ("train" or "val").
 
-    `cfg.loader == "auto"` is decided by runtime.decide_loader_backend (resident when the decoded
-    splits fit, else dali or cpu); `loader.backend` names the one chosen. `first_epoch` is the epoch
-    the first `__iter__` yields (a resumed run passes the epoch it resumes at). `skip_samples`
-    (train only; a multiple of the global batch, cfg.batch_size * world_size) is where in that
-    epoch's global order the first pass starts: it yields the remaining batches, `len()` stays the
-    full count. `cpu` and `resident` start there without decoding the skipped samples, for any
-    world size; `dali` consumes the skipped batches, right only with the world size that took them.
+    cfg.batch_size is the global batch: this process's batches hold placement.batch_share of it.
+    `cfg.loader` is explicit (auto.decide or auto.loader_for settle `auto` first). `first_epoch`
+    is the epoch the first `__iter__` yields (a resumed run passes the epoch it resumes at).
+    `skip_samples` (train only; a multiple of the global batch) is where in that epoch's global
+    order the first pass starts: it yields the remaining batches, `len()` stays the full count.
+    `cpu` and `resident` start there without decoding the skipped samples, for any world size
+    (`resplits`); `dali` consumes the skipped batches, right only with the world size that took
+    them.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     manifest = open_pack(cfg, split, placement)
     backend = cfg.loader
-    if backend == "auto":  # decided in runtime.py: resident when it fits, else dali or cpu
-        from fastalex.runtime import decide_loader_backend
-
-        backend = decide_loader_backend(cfg, placement, manifest)
     if backend == "dali":
         try:
             from fastalex.loaders.dali import DaliLoader as chosen
@@ -173,7 +163,9 @@ def build_loader(
     elif backend == "resident":
         from fastalex.loaders.resident import ResidentLoader as chosen
     else:
-        raise ValueError(f"unknown loader {backend!r}; choose from {BACKENDS}")
+        raise ValueError(
+            f"loader {backend!r}: build_loader takes one of {BACKENDS} (auto.py settles `auto`)"
+        )
     return chosen(cfg, split, manifest, placement, first_epoch, skip_samples)
 
 

@@ -118,7 +118,7 @@ class CpuLoader(BaseLoader):
         super().__init__(cfg, split, manifest, placement, first_epoch, skip_samples)
         self.table = SampleTable(Path(cfg.shards), manifest, split, cfg.image_size)
         height, width = self.table.canvas_px
-        batch_bytes = cfg.batch_size * height * width * 3
+        batch_bytes = self.batch_size * height * width * 3
         self.decode, why = cfg.decode, ""
         if self.decode == "auto":
             self.decode, why = AUTO_DECODE, " (auto)"
@@ -144,7 +144,7 @@ class CpuLoader(BaseLoader):
         slots = cfg.prefetch + 1
         pinned = self.device.type == "cuda"  # copied to the device straight from the ring
         self.canvases = torch.empty(
-            (slots, cfg.batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pinned
+            (slots, self.batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pinned
         )
         self._copied: list[torch.cuda.Event | None] = [None] * slots  # CUDA: slot's copy done
         self._pending: deque = deque()  # (slot, futures) of the batches started, oldest first
@@ -157,7 +157,7 @@ class CpuLoader(BaseLoader):
     ):
         """Decode worker processes and their ring in shared memory."""
         slots = ring_slots(workers, cfg.prefetch)
-        self.ring = SharedSegment(run_label(cfg.out), (slots, cfg.batch_size, height, width, 3))
+        self.ring = SharedSegment(run_label(cfg.out), (slots, self.batch_size, height, width, 3))
         self.canvases = torch.from_numpy(map_segment(self.ring.path, self.ring.shape))
         self.summary = (
             f"cpu: {workers} decode workers, {height} x {width} canvases, "
