@@ -32,6 +32,7 @@ from fastalex.runtime import Runtime, describe_device
 from fastalex.step import peak_lr
 
 LOADER_BOUND_PCT = 20.0  # an epoch whose device waited longer than this on the loader is reported
+SAVE_COST_PCT = 2.0  # periodic checkpoints costing more than this share of their interval: noted
 
 
 def default_run_dir() -> Path:
@@ -182,8 +183,10 @@ def epoch_line(row: dict, epochs: int) -> str:
     )
 
 
-def loader_bound_note(row: dict, cfg: TrainConfig, device, backend: str) -> str:
+def loader_bound_note(row: dict, cfg: TrainConfig, device, backend: str) -> str | None:
     """The advice for an epoch whose device waited on the loader over LOADER_BOUND_PCT."""
+    if not row["loader_wait_pct"] > LOADER_BOUND_PCT:
+        return None
     remedies = [
         "--loader resident (if the decoded split fits in device memory)",
         f"more --loader-workers (now {cfg.loader_workers or 'the default'})",
@@ -193,4 +196,51 @@ def loader_bound_note(row: dict, cfg: TrainConfig, device, backend: str) -> str:
     return (
         f"note: this run is loader-bound: the model waited on the loader "
         f"{row['loader_wait_pct']:.0f} % of epoch {row['epoch']}; try " + ", or ".join(remedies)
+    )
+
+
+def save_cost_note(seconds: float, cfg: TrainConfig) -> str | None:
+    """The advice when a checkpoint takes over SAVE_COST_PCT of --checkpoint-every (by time)."""
+    every_s = cfg.checkpoint_interval()[1]
+    if not every_s or seconds < every_s * SAVE_COST_PCT / 100:
+        return None
+    return (
+        f"note: a checkpoint takes {seconds:.1f} s, over {SAVE_COST_PCT:g} % of "
+        f"--checkpoint-every {cfg.checkpoint_every}; lengthen it"
+    )
+
+
+def data_record(manifest) -> dict:
+    """What the run trained on, for summary.json and RESULTS.md."""
+    return {
+        "source": manifest.source.get("path"),
+        "classes": manifest.num_classes,
+        "train_images": manifest.splits["train"].samples,
+        "val_images": manifest.splits["val"].samples,
+        "synthetic": all(words.startswith("synthetic") for _, words in manifest.classes),
+    }
+
+
+def start_line(cfg: TrainConfig, rt: Runtime, manifest, train_loader) -> str:
+    """The log's line before the first step: the model, the data, the steps, where it runs."""
+    steps = len(train_loader)
+    return (
+        f"{cfg.arch} at {cfg.image_size} px, {manifest.num_classes} classes, "
+        f"{steps * cfg.batch_size} train / {manifest.splits['val'].samples} val images; "
+        f"{steps} steps per epoch of {cfg.batch_size} "
+        f"({rt.placement.batch_share(cfg.batch_size)} x {rt.world_size} processes); "
+        f"{describe_device(rt)}, amp {rt.amp}, compile {'on' if rt.compile else 'off'}; "
+        f"loader {train_loader.summary}"
+    )
+
+
+def diverged_error(cfg: TrainConfig, epoch: int, where: str, saved: Path | None) -> UserError:
+    """The one-line error of a loss gone non-finite at `epoch` (0-based), `where` in it."""
+    if saved is not None:
+        kept = f"the last good checkpoint, {saved}, is kept"
+    else:
+        kept = "no checkpoint had been written yet"
+    return UserError(
+        f"training diverged: the loss is not finite (nan/inf) at epoch {epoch + 1}, {where}; "
+        f"stopped, {kept}. Lower --lr (now {cfg.lr}) or lengthen --warmup-epochs"
     )

@@ -1,11 +1,9 @@
-"""The Trainer: epochs, evaluation, stopping and resuming, the run's files (rank 0);
-`train(cfg)` runs it.
+"""The Trainer: epochs, evaluation, stopping and resuming, the run's files (rank 0); `train(cfg)`.
 
-Imports the loader contract (`fastalex.loaders`), the step (step.py), the decisions (auto.py), the
-process group (distributed.py), the run folder (rundir.py) and the checkpoint's content; never
-argv or os.environ (cli.py passes rank, world size and torchrun's restart count in) and never a
-loader backend. `cfg.batch_size` is the global batch everywhere: each process's share is
-`placement.batch_share(cfg.batch_size)`. Reasons (exact resume, timing, checkpoints, failures):
+Imports the loader contract, step.py, auto.py, distributed.py, rundir.py and the checkpoint's
+content; never argv or os.environ (cli.py passes rank, world size and torchrun's restart count in)
+and never a loader backend. `cfg.batch_size` is the global batch everywhere: each process's share
+is `placement.batch_share(cfg.batch_size)`. Reasons (exact resume, timing, checkpoints, failures):
 docs/training.md.
 """
 
@@ -38,17 +36,20 @@ from fastalex.errors import UserError
 from fastalex.loaders import Loader, build_loader
 from fastalex.metrics import EpochMeter, EpochSums, append_jsonl, write_json, write_jsonl
 from fastalex.rundir import (
-    LOADER_BOUND_PCT,
     config_record,
+    data_record,
     default_run_dir,
+    diverged_error,
     epoch_line,
     epoch_row,
     loader_bound_note,
     resume_point,
+    save_cost_note,
+    start_line,
     summary_record,
     write_file,
 )
-from fastalex.runtime import Placement, Runtime, describe_device, resolve_runtime
+from fastalex.runtime import Runtime, resolve_runtime
 from fastalex.shards import Manifest, read_manifest
 from fastalex.step import Training, build_training, evaluate, lr_factor, make_train_step, peak_lr
 from fastalex.tensorboard_log import Board
@@ -56,7 +57,6 @@ from fastalex.weights import load_initial_weights
 
 LOG_EVERY_STEPS = 50  # host syncs: progress postfix, NaN check, DDP stop agreement
 WARMUP_STEPS = 3  # compile (step 1), first momentum buffers (step 2): not steady-state throughput
-SAVE_COST_PCT = 2.0  # periodic checkpoints costing more than this share of their interval: noted
 
 
 @dataclass
@@ -65,11 +65,6 @@ class RunResult:
     status: str  # "done" or "interrupted" (SIGINT/SIGTERM: saved, continue with --resume)
     summary: dict = field(default_factory=dict)  # summary.json's content when done
     message: str = ""
-
-
-def open_train_loader(cfg: TrainConfig, placement: Placement, epoch: int, cursor: int) -> Loader:
-    """The train loader from `epoch`, its first pass starting at global sample `cursor`."""
-    return build_loader(cfg, "train", placement, epoch, skip_samples=cursor)
 
 
 def train(
@@ -156,8 +151,7 @@ class Trainer:
     saved_at: float  # perf_counter of the last periodic checkpoint
     epoch_start_step: int
     mark: float  # perf_counter of the last log point
-    warned_loader_bound: bool
-    warned_save_cost: bool
+    noted: set[str]  # the advice lines already logged
 
     def __init__(
         self,
@@ -175,7 +169,7 @@ class Trainer:
         self.progress = Progress(world_size=runtime.world_size)
         self.warmup_s, self.first_epoch_here, self.pending_rng = None, True, None
         self.saved, self.saved_at = None, time.perf_counter()
-        self.warned_loader_bound = self.warned_save_cost = False
+        self.noted = set()
         self.cut_epoch = False
         self.decisions, self.board = {}, None
 
@@ -194,13 +188,13 @@ class Trainer:
         # Every `auto` (amp, compile, loader) settled once, before the loaders (auto.py)
         self.cfg, self.runtime, self.decisions = decide(cfg, rt, manifest, self.log)
         cfg, rt, placement, p = self.cfg, self.runtime, self.runtime.placement, self.progress
-        self.train_loader = open_train_loader(cfg, placement, p.epoch, p.cursor)
+        self.train_loader = build_loader(cfg, "train", placement, p.epoch, p.cursor)
         try:
             if p.cursor and p.world_size != rt.world_size and not self.train_loader.resplits:
                 # this loader's order lives in its pipeline: the rest of the epoch cannot be
                 # split anew, so that epoch ends where it stopped and the run goes on at the next
                 self.train_loader.close()
-                self.train_loader = open_train_loader(cfg, placement, p.epoch + 1, 0)
+                self.train_loader = build_loader(cfg, "train", placement, p.epoch + 1)
                 self.cut_epoch = True
             self.val_loader = build_loader(cfg, "val", placement, p.epoch)
             try:
@@ -233,13 +227,7 @@ class Trainer:
             cfg, manifest.num_classes, rt, steps_per_epoch, p.global_step
         )
         self.classes = [list(c) for c in manifest.classes]
-        self.data = {  # what the run trained on, for summary.json and RESULTS.md
-            "source": manifest.source.get("path"),
-            "classes": manifest.num_classes,
-            "train_images": manifest.splits["train"].samples,
-            "val_images": manifest.splits["val"].samples,
-            "synthetic": all(words.startswith("synthetic") for _, words in manifest.classes),
-        }
+        self.data = data_record(manifest)
         carried = p.partial or EpochSums()
         if state:
             t = self.training
@@ -260,21 +248,14 @@ class Trainer:
                 self.board = Board(self.run_dir)
         for line in decision_lines(self.decisions):
             self.log(line)
-        self.log(
-            f"{'resuming' if state else 'training'} {self.run_dir}: {cfg.arch} at "
-            f"{cfg.image_size} px, {manifest.num_classes} classes, "
-            f"{steps_per_epoch * cfg.batch_size} train / "
-            f"{manifest.splits['val'].samples} val images; "
-            f"{steps_per_epoch} steps per epoch of {cfg.batch_size} "
-            f"({self.local_batch} x {rt.world_size} processes); "
-            f"{describe_device(rt)}, amp {rt.amp}, compile {'on' if rt.compile else 'off'}; "
-            f"loader {self.train_loader.summary}"
-        )
+        verb = "resuming" if state else "training"
+        self.log(f"{verb} {self.run_dir}: {start_line(cfg, rt, manifest, self.train_loader)}")
         with StopSignals() as self.signals:
             if self.cut_epoch:
                 self.log(
                     f"resumed on {rt.world_size} processes (saved on {p.world_size}) inside epoch "
-                    f"{epoch + 1}: the dali loader cannot split the rest of an epoch anew, so "
+                    f"{epoch + 1}: the {self.train_loader.backend} loader cannot split the rest of "
+                    "an epoch anew, so "
                     f"epoch {epoch + 1} ends after its {skip} steps and the run goes on at "
                     f"epoch {epoch + 2}"
                 )
@@ -405,15 +386,7 @@ class Trainer:
             return capture_rng(self.runtime.device, self.runtime.world_size)
 
     def diverged(self, epoch: int, where: str) -> UserError:
-        if self.saved is not None:
-            kept = f"the last good checkpoint, {self.saved}, is kept"
-        else:
-            kept = "no checkpoint had been written yet"
-        return UserError(
-            f"training diverged: the loss is not finite (nan/inf) at epoch "
-            f"{epoch + 1}, {where}; stopped, {kept}. Lower --lr (now {self.cfg.lr}) "
-            "or lengthen --warmup-epochs"
-        )
+        return diverged_error(self.cfg, epoch, where, self.saved)
 
     def finish_epoch(self, epoch: int, outcome: EpochPass) -> None:
         """Eval, the metrics row, the checkpoint: after an epoch, or a partial one (max_steps)."""
@@ -434,7 +407,9 @@ class Trainer:
         p.best_top1 = max(p.best_top1, row["val_top1"])
         self.write_row(row)
         self.log(epoch_line(row, cfg.epochs))
-        self.warn_if_loader_bound(row)
+        self.note_once(
+            "loader-bound", loader_bound_note(row, cfg, rt.device, self.train_loader.backend)
+        )
         if outcome.complete:
             self.save(epoch + 1, None, self.capture_rng(), p.history, improved)
         else:  # stopped by max_steps mid-epoch: --resume continues inside the epoch, whose
@@ -448,12 +423,11 @@ class Trainer:
         if self.board is not None:
             self.board.epoch(row)
 
-    def warn_if_loader_bound(self, row: dict) -> None:
-        """Once per run: an epoch whose device waited on the loader over LOADER_BOUND_PCT."""
-        if self.warned_loader_bound or not row["loader_wait_pct"] > LOADER_BOUND_PCT:
-            return
-        self.warned_loader_bound = True
-        self.log(loader_bound_note(row, self.cfg, self.runtime.device, self.train_loader.backend))
+    def note_once(self, kind: str, note: str | None) -> None:
+        """Log an advice line of `kind` (loader-bound, costly checkpoints) the first time."""
+        if note and kind not in self.noted:
+            self.noted.add(kind)
+            self.log(note)
 
     def save(
         self,
@@ -479,22 +453,8 @@ class Trainer:
             )
             path, seconds, size = self.checkpoints.save(state, best)
             self.log(f"checkpoint {path.name}: {size / 2**20:.0f} MiB in {seconds:.2f} s")
-            self.warn_if_saving_costs(seconds)
+            self.note_once("save cost", save_cost_note(seconds, self.cfg))
         self.saved = self.checkpoints.path / f"step-{p.global_step:08d}.pt"
-
-    def warn_if_saving_costs(self, seconds: float) -> None:
-        """Once: periodic checkpoints that take over SAVE_COST_PCT of their interval."""
-        if (
-            self.warned_save_cost
-            or not self.every_s
-            or seconds < self.every_s * SAVE_COST_PCT / 100
-        ):
-            return
-        self.warned_save_cost = True
-        self.log(
-            f"note: a checkpoint takes {seconds:.1f} s, over {SAVE_COST_PCT:g} % of "
-            f"--checkpoint-every {self.cfg.checkpoint_every}; lengthen it"
-        )
 
     def interrupted(self, epoch: int, outcome: EpochPass | None) -> RunResult:
         """After SIGINT/SIGTERM (agreed by every rank): save where the run stands (mid-epoch when

@@ -15,7 +15,7 @@ import hashlib
 import torch
 
 from fastalex.config import TrainConfig
-from fastalex.loaders import Placement, augment_for, plan_share
+from fastalex.loaders.contract import Placement, augment_for, plan_share
 from fastalex.loaders.host import keep_large_blocks_in_heap
 from fastalex.shards import Manifest
 

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, loader_workers
 from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader
+from fastalex.loaders.contract import Batch, Placement, loader_workers
 from fastalex.loaders.decode import SampleTable, ShardDecoder, ThreadDecoder, worker_start_method
 from fastalex.loaders.host import one_thread_on_cpu
 from fastalex.loaders.shm import (

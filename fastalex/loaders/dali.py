@@ -24,9 +24,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, canvas_px, loader_workers, rank_share
 from fastalex.loaders.augment import CROP_ATTEMPTS, ragged_sizes
 from fastalex.loaders.base import BaseLoader, epoch_generator, epoch_seed
+from fastalex.loaders.contract import Batch, Placement, canvas_px, loader_workers, rank_share
 from fastalex.loaders.host import one_thread_on_cpu
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest
 
