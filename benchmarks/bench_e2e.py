@@ -57,13 +57,15 @@ def decided_config(cfg, shards, log):
 def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
     from reference import ReferenceLoader
 
+    from fastalex.auto import loader_for
     from fastalex.config import RECIPES
     from fastalex.loaders import Placement, build_loader
     from fastalex.metrics import LoaderWait
     from fastalex.shards import read_manifest
 
     shards = need(data, "shards")
-    num_classes = read_manifest(shards).num_classes
+    manifest = read_manifest(shards)
+    num_classes = manifest.num_classes
     recipe = RECIPES["reference" if name == "reference" else "fast"]
     batch_size = args.e2e_batch_size or recipe.batch_size
     if name == "reference":
@@ -95,6 +97,8 @@ def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
             "the blog's batch"
         )
     else:
+        if cfg.loader == "auto":  # the row's `auto` loader, as a run decides it
+            cfg = dataclasses.replace(cfg, loader=loader_for(cfg, Placement(device), manifest))
         loader = build_loader(cfg, "train", Placement(device))
         if name == "fastalex":
             stack = "default stack" + ("" if cfg.compile else " (compile off in --quick)")
