@@ -175,6 +175,16 @@ class TrainConfig:
     config_file: str = option("", "the config.json this run re-ran (train --config); set by cli")
     overrides: tuple[str, ...] = option((), "fields given on the command line over config_file")
 
+    def checkpoint_interval(self) -> tuple[int, float]:
+        """checkpoint_every as (steps, seconds), the other 0: "500" -> (500, 0), "90s" -> (0, 90),
+        "10m" -> (0, 600), "0" -> (0, 0) (epoch ends only)."""
+        number, unit = re.fullmatch(
+            r"(\d+(?:\.\d+)?)([smh]?)", self.checkpoint_every.strip()
+        ).groups()
+        if not unit:
+            return int(float(number)), 0.0
+        return 0, float(number) * {"s": 1, "m": 60, "h": 3600}[unit]
+
     def __post_init__(self) -> None:
         positive = ("image_size", "epochs", "batch_size", "prefetch", "step_epochs")
         for name in positive:

@@ -5,13 +5,15 @@ The model and the config come the one way back from a checkpoint (checkpoint.py)
 from its card, so with its mean/std, as predict builds it; the config for inference on this
 machine, so with this device's AMP rule, never the run's. The pack must hold the classes the
 checkpoint was trained on. Imports checkpoint.py, the loader contract (`fastalex.loaders`),
-runtime.py, the shard manifest and train.py's val loop (`evaluate`); never a loader backend or
-argv."""
+auto.py (`--loader auto`), runtime.py, the shard manifest and step.py's val loop (`evaluate`);
+never a loader backend or argv."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from fastalex.auto import loader_for
 from fastalex.checkpoint import (
     Progress,
     check_checkpoint,
@@ -19,10 +21,10 @@ from fastalex.checkpoint import (
     load_checkpoint,
     model_from_card,
 )
-from fastalex.loaders import Placement, build_loader
+from fastalex.loaders import build_loader
 from fastalex.runtime import configure_backends, resolve_runtime
 from fastalex.shards import read_manifest
-from fastalex.train import evaluate
+from fastalex.step import evaluate
 
 
 def evaluate_checkpoint(
@@ -48,7 +50,9 @@ def evaluate_checkpoint(
     configure_backends(runtime)
     model = model_from_card(state, path)
     model = model.to(runtime.device, memory_format=runtime.memory_format)
-    val_loader = build_loader(cfg, "val", Placement(runtime.device))
+    placement = runtime.placement
+    cfg = dataclasses.replace(cfg, loader=loader_for(cfg, placement, manifest))
+    val_loader = build_loader(cfg, "val", placement)
     try:
         result = evaluate(model, val_loader, runtime, cfg.flip_tta)
     finally:

@@ -8,6 +8,7 @@ import os
 import threading
 
 import pytest
+import torch
 
 from fastalex.config import PackConfig
 from fastalex.synth import synth
@@ -24,6 +25,33 @@ def probe_cache_in_tmp(tmp_path_factory):
         del os.environ["XDG_CACHE_HOME"]
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A visible CUDA device of the given compute capability; torch's own bf16 check says yes
+    whatever the capability, as it does for GPUs that only emulate bf16."""
+
+    def install(capability: tuple[int, int], name: str = "Fake GPU") -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+    return install
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Set whether this CPU computes bf16 natively, whatever the machine running the tests has:
+    `native_bf16(True)` lets `auto` probe bf16 as it does on an AVX512-BF16 or AMX CPU."""
+
+    def install(native: bool) -> None:
+        monkeypatch.setattr("fastalex.runtime.cpu_has_native_bf16", lambda: native)
+
+    return install
 
 
 # Small enough that the whole suite stays fast on 2 cores, big enough for several shards per split.
@@ -492,22 +520,6 @@ def val_files(hue_pack, tmp_path_factory):
             paths[-1].write_bytes(jpeg)
             labels.append(label)
     return paths, np.array(labels)
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """fake_gpu(capability, name): a visible CUDA device of that compute capability, as far as
-    `runtime.resolve_runtime` asks (nothing can run on it)."""
-    import torch
-
-    def install(capability: tuple[int, int], name: str = "Fake GPU") -> None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-
-    return install
 
 
 # A Python in which `import fastalex` fails (what an exported program must run without): the

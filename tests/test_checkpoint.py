@@ -183,7 +183,7 @@ def test_fp16_step_with_an_inf_gradient_is_skipped_not_applied():
     scale; the step still reports its finite loss, so the run does not call it divergence."""
     from fastalex.config import TrainConfig
     from fastalex.runtime import resolve_runtime
-    from fastalex.train import build_training, make_train_step
+    from fastalex.step import build_training, make_train_step
 
     cfg = TrainConfig(device="cpu", amp="fp16", compile=False, batch_size=8, image_size=32)
     runtime = resolve_runtime(cfg)

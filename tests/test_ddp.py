@@ -58,11 +58,11 @@ def agree_on_two_ranks(rank: int, store_path: str, views: list, results) -> None
     """Spawned rank: join a 2-process gloo group and call `agree` with this rank's view."""
     import torch.distributed as dist
 
-    from fastalex.runtime import Runtime
-    from fastalex.train import agree
+    from fastalex.distributed import agree
+    from fastalex.runtime import Placement, Runtime
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
-    runtime = Runtime(torch.device("cpu"), None, False, False, rank, 2)
+    runtime = Runtime(Placement(torch.device("cpu"), rank, 2), None, False, False)
     results[rank] = [tuple(agree(runtime, *view)) for view in views[rank]]
     dist.destroy_process_group()
 

@@ -35,6 +35,10 @@ def needs(backend: str) -> None:
 def make(
     pack_path, backend, split, rank=0, world=1, first_epoch=0, device=CPU, skip_samples=0, **fields
 ):
+    """A loader of rank `rank` of `world`; `batch_size`, when given, is each rank's batch (the
+    config holds the global one: batch_size * world)."""
+    if "batch_size" in fields:
+        fields["batch_size"] *= world
     fields = {"loader": backend, **VARIANTS.get(backend, {}), **fields}
     cfg = TrainConfig(shards=str(pack_path), loader_workers=1, **fields)
     return build_loader(cfg, split, Placement(device, rank, world), first_epoch, skip_samples)
@@ -492,7 +496,7 @@ def test_compiled_and_eager_crop_resize_agree(image_size):
 def test_default_workers_are_this_processes_share_of_the_cores(monkeypatch):
     from fastalex.loaders import loader_workers
 
-    monkeypatch.setattr("fastalex.loaders.default_workers", lambda: 16)
+    monkeypatch.setattr("fastalex.loaders.contract.default_workers", lambda: 16)
     cfg = TrainConfig()
     assert loader_workers(cfg, Placement(CPU)) == 16
     assert loader_workers(cfg, Placement(CPU, 3, 8, local_world_size=8)) == 2
@@ -505,7 +509,7 @@ def test_dali_threads_are_this_processes_share_of_the_cores(monkeypatch):
     pytest.importorskip("nvidia.dali")
     from fastalex.loaders.dali import pipeline_device
 
-    monkeypatch.setattr("fastalex.loaders.default_workers", lambda: 16)
+    monkeypatch.setattr("fastalex.loaders.contract.default_workers", lambda: 16)
     _, device_id, threads = pipeline_device(TrainConfig(), Placement(CPU, 1, 4, 4))
     assert device_id is None and threads == 4
 
@@ -513,14 +517,14 @@ def test_dali_threads_are_this_processes_share_of_the_cores(monkeypatch):
 def test_the_shared_memory_ring_shrinks_to_fit_or_names_the_fix(coded_pack, monkeypatch):
     from fastalex.loaders import cpu
 
-    monkeypatch.setattr("fastalex.loaders.default_workers", lambda: 8)
+    monkeypatch.setattr("fastalex.loaders.contract.default_workers", lambda: 8)
     batch_bytes = 10 * 24 * 24 * 3  # batch 10 of coded_pack's largest (24 x 24) images
     # room for (prefetch 2 * 3 workers + 2) = 8 slots of each of 2 ranks' train rings
     monkeypatch.setattr(
         cpu, "free_shared_memory", lambda: int(8 * batch_bytes * 2 * 2 / cpu.SHM_HEADROOM) + 1
     )
     two_ranks = Placement(CPU, 0, 2, local_world_size=2)
-    cfg = TrainConfig(shards=str(coded_pack.path), loader="cpu", batch_size=10, decode="processes")
+    cfg = TrainConfig(shards=str(coded_pack.path), loader="cpu", batch_size=20, decode="processes")
     assert cpu.fit_ring(cfg, two_ranks, batch_bytes, train=True) == 3  # 4 would not fit
     loader = build_loader(cfg, "train", two_ranks)
     assert loader._loader.num_workers == 3

@@ -270,7 +270,7 @@ def test_reference_recipe_fills_options_not_given(monkeypatch, synth_pack, tmp_p
 
 
 def test_lr_schedules():
-    from fastalex.train import lr_factor, peak_lr
+    from fastalex.step import lr_factor, peak_lr
 
     reference = TrainConfig(
         recipe="reference", lr=0.02, batch_size=128, lr_schedule="step", epochs=30
@@ -339,7 +339,7 @@ def test_plot_draws_the_runs_curves(compiled_run, tmp_path):
 
 
 def eager_cpu_runtime():
-    from fastalex.train import resolve_runtime
+    from fastalex.runtime import resolve_runtime
 
     return resolve_runtime(TrainConfig(device="cpu", compile=False, amp="off"))
 
@@ -354,7 +354,7 @@ class FirstRow(torch.nn.Module):
 
 def test_evaluate_counts_top5_among_the_five_best_of_ten_classes():
     from fastalex.loaders import Batch
-    from fastalex.train import evaluate
+    from fastalex.step import evaluate
 
     logits = torch.randn(40, 10, generator=torch.Generator().manual_seed(0))
     order = logits.argsort(dim=1, descending=True)
@@ -371,7 +371,7 @@ def test_evaluate_counts_top5_among_the_five_best_of_ten_classes():
 
 def test_flip_tta_averages_the_logits_of_the_image_and_its_left_right_mirror():
     from fastalex.loaders import Batch
-    from fastalex.train import evaluate
+    from fastalex.step import evaluate
 
     images = torch.randn(12, 3, 6, 6, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(12) % 6
@@ -399,7 +399,7 @@ def smoothed_cross_entropy(logits, labels, smoothing):
 
 
 def test_train_step_descends_the_label_smoothed_loss_of_the_recipe():
-    from fastalex.train import make_train_step
+    from fastalex.step import make_train_step
 
     cfg = TrainConfig(device="cpu", compile=False, amp="off")
     assert cfg.recipe == "fast" and cfg.label_smoothing > 0  # the fast recipe smooths labels
@@ -422,7 +422,7 @@ def test_train_step_descends_the_label_smoothed_loss_of_the_recipe():
 
 
 def test_peak_lr_scales_with_the_global_batch_whatever_the_process_count():
-    from fastalex.train import peak_lr
+    from fastalex.step import peak_lr
 
     cfg = TrainConfig(lr=0.02, batch_size=128)  # per 256 images; 128 across all processes
     assert [peak_lr(dataclasses.replace(cfg, batch_size=b)) for b in (128, 256, 1024)] == (

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, loader_workers
 from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader
+from fastalex.loaders.contract import Batch, Placement, loader_workers
 from fastalex.loaders.decode import SampleTable, ShardDecoder, ThreadDecoder, worker_start_method
 from fastalex.loaders.host import one_thread_on_cpu
 from fastalex.loaders.shm import (
@@ -118,7 +118,7 @@ class CpuLoader(BaseLoader):
         super().__init__(cfg, split, manifest, placement, first_epoch, skip_samples)
         self.table = SampleTable(Path(cfg.shards), manifest, split, cfg.image_size)
         height, width = self.table.canvas_px
-        batch_bytes = cfg.batch_size * height * width * 3
+        batch_bytes = self.batch_size * height * width * 3
         self.decode, why = cfg.decode, ""
         if self.decode == "auto":
             self.decode, why = AUTO_DECODE, " (auto)"
@@ -144,7 +144,7 @@ class CpuLoader(BaseLoader):
         slots = cfg.prefetch + 1
         pinned = self.device.type == "cuda"  # copied to the device straight from the ring
         self.canvases = torch.empty(
-            (slots, cfg.batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pinned
+            (slots, self.batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pinned
         )
         self._copied: list[torch.cuda.Event | None] = [None] * slots  # CUDA: slot's copy done
         self._pending: deque = deque()  # (slot, futures) of the batches started, oldest first
@@ -157,7 +157,7 @@ class CpuLoader(BaseLoader):
     ):
         """Decode worker processes and their ring in shared memory."""
         slots = ring_slots(workers, cfg.prefetch)
-        self.ring = SharedSegment(run_label(cfg.out), (slots, cfg.batch_size, height, width, 3))
+        self.ring = SharedSegment(run_label(cfg.out), (slots, self.batch_size, height, width, 3))
         self.canvases = torch.from_numpy(map_segment(self.ring.path, self.ring.shape))
         self.summary = (
             f"cpu: {workers} decode workers, {height} x {width} canvases, "

@@ -24,9 +24,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, canvas_px, loader_workers, rank_share
 from fastalex.loaders.augment import CROP_ATTEMPTS, ragged_sizes
 from fastalex.loaders.base import BaseLoader, epoch_generator, epoch_seed
+from fastalex.loaders.contract import Batch, Placement, canvas_px, loader_workers, rank_share
 from fastalex.loaders.host import one_thread_on_cpu
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest
 
@@ -214,7 +214,7 @@ def decode_split(
         canvas_px=tuple(canvas_px),
         fit=tuple(canvas_px) != tuple(info.image_px),
         device="gpu" if device_id is not None else "cpu",
-        batch_size=cfg.batch_size,
+        batch_size=placement.batch_share(cfg.batch_size),
         num_threads=threads,
         device_id=device_id,
         prefetch_queue_depth=cfg.prefetch,
@@ -270,6 +270,8 @@ def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
 class DaliLoader(BaseLoader):
     """Loader protocol over a DALI pipeline (see the module docstring)."""
 
+    resplits = False  # the shuffle lives in the pipeline: a rank's rest is not the others'
+
     backend = "dali"
 
     def __init__(
@@ -299,7 +301,7 @@ class DaliLoader(BaseLoader):
             canvas_px=canvas,
             fit=canvas != tuple(info.image_px),
             device="gpu" if self.on_gpu else "cpu",
-            batch_size=cfg.batch_size,
+            batch_size=self.batch_size,
             num_threads=threads,
             device_id=device_id,
             prefetch_queue_depth=cfg.prefetch,

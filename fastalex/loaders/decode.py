@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from fastalex.errors import UserError
-from fastalex.loaders import Placement, canvas_px
+from fastalex.loaders.contract import Placement, canvas_px
 from fastalex.loaders.shm import map_segment
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest, read_index
 

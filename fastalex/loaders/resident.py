@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, loader_workers
 from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader, epoch_order
+from fastalex.loaders.contract import Batch, Placement, loader_workers
 from fastalex.loaders.decode import SampleTable, ShardDecoder, worker_start_method
 from fastalex.shards import Manifest
 
@@ -139,7 +139,7 @@ class ResidentLoader(BaseLoader):
 
     def _decode(self, cfg, table, ids, manifest, split, placement):
         if self.device.type == "cuda":
-            from fastalex.loaders import dali_usable
+            from fastalex.loaders.contract import dali_usable
 
             if dali_usable(self.device):
                 from fastalex.loaders.dali import decode_split
