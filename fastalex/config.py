@@ -1,7 +1,7 @@
 """Run configuration: frozen dataclasses for pack and train, their validation, and the recipes.
 
 Owns every default of the project; nothing else holds a default value. Imports only the standard
-library. cli.py builds one option per field (``--batch-size`` <-> ``batch_size``); below cli.py the
+library. fastalex.cli builds one option per field (``--batch-size`` <-> ``batch_size``); below fastalex.cli the
 code receives a config, never argv, environment variables or globals.
 """
 
@@ -24,7 +24,7 @@ MIN_IMAGE_SIZE = {"alexnet64": 32, "alexnet": 63, "alexnet-tv": 63}
 
 
 def option(default: Any, help: str) -> Any:
-    """A config field with its default and its ``--help`` text (cli.py reads the metadata)."""
+    """A config field with its default and its ``--help`` text (fastalex.cli reads the metadata)."""
     return field(default=default, metadata={"help": help})
 
 

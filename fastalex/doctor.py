@@ -5,7 +5,7 @@ eager and compiled, on a synthetic uint8 batch already on the device (no loader:
 and each loader's images/s on the pack alone; then hands those figures to auto.py's own
 decisions (the ones `fastalex train` makes), through the probe cache that `train` reads too,
 so the command it prints is what `train` then runs, with the reasons, the predicted epoch time
-and the share of it the model would wait on the loader. Returns one JSON-ready dict; cli.py
+and the share of it the model would wait on the loader. Returns one JSON-ready dict; fastalex.cli
 prints it. Reasons: docs/defaults.md.
 """
 
