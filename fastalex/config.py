@@ -1,8 +1,8 @@
 """Run configuration: frozen dataclasses for pack and train, their validation, and the recipes.
 
 Owns every default of the project; nothing else holds a default value. Imports only the standard
-library. fastalex.cli builds one option per field (``--batch-size`` <-> ``batch_size``); below fastalex.cli the
-code receives a config, never argv, environment variables or globals.
+library. fastalex.cli builds one option per field (``--batch-size`` <-> ``batch_size``); below
+it the code receives a config, never argv, environment variables or globals.
 """
 
 from __future__ import annotations
