@@ -18,7 +18,7 @@ import torch
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import canvas_px, dali_usable, resident
+from fastalex.loaders import canvas_px, dali_usable
 from fastalex.probes import (
     PROBE_LOADER_BATCHES,
     PROBE_WINDOWS,
@@ -202,6 +202,8 @@ def resident_budget_bytes(cfg: TrainConfig, device: torch.device, free_bytes=Non
     """What the resident loader may take: RESIDENT_RAM_SHARE of the free RAM on a CPU (and no
     more than the resident loader's own check leaves), the free device memory less the
     resident loader's margin on a GPU; never over --resident-max-gb."""
+    from fastalex.loaders import resident  # the backend (and its decoder) only when asked
+
     free = (free_bytes or resident.free_bytes)(device)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory

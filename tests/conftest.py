@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from helpers import TINY_RUN
 
 from fastalex.config import PackConfig
 from fastalex.synth import synth
@@ -25,6 +26,59 @@ def probe_cache_in_tmp(tmp_path_factory):
         del os.environ["XDG_CACHE_HOME"]
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(autouse=True)
+def own_probe_cache(tmp_path_factory, monkeypatch):
+    """Each test (and every process it starts) keeps `auto`'s probe figures in a cache of its own:
+    what one test measured never decides another's run, whatever the order tests run in."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("probe-cache")))
+
+
+# Fixtures that train a model while they are set up: a test using one trains.
+TRAINING_FIXTURES = {"checkpoint", "edited_checkpoint", "compiled_run"}
+ALLOWED_COMMANDS = {"git", "nvidia-smi", "g++", "gcc", "cc", "c++"}  # look-ups, torch.compile's C++
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [
+        item.nodeid
+        for item in items
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and not item.get_closest_marker("slow")
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"these tests train (a trained fixture): mark them slow: {unmarked}"
+        )
+
+
+@pytest.fixture(autouse=True)
+def slow_if_it_trains_or_spawns(request, monkeypatch):
+    """A test not marked `slow` that trains (a train step) or starts a process (a command line, a
+    torchrun, torch.multiprocessing.spawn) fails saying so, so `-m "not slow"` stays a quick loop.
+    Loader tests' decode workers are part of the code under test and allowed."""
+    if request.node.get_closest_marker("slow"):
+        return
+    import subprocess
+
+    import torch.multiprocessing
+
+    from fastalex.train import Trainer
+
+    def refuse(what: str):
+        raise AssertionError(f"this test {what}: mark it @pytest.mark.slow")
+
+    class Popen(subprocess.Popen):
+        def __init__(self, args, *rest, **kwargs):
+            program = args if isinstance(args, str) else args[0]
+            if os.path.basename(str(program).split()[0]) not in ALLOWED_COMMANDS:
+                refuse(f"starts a process ({program})")
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", Popen)
+    monkeypatch.setattr(Trainer, "train_epoch", lambda *a: refuse("trains (Trainer.train_epoch)"))
+    monkeypatch.setattr(torch.multiprocessing, "spawn", lambda *a, **k: refuse("spawns processes"))
 
 
 @pytest.fixture
@@ -479,9 +533,8 @@ def checkpoint(hue_pack, tmp_path_factory):
     from fastalex.cli import main
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    args = ["train", str(hue_pack), "--out", str(out), "--device", "cpu", "--amp", "off"]
-    args += ["--batch-size", "32", "--loader-workers", "1", "--loader", "cpu", "--no-compile"]
-    result = CliRunner().invoke(main, [*args, "--epochs", "1"])
+    args = ["train", str(hue_pack), "--out", str(out), *TINY_RUN, "--epochs", "1"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     return out / "checkpoints" / "last.pt"
 

@@ -241,6 +241,7 @@ def decide_on_rank(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_two_gloo_ranks_with_different_timings_follow_rank_0(tmp_path):
     import torch.multiprocessing as mp
 
@@ -251,6 +252,7 @@ def test_two_gloo_ranks_with_different_timings_follow_rank_0(tmp_path):
     assert ranks[0]["lines"] and not ranks[1]["lines"]  # rank 1 neither measured nor logged
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_a_runs_summary_names_each_decision_and_its_figures(hue_pack, tmp_path, monkeypatch):
     from fastalex.train import train
 

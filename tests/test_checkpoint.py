@@ -9,6 +9,7 @@ from dataclasses import asdict
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import TINY_RUN, train_cli, without_timing
 
 from fastalex.checkpoint import (
     config_from_record,
@@ -22,40 +23,6 @@ from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
 from fastalex.metrics import EpochSums
 from fastalex.plot import read_metrics
-
-TINY = (
-    "--device",
-    "cpu",
-    "--batch-size",
-    "32",
-    "--loader-workers",
-    "1",
-    "--loader",
-    "cpu",
-    "--no-compile",
-)
-TIMING_KEYS = {
-    "epoch_s",
-    "train_s",
-    "eval_s",
-    "images_per_s",
-    "loader_wait_s",
-    "loader_wait_pct",
-    "timed_s",
-}
-
-
-def train_cli(pack, out, *args):
-    result = CliRunner().invoke(
-        main, ["train", str(pack), "--out", str(out), *TINY, *[str(a) for a in args]]
-    )
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
 
 # fp16 convolutions' backward has no fast CPU kernel (~1.5 s per step of batch 8 at 32 px on the
 # 2-core box, against ~0.02 s in fp32): the fp16 tests take few, small steps.
@@ -82,6 +49,7 @@ def test_fp16_on_the_cpu_trains_and_resumes_exactly(hue_pack, tmp_path):
     )
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_resuming_with_another_amp_setting_starts_a_fresh_loss_scale(hue_pack, tmp_path):
     out = tmp_path / "run"
     train_cli(hue_pack, out, *FP16, "--amp", "off", "--max-steps", 2)
@@ -104,6 +72,7 @@ def test_a_partial_epoch_carries_global_totals_and_reads_old_checkpoints():
     assert EpochSums.from_state_dict(carried.state_dict()) == carried
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_a_checkpoint_carries_what_inference_needs(hue_pack, tmp_path):
     out = tmp_path / "run"
     train_cli(hue_pack, out, "--max-steps", 1)
@@ -257,6 +226,7 @@ def test_cuda_training_compiled_resumes_with_each_amp_and_loader(hue_pack, tmp_p
     assert all(row["train_samples"] == 256 for row in summary)
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_with_a_warning(hue_pack, tmp_path):
     """Checkpoints every 2 steps, the newest 2 kept; a byte flipped inside the newest (which
     torch.load would read without complaint) is caught by its CRC and the previous one used."""
@@ -275,6 +245,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_with_a_warning(
     assert state["partial"]["samples"] == 7 * 32  # 4 steps carried from step-4, 3 taken again
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(hue_pack, tmp_path, monkeypatch):
     """ENOSPC half-way through writing a checkpoint: one line naming the file and the free space,
     no temporary file left, and the previous checkpoint still loads."""
@@ -292,7 +263,17 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(hue_pack, tmp_p
 
     monkeypatch.setattr(torch, "save", save_onto_a_full_disk)
     result = CliRunner().invoke(
-        main, ["train", str(hue_pack), "--out", str(out), *TINY, "--max-steps", "3", "--resume"]
+        main,
+        [
+            "train",
+            str(hue_pack),
+            "--out",
+            str(out),
+            *TINY_RUN,
+            "--max-steps",
+            "3",
+            "--resume",
+        ],
     )
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
@@ -303,12 +284,21 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(hue_pack, tmp_p
     assert load_checkpoint(folder / "last.pt")["global_step"] == 2
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_a_torchrun_restart_resumes_by_itself_and_a_plain_rerun_asks_for_resume(hue_pack, tmp_path):
     """TORCHELASTIC_RESTART_COUNT > 0 (a process torchrun restarted): the run continues from its
     newest checkpoint without --resume; outside torchrun the same command is refused."""
     out = tmp_path / "run"
     train_cli(hue_pack, out, "--max-steps", 2)
-    command = ["train", str(hue_pack), "--out", str(out), *TINY, "--max-steps", "3"]
+    command = [
+        "train",
+        str(hue_pack),
+        "--out",
+        str(out),
+        *TINY_RUN,
+        "--max-steps",
+        "3",
+    ]
     plain = CliRunner().invoke(main, command)
     assert plain.exit_code == 2 and "--resume" in plain.output, plain.output
     restarted = CliRunner().invoke(main, command, env={"TORCHELASTIC_RESTART_COUNT": "1"})

@@ -21,20 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import TINY_CPU, without_timing
 
 from fastalex.cli import main
 from fastalex.plot import read_metrics
 
-TINY = ("--device", "cpu", "--batch-size", "64", "--loader-workers", "1", "--no-compile")
-TIMING_KEYS = {
-    "epoch_s",
-    "train_s",
-    "eval_s",
-    "images_per_s",
-    "loader_wait_s",
-    "loader_wait_pct",
-    "timed_s",
-}
+TINY = (*TINY_CPU, "--batch-size", "64")
 TIMEOUT_S = 240  # one torchrun of a few epochs takes ~20-40 s on the 2-core box
 
 
@@ -50,10 +42,6 @@ def run_to_end(launch, pack, out, *args) -> str:
     return stdout
 
 
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
 def agree_on_two_ranks(rank: int, store_path: str, views: list, results) -> None:
     """Spawned rank: join a 2-process gloo group and call `agree` with this rank's view."""
     import torch.distributed as dist
@@ -67,6 +55,7 @@ def agree_on_two_ranks(rank: int, store_path: str, views: list, results) -> None
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_ranks_agree_on_stopping_and_on_the_earliest_bad_step(tmp_path):
     """One rank signalled, one rank's non-finite loss or one rank's checkpoint clock due: both
     ranks take the same decision."""
@@ -419,6 +408,7 @@ def train_on_contract_loader(rank, world_size, cfg, record, port) -> None:
     fastalex.train.train(cfg, rank, world_size, progress=False)
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_a_run_stopped_on_two_processes_resumes_on_one_seeing_each_sample_once(
     hue_pack, tmp_path, monkeypatch
 ):

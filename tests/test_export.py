@@ -53,6 +53,7 @@ def exported(checkpoint, tmp_path_factory):
     return out.with_name("model.pt2")
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_exported_program_agrees_with_the_eager_model(checkpoint, exported, val_pixels):
     from fastalex.checkpoint import load_checkpoint, model_card
     from fastalex.predict import load_model
@@ -71,6 +72,7 @@ def test_exported_program_agrees_with_the_eager_model(checkpoint, exported, val_
     assert sidecar["preprocessing"]["mean"] == card["mean"] and sidecar["flip_tta"] is True
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_nchw_export_without_tta_is_the_single_pass_model(checkpoint, val_pixels, tmp_path):
     from fastalex.predict import load_model
 
@@ -143,6 +145,7 @@ def test_onnx_export_agrees_with_the_eager_model_in_onnxruntime(
     assert np.abs(logits - eager).max() <= ONNX_TOL * np.abs(eager).max()
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_pil_bilinear_resize_is_the_val_filter_the_sidecar_says(checkpoint):
     """The caller's half of the export contract: PIL's BILINEAR resize of any image gives the
     pixels predict's crop_resize computes, up to PIL's rounding to uint8, but for the outermost
@@ -161,6 +164,7 @@ def test_pil_bilinear_resize_is_the_val_filter_the_sidecar_says(checkpoint):
             assert gap.max() <= 1.0, (height, width)
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_export_errors_are_one_line_and_exit_2(checkpoint, tmp_path):
     old = torch.load(checkpoint, map_location="cpu", weights_only=True)
     del old["normalisation"], old["classes"]

@@ -470,6 +470,7 @@ def test_loader_batches_are_channels_last_cuda(coded_pack, backend):
     val.close()
 
 
+@pytest.mark.slow  # trains or starts processes
 @pytest.mark.parametrize("image_size", [64, 150])
 def test_compiled_and_eager_crop_resize_agree(image_size):
     """The CPU fast path (inductor-compiled gathers) and the separable embedding_bag path give the
@@ -621,6 +622,7 @@ def test_dali_gpu_batches_read_late_equal_batches_read_at_once(coded_pack):
     loader.close()
 
 
+@pytest.mark.slow  # trains or starts processes
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_a_mixed_size_pack_trains_with_memory_bounded_by_the_batch(mixed_pack, backend, tmp_path):
     """The stated bound: every image is decoded onto a canvas of at most (2 * image_size)^2 pixels
@@ -860,6 +862,7 @@ def test_the_ring_is_named_for_the_run_and_unlinked_on_close(coded_pack, tmp_pat
     assert not path.exists()
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_a_stale_segment_is_swept(tmp_path):
     """Segments whose owner pid is gone are unlinked; this process's, a live one's and files
     that are not ours are left alone."""

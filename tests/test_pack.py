@@ -258,6 +258,7 @@ def test_out_on_a_file_is_a_clear_error(synth_tree, tmp_path):
         pack(open_source(synth_tree), tmp_path / "file", PackConfig(), False)
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_sigkill_part_way_leaves_no_manifest_and_a_rerun_completes(tmp_path, launch):
     tree = tmp_path / "tree"
     synth(tree, classes=4, train_per_class=1500, val_per_class=50, workers=2, progress=False)

@@ -63,6 +63,7 @@ def val_loader_batches(checkpoint, hue_pack):
     return torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches])
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_predict_sees_the_val_transform_and_matches_eval(checkpoint, hue_pack, val_files):
     from fastalex.checkpoint import load_checkpoint
     from fastalex.evaluate import evaluate_checkpoint
@@ -92,6 +93,7 @@ def predicted_paths(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line and not line.startswith(" ")]
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_predict_names_each_bad_file_and_predicts_the_rest(
     checkpoint, val_files, tmp_path, bomb_jpeg
 ):
@@ -149,6 +151,7 @@ def test_predict_names_each_bad_file_and_predicts_the_rest(
     )
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_a_header_bomb_is_refused_before_any_pixel_is_decoded(
     checkpoint, tmp_path, monkeypatch, bomb_jpeg
 ):
@@ -172,6 +175,7 @@ def test_a_header_bomb_is_refused_before_any_pixel_is_decoded(
     assert out == [] and len(err) == 1 and "over the limit" in err[0] and "not decoded" in err[0]
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_json_and_csv_carry_ids_names_and_probabilities(checkpoint, val_files):
     import csv
 
@@ -210,6 +214,7 @@ def test_json_and_csv_carry_ids_names_and_probabilities(checkpoint, val_files):
         assert float(row["probability"]) == pytest.approx(top["probability"], abs=1e-6)
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_images_of_any_size_predict_in_one_batch_as_they_would_alone(checkpoint, val_files):
     from fastalex.predict import load_model
 
@@ -241,6 +246,7 @@ def test_read_image_is_upright_rgb_with_alpha_on_white(tmp_path):
     assert read_image(str(tmp_path / "big.png"), max_side=0).shape == (600, 900, 3)
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_user_errors_are_one_line_and_exit_2(checkpoint, val_files, tmp_path):
     old = torch.load(checkpoint, map_location="cpu", weights_only=True)
     del old["normalisation"], old["classes"]
@@ -297,6 +303,7 @@ def readme_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", section, re.S)
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_docs_using_the_model_commands_run(
     checkpoint, val_files, tmp_path, monkeypatch, without_fastalex
 ):
