@@ -349,6 +349,7 @@ class ContractLoader:
     each rank's share of the val ids, once. Pixels are a flat grey per label."""
 
     backend, summary = "contract", "contract test loader"
+    resplits = True  # one global order and a cursor: any world size continues an epoch
 
     def __init__(self, record, cfg, split, placement, first_epoch=0, skip_samples=0):
         from fastalex.shards import read_manifest
@@ -356,13 +357,14 @@ class ContractLoader:
         self.record, self.cfg, self.split, self.placement = record, cfg, split, placement
         self.epoch, self.skip = first_epoch, skip_samples
         self.total = read_manifest(Path(cfg.shards)).splits[split].samples
-        self.global_batch = cfg.batch_size * placement.world_size
-        self.samples = len(self) * cfg.batch_size
+        self.global_batch = cfg.batch_size  # the config holds the global batch
+        self.batch_size = placement.batch_share(cfg.batch_size)  # this rank's
+        self.samples = len(self) * self.batch_size
 
     def __len__(self):
         if self.split == "train":
             return self.total // self.global_batch
-        return -(-self.share(self.total)[1] // self.cfg.batch_size)
+        return -(-self.share(self.total)[1] // self.batch_size)
 
     def share(self, count):
         rank, world = self.placement.rank, self.placement.world_size
@@ -379,15 +381,15 @@ class ContractLoader:
         if self.split == "val":
             start, count = self.share(self.total)
             ids = list(range(start, start + count))
-            for at in range(0, count, self.cfg.batch_size):
-                yield self.batch(ids[at : at + self.cfg.batch_size])
+            for at in range(0, count, self.batch_size):
+                yield self.batch(ids[at : at + self.batch_size])
             return
         epoch, self.epoch = self.epoch, self.epoch + 1
         order = torch.randperm(self.total, generator=torch.Generator().manual_seed(epoch)).tolist()
         first, self.skip = self.skip // self.global_batch, 0
         start, _ = self.share(self.global_batch)
         for step in range(first, len(self)):
-            ids = order[step * self.global_batch + start :][: self.cfg.batch_size]
+            ids = order[step * self.global_batch + start :][: self.batch_size]
             with open(self.record, "a") as file:
                 file.write(json.dumps({"epoch": epoch, "ids": ids}) + "\n")
             yield self.batch(ids)
