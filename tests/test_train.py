@@ -142,6 +142,25 @@ def test_dali_cpu_training_learns(hue_pack, tmp_path):
     assert summary["top1"] > MIN_TOP1, summary
 
 
+@pytest.mark.slow
+@pytest.mark.dali
+def test_dali_resumed_inside_a_later_epoch_gives_the_metrics_of_an_uninterrupted_run(
+    hue_pack, tmp_path
+):
+    """DALI (CPU-only mode) stopped 4 steps into epoch 2 and resumed: its epoch order is its own
+    pipeline's, rebuilt per epoch from (seed, epoch, rank), so the resumed run skips the batches
+    the stopped one trained on and every row equals the uninterrupted run's."""
+    pytest.importorskip("nvidia.dali")
+    common = ("--loader", "dali", "--amp", "off", "--no-compile", "--epochs", 3)
+    train_cli(hue_pack, tmp_path / "straight", *common)
+    parts = tmp_path / "parts"
+    train_cli(hue_pack, parts, *common, "--max-steps", 12)  # 8 steps per epoch: inside epoch 2
+    train_cli(hue_pack, parts, *common, "--resume")
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(parts)
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    assert without_timing(resumed) == without_timing(straight)
+
+
 def test_training_runs_on_the_resident_loader(hue_pack, tmp_path):
     """The trainer takes the resident loader as it takes any (its epochs are the cpu loader's:
     test_resident.py compares them batch by batch)."""
