@@ -972,3 +972,41 @@ def test_a_killed_decode_worker_ends_the_pass_naming_it_and_memory(coded_pack):
         for _ in batches:
             pass
     loader.close()
+
+
+@pytest.mark.parametrize(
+    "saved, now, saved_world, cursor, cut",
+    [
+        ("cpu", "resident", 1, 80, False),  # one global order: each remaining sample once
+        ("resident", "cpu", 2, 80, False),  # ... on any process count
+        ("cpu", "dali", 1, 80, True),  # dali cannot continue another loader's order
+        ("dali", "cpu", 1, 80, True),
+        ("dali", "dali", 1, 80, False),  # its own order, the same count: exact
+        ("dali", "dali", 2, 80, True),  # another count: its rank shares differ
+        ("dali", "cpu", 2, 0, False),  # at an epoch boundary anything continues
+    ],
+)
+def test_a_resumed_epoch_ends_early_only_where_the_loader_cannot_continue_it(
+    saved, now, saved_world, cursor, cut
+):
+    from fastalex.loaders import continue_train_loader
+
+    built = []
+
+    class Stub:
+        resplits = now != "dali"
+
+        def __init__(self, cfg, split, placement, first_epoch, skip_samples=0):
+            built.append((first_epoch, skip_samples))
+
+        def close(self):
+            pass
+
+    cfg = TrainConfig(loader=now)
+    loader, why = continue_train_loader(
+        cfg, Placement(CPU, 0, 1), 3, cursor, saved_world, saved, Stub
+    )
+    assert bool(why) == cut and isinstance(loader, Stub)
+    assert built[-1] == ((4, 0) if cut else (3, cursor))
+    if cut:
+        assert now in why and (saved in why or "processes" in why)
