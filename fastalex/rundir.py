@@ -171,12 +171,13 @@ def kept_decisions(
         if getattr(cfg, name) != auto or chose == auto:
             continue
         first = earlier.get(name) if isinstance(earlier.get(name), dict) else {}
+        first = first if first.get("chose") == chose else {}  # same choice: its figures, reason
         reason = "the run's checkpoint chose it"
-        if first.get("chose") == chose and first.get("by") == "resumed":
+        if first.get("by") == "resumed":
             reason = first.get("reason", reason)
-        elif first.get("chose") == chose:
+        elif first:
             reason += f" (first by {first.get('by')}: {first.get('reason')})"
-        kept[name] = {"chose": chose, "by": "resumed", "reason": reason}
+        kept[name] = {**first, "chose": chose, "by": "resumed", "reason": reason}
     if kept:
         shown = ", ".join(
             f"{name} {({True: 'on', False: 'off'}).get(d['chose'], d['chose'])}"

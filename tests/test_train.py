@@ -185,6 +185,7 @@ def test_a_resume_keeps_the_loader_amp_and_compile_its_run_chose(
         "loader": ("resident", "resumed"),
     }
     assert "first by rule" in decisions["loader"]["reason"]
+    assert decisions["loader"]["resident_need_gib"] > 0  # the first decision's figures kept
     assert [row["steps"] for row in read_metrics(out)] == [8]
 
 
