@@ -161,6 +161,7 @@ def test_dali_resumed_inside_a_later_epoch_gives_the_metrics_of_an_uninterrupted
     assert without_timing(resumed) == without_timing(straight)
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_the_loader_amp_and_compile_its_run_chose(
     hue_pack, tmp_path, monkeypatch, native_bf16
 ):
@@ -189,6 +190,8 @@ def test_a_resume_keeps_the_loader_amp_and_compile_its_run_chose(
     assert [row["steps"] for row in read_metrics(out)] == [8]
 
 
+@pytest.mark.slow
+@pytest.mark.dali
 def test_a_loader_given_on_resume_that_cannot_continue_the_epoch_ends_it_there(hue_pack, tmp_path):
     """--loader dali given on resuming a cpu run stopped inside epoch 1: dali cannot continue the
     cpu loader's order, so epoch 1 ends with its 4 steps (logged) and epoch 2 runs whole."""
