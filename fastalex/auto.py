@@ -269,15 +269,19 @@ def decide_loader(
     }
 
 
-def decide_here(cfg: TrainConfig, rt: Runtime, manifest, probes: Probes) -> dict:
+def decide_here(
+    cfg: TrainConfig, rt: Runtime, manifest, probes: Probes, recorded: dict | None = None
+) -> dict:
     """Every decision of this process, each {"chose", "by", "reason", figures...}: what `train`
-    runs and what `doctor` recommends (with the figures it measured in `probes`)."""
+    runs and what `doctor` recommends (with the figures it measured in `probes`). `recorded`:
+    decisions already made (a resume keeps its run's: rundir.kept_decisions), taken as they are."""
+    recorded = recorded or {}
     planned = planned_steps(cfg, manifest.splits["train"].samples, rt.world_size)
-    amp = decide_amp(cfg, rt, planned, manifest.num_classes, probes)
-    compiled = decide_compile(
+    amp = recorded.get("amp") or decide_amp(cfg, rt, planned, manifest.num_classes, probes)
+    compiled = recorded.get("compile") or decide_compile(
         cfg, rt.variant(amp["chose"], False), amp["chose"], planned, manifest.num_classes, probes
     )
-    loader = decide_loader(cfg, rt.placement, manifest, probes, planned)
+    loader = recorded.get("loader") or decide_loader(cfg, rt.placement, manifest, probes, planned)
     return {"amp": amp, "compile": compiled, "loader": loader}
 
 
@@ -298,10 +302,12 @@ def decide(
     manifest,
     log: Callable[[str], None] = lambda line: None,
     probes: Probes | None = None,
+    recorded: dict | None = None,
 ) -> tuple[TrainConfig, Runtime, dict]:
     """Every `auto` of cfg settled: (cfg with amp/compile/loader explicit, the runtime that runs
     them, the decisions). Under DDP rank 0 decides and broadcasts (a collective: every rank calls
-    it), so ranks never disagree; its log lines come once, from rank 0."""
+    it), so ranks never disagree; its log lines come once, from rank 0. `recorded`: decisions
+    kept as they are (decide_here)."""
     import torch.distributed as dist
 
     probes = probes or Probes.for_config(cfg, log)
@@ -309,7 +315,7 @@ def decide(
         box: list = [None]
         if runtime.rank == 0:
             try:
-                box = [decide_here(cfg, runtime, manifest, probes)]
+                box = [decide_here(cfg, runtime, manifest, probes, recorded)]
             except Exception as e:  # the other ranks hear of it rather than wait forever
                 dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
                 raise
@@ -318,7 +324,7 @@ def decide(
             raise UserError(f"rank 0 could not decide the `auto` options: {box[0]}")
         decisions = box[0]
     else:
-        decisions = decide_here(cfg, runtime, manifest, probes)
+        decisions = decide_here(cfg, runtime, manifest, probes, recorded)
     amp, compiled = decisions["amp"]["chose"], decisions["compile"]["chose"]
     cfg = dataclasses.replace(cfg, amp=amp, compile=compiled, loader=decisions["loader"]["chose"])
     return cfg, runtime.variant(amp, compiled), decisions

@@ -139,6 +139,7 @@ class CheckpointDir:
 
     def __init__(self, path: Path, keep: int = 2) -> None:
         self.path, self.keep = Path(path), keep
+        self.damaged: set[Path] = set()  # files newest_valid found damaged: rotation drops them
 
     @property
     def last(self) -> Path:
@@ -154,17 +155,25 @@ class CheckpointDir:
         return sorted(found, reverse=True)
 
     def save(self, state: dict, best: bool = False) -> tuple[Path, float, int]:
-        """Write step-<global step>.pt, link last.pt (and best.pt), drop all but the newest
-        `keep`. Returns (path, seconds, bytes)."""
+        """Write step-<global step>.pt, link last.pt (and best.pt), then rotate: the file just
+        written is kept, files found damaged are dropped, and of the others the newest `keep`
+        - 1. After a fallback past a damaged newer file the step numbers are not the order of
+        writing, so the new file is never the one rotation deletes. Returns (path, seconds,
+        bytes)."""
         started = time.perf_counter()
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.path / f"step-{state['global_step']:08d}.pt"
         write_atomically(path, lambda tmp: torch.save(state, tmp))
+        self.damaged.discard(path)  # overwritten whole
         link_or_copy(path, self.last)
         if best:
             link_or_copy(path, self.path / "best.pt")
-        for _, old in self.steps()[self.keep :]:
+        others = [old for _, old in self.steps() if old != path]
+        for old in [p for p in others if p in self.damaged] + [
+            p for p in others if p not in self.damaged
+        ][self.keep - 1 :]:
             old.unlink(missing_ok=True)
+            self.damaged.discard(old)
         return path, time.perf_counter() - started, path.stat().st_size
 
     def sweep(self) -> None:
@@ -175,22 +184,29 @@ class CheckpointDir:
 
     def newest_valid(self, warn: Callable[[str], None]) -> Path | None:
         """The newest checkpoint that reads whole (each zip member's CRC checked), warning about
-        each one skipped; last.pt for a run written before step files existed."""
-        candidates = [p for _, p in self.steps()] or ([self.last] if self.last.exists() else [])
+        each one skipped (and remembering it: `save` drops it); last.pt when no step file reads
+        (a run written before step files existed, or every step file damaged)."""
+        candidates = [p for _, p in self.steps()]
+        if self.last.exists() and not any(os.path.samefile(self.last, p) for p in candidates):
+            candidates.append(self.last)  # unless a link to a step file already checked
         for path in candidates:
             problem = damage(path)
             if problem is None:
                 return path
+            self.damaged.add(path)
             warn(f"warning: {path} is damaged ({problem}); using the previous checkpoint")
         return None
 
 
 def damage(path: Path) -> str | None:
-    """Why `path` is not a whole checkpoint (truncated, a corrupted byte), or None."""
+    """Why `path` is not a whole checkpoint (truncated, a corrupted byte or flag), or None. Any
+    exception while checking counts as damage: a flipped zip flag bit makes zipfile raise
+    RuntimeError (encrypted) or NotImplementedError (patched, strong encryption), not
+    BadZipFile."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()  # reads every member, checks its CRC-32
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
+    except Exception as e:  # whatever the reason, this file cannot be trusted: use the previous
         return f"{type(e).__name__}: {e}"
     return None if bad is None else f"CRC mismatch in {bad}"
 

@@ -9,6 +9,7 @@ training pieces or a loader. Reasons: docs/training.md.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -31,6 +32,7 @@ from fastalex.metrics import median, percent
 from fastalex.runtime import Runtime, describe_device
 from fastalex.step import peak_lr
 
+KEPT_ON_RESUME = {"amp": "auto", "compile": None, "loader": "auto"}  # each field's `auto` value
 LOADER_BOUND_PCT = 20.0  # an epoch whose device waited longer than this on the loader is reported
 SAVE_COST_PCT = 2.0  # periodic checkpoints costing more than this share of their interval: noted
 
@@ -145,6 +147,45 @@ def resume_point(
             f"{run_dir} has finished {epoch} of {cfg.epochs} epochs; raise --epochs to train longer"
         )
     return state, path
+
+
+def kept_decisions(
+    cfg: TrainConfig, state: dict | None, run_dir: Path, log: Callable[[str], None]
+) -> dict:
+    """The decisions a resumed run keeps (auto.decide's `recorded`): each of amp, compile and
+    loader left to `auto` (not given on the command line) takes what the checkpoint's run chose,
+    "by" "resumed", with the reason config.json recorded for it; one log line says so. Deciding
+    again could switch the backend inside an epoch (another machine, less free memory) and break
+    exactly-once. An option given explicitly wins (the trainer then cuts an epoch its loader
+    cannot continue)."""
+    if not state:
+        return {}
+    saved = state.get("config") or {}
+    try:
+        earlier = json.loads((run_dir / "config.json").read_text()).get("decisions") or {}
+    except (OSError, ValueError, AttributeError):
+        earlier = {}
+    kept = {}
+    for name, auto in KEPT_ON_RESUME.items():
+        chose = saved.get(name, auto)
+        if getattr(cfg, name) != auto or chose == auto:
+            continue
+        first = earlier.get(name) if isinstance(earlier.get(name), dict) else {}
+        first = first if first.get("chose") == chose else {}  # same choice: its figures, reason
+        reason = "the run's checkpoint chose it"
+        if first.get("by") == "resumed":
+            reason = first.get("reason", reason)
+        elif first:
+            reason += f" (first by {first.get('by')}: {first.get('reason')})"
+        kept[name] = {**first, "chose": chose, "by": "resumed", "reason": reason}
+    if kept:
+        shown = ", ".join(
+            f"{name} {({True: 'on', False: 'off'}).get(d['chose'], d['chose'])}"
+            for name, d in kept.items()
+        )
+        flags = "/".join(f"--{name}" for name in kept)
+        log(f"resuming with the checkpoint's {shown}, not decided again; give {flags} to choose")
+    return kept
 
 
 def epoch_row(epoch: int, sums, val: dict, eval_s: float, lr: float) -> dict:

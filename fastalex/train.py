@@ -33,7 +33,7 @@ from fastalex.checkpoint import (
 from fastalex.config import TrainConfig
 from fastalex.distributed import StopSignals, agree, collective, process_group
 from fastalex.errors import UserError
-from fastalex.loaders import Loader, build_loader
+from fastalex.loaders import Loader, build_loader, continue_train_loader
 from fastalex.metrics import EpochMeter, EpochSums, append_jsonl, write_json, write_jsonl
 from fastalex.rundir import (
     config_record,
@@ -42,6 +42,7 @@ from fastalex.rundir import (
     diverged_error,
     epoch_line,
     epoch_row,
+    kept_decisions,
     loader_bound_note,
     resume_point,
     save_cost_note,
@@ -137,7 +138,7 @@ class Trainer:
     steps_per_epoch: int
     classes: list[list[str]]
     data: dict  # what the run trained on, for summary.json
-    cut_epoch: bool  # a loader that cannot re-split resumed on another world size: end the epoch
+    cut_epoch: str  # why the loader cannot continue the resumed epoch ("": it can): end it
     decisions: dict  # each `auto` (amp, compile, loader): what it chose, why, the figures
     board: Board | None  # --tensorboard: the scalars' writer (rank 0)
     # carried by a checkpoint
@@ -170,7 +171,7 @@ class Trainer:
         self.warmup_s, self.first_epoch_here, self.pending_rng = None, True, None
         self.saved, self.saved_at = None, time.perf_counter()
         self.noted = set()
-        self.cut_epoch = False
+        self.cut_epoch = ""
         self.decisions, self.board = {}, None
 
     def run(self) -> RunResult:
@@ -185,17 +186,16 @@ class Trainer:
         )
         if state:
             self.progress = Progress.from_state_dict(state)
-        # Every `auto` (amp, compile, loader) settled once, before the loaders (auto.py)
-        self.cfg, self.runtime, self.decisions = decide(cfg, rt, manifest, self.log)
+        # Every `auto` (amp, compile, loader) settled once, before the loaders (auto.py); a resume
+        # keeps what its run chose, so the epoch goes on with the same backend
+        kept = kept_decisions(cfg, state, self.run_dir, self.log)
+        self.cfg, self.runtime, self.decisions = decide(cfg, rt, manifest, self.log, recorded=kept)
         cfg, rt, placement, p = self.cfg, self.runtime, self.runtime.placement, self.progress
-        self.train_loader = build_loader(cfg, "train", placement, p.epoch, p.cursor)
+        saved = state["config"]["loader"] if state else cfg.loader
+        self.train_loader, self.cut_epoch = continue_train_loader(
+            cfg, placement, p.epoch, p.cursor, p.world_size, saved, build_loader
+        )
         try:
-            if p.cursor and p.world_size != rt.world_size and not self.train_loader.resplits:
-                # this loader's order lives in its pipeline: the rest of the epoch cannot be
-                # split anew, so that epoch ends where it stopped and the run goes on at the next
-                self.train_loader.close()
-                self.train_loader = build_loader(cfg, "train", placement, p.epoch + 1)
-                self.cut_epoch = True
             self.val_loader = build_loader(cfg, "val", placement, p.epoch)
             try:
                 return self.loop(manifest, state)
@@ -253,11 +253,8 @@ class Trainer:
         with StopSignals() as self.signals:
             if self.cut_epoch:
                 self.log(
-                    f"resumed on {rt.world_size} processes (saved on {p.world_size}) inside epoch "
-                    f"{epoch + 1}: the {self.train_loader.backend} loader cannot split the rest of "
-                    "an epoch anew, so "
-                    f"epoch {epoch + 1} ends after its {skip} steps and the run goes on at "
-                    f"epoch {epoch + 2}"
+                    f"resumed inside epoch {epoch + 1}: {self.cut_epoch}, so epoch {epoch + 1} "
+                    f"ends after its {skip} steps and the run goes on at epoch {epoch + 2}"
                 )
                 meter = self.new_meter(carried)
                 meter.start(timed=False)

@@ -1,6 +1,7 @@
 """Checkpoints: exact resume in fp16 on the CPU, resuming under another AMP setting, the partial
 epoch's global totals, the model card inference reads, and the one way back from a checkpoint:
-the config of a record, the inference config (this machine's AMP rule) and the card's model."""
+the config of a record, the inference config (this machine's AMP rule) and the card's model;
+the fallback past damaged files and the rotation after it."""
 
 from __future__ import annotations
 
@@ -305,3 +306,65 @@ def test_a_torchrun_restart_resumes_by_itself_and_a_plain_rerun_asks_for_resume(
     assert restarted.exit_code == 0, restarted.output
     assert "resuming" in restarted.output
     assert load_checkpoint(out / "checkpoints" / "last.pt")["global_step"] == 3
+
+
+def small_checkpoint(folder, step: int):
+    """A zip written by torch.save under its step file's name: enough for the folder's logic."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:08d}.pt"
+    torch.save({"global_step": step, "weights": torch.arange(64)}, path)
+    return path
+
+
+def set_zip_flag(path, bit: int) -> None:
+    """Set general-purpose flag `bit` of the first central-directory entry (what zipfile reads):
+    bit 0 (encrypted) makes zipfile raise RuntimeError, bit 5 (patched) NotImplementedError."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        flags_at = archive.start_dir + 8
+    data = bytearray(path.read_bytes())
+    data[flags_at] |= 1 << bit
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("bit", [0, 5])
+def test_a_checkpoint_with_a_flipped_zip_flag_bit_falls_back_to_the_previous(tmp_path, bit):
+    from fastalex.checkpoint import CheckpointDir
+
+    folder = tmp_path / "checkpoints"
+    older = small_checkpoint(folder, 4)
+    newest = small_checkpoint(folder, 6)
+    set_zip_flag(newest, bit)
+    warnings = []
+    assert CheckpointDir(folder).newest_valid(warnings.append) == older
+    assert len(warnings) == 1 and f"{newest} is damaged" in warnings[0]
+
+
+def test_rotation_after_a_fallback_keeps_the_new_file_and_drops_the_damaged_one(tmp_path):
+    """--keep-checkpoints 1, the newest file damaged: the run resumes from the previous one and
+    its next checkpoint (a lower step than the damaged file's) is the one kept."""
+    from fastalex.checkpoint import CheckpointDir
+
+    folder = tmp_path / "checkpoints"
+    small_checkpoint(folder, 4)
+    damaged = small_checkpoint(folder, 6)
+    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated
+    checkpoints = CheckpointDir(folder, keep=1)
+    assert checkpoints.newest_valid(lambda line: None).name == "step-00000004.pt"
+    path, _, _ = checkpoints.save({"global_step": 5, "weights": torch.arange(64)})
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-00000005.pt"]
+    assert path.exists() and torch.load(folder / "last.pt")["global_step"] == 5
+
+
+def test_last_pt_is_used_when_every_step_file_is_damaged(tmp_path):
+    from fastalex.checkpoint import CheckpointDir
+
+    folder = tmp_path / "checkpoints"
+    for step in (4, 6):
+        data = bytearray(small_checkpoint(folder, step).read_bytes())
+        (folder / f"step-{step:08d}.pt").write_bytes(data[: len(data) // 2])  # truncated
+    torch.save({"global_step": 2, "weights": torch.arange(64)}, folder / "last.pt")
+    warnings = []
+    assert CheckpointDir(folder).newest_valid(warnings.append) == folder / "last.pt"
+    assert len(warnings) == 2

@@ -706,7 +706,8 @@ def test_an_image_larger_than_the_canvas_is_scaled_to_fit_as_it_is_decoded():
 )
 def test_dali_decodes_each_epoch_once(coded_pack, monkeypatch, split, batch_size, stop_after):
     """Over several passes DALI produces exactly its batches per epoch once per pass, whether a
-    pass ran to its end or stopped early: no hidden extra epoch before the next pass."""
+    pass ran to its end or stopped early: no hidden extra epoch before the next pass. Train
+    builds a fresh pipeline per pass (its epoch's seed), so nothing of the last one is drained."""
     pytest.importorskip("nvidia.dali")
     from nvidia.dali.pipeline import Pipeline
 
@@ -729,9 +730,11 @@ def test_dali_decodes_each_epoch_once(coded_pack, monkeypatch, split, batch_size
             if taken == stop_after:
                 break
         assert taken == (stop_after or len(loader))
-    # passes - 1 whole epochs ran through, the last pass took `taken` batches
     last = stop_after or len(loader)
-    assert len(produced) == (passes - 1) * per_epoch + last
+    if split == "train":  # each pass's own pipeline: only what the pass took
+        assert len(produced) == passes * last
+    else:  # passes - 1 whole epochs ran through, the last pass took `taken` batches
+        assert len(produced) == (passes - 1) * per_epoch + last
     loader.close()
 
 
@@ -832,6 +835,29 @@ def test_a_pass_resumed_by_one_process_sees_each_remaining_sample_once(coded_pac
     everything = np.concatenate([*seen, remaining])
     assert len(everything) == len(ids) // 40 * 40 and len(set(everything)) == len(everything)
     assert set(everything) <= set(ids)
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("pack", PACKS)
+def test_a_dali_epoch_is_the_same_however_the_process_got_there(request, pack):
+    """DALI's reader seeds its shuffle once: epoch 2 of a loader started at epoch 0 equals epoch
+    2 of one started there (pixels, so crops and flips too, and labels), and a pass resumed 3
+    batches into epoch 2 gives that epoch's tail."""
+    needs("dali")
+    pack = request.getfixturevalue(pack)
+    from_zero = make(pack.path, "dali", "train", first_epoch=0, batch_size=40, seed=3)
+    epochs = [batches_of(from_zero) for _ in range(3)]
+    from_zero.close()
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(epochs[1], epochs[2]))
+    resumed = make(
+        pack.path, "dali", "train", first_epoch=2, skip_samples=3 * 40, batch_size=40, seed=3
+    )
+    tail = batches_of(resumed)
+    resumed.close()
+    assert len(tail) == len(epochs[2]) - 3 > 0
+    for (images, labels), (want_images, want_labels) in zip(tail, epochs[2][3:]):
+        assert torch.equal(labels, want_labels)
+        torch.testing.assert_close(images, want_images, atol=0, rtol=0)
 
 
 def test_skip_samples_must_be_whole_global_batches(coded_pack):
@@ -949,3 +975,41 @@ def test_a_killed_decode_worker_ends_the_pass_naming_it_and_memory(coded_pack):
         for _ in batches:
             pass
     loader.close()
+
+
+@pytest.mark.parametrize(
+    "saved, now, saved_world, cursor, cut",
+    [
+        ("cpu", "resident", 1, 80, False),  # one global order: each remaining sample once
+        ("resident", "cpu", 2, 80, False),  # ... on any process count
+        ("cpu", "dali", 1, 80, True),  # dali cannot continue another loader's order
+        ("dali", "cpu", 1, 80, True),
+        ("dali", "dali", 1, 80, False),  # its own order, the same count: exact
+        ("dali", "dali", 2, 80, True),  # another count: its rank shares differ
+        ("dali", "cpu", 2, 0, False),  # at an epoch boundary anything continues
+    ],
+)
+def test_a_resumed_epoch_ends_early_only_where_the_loader_cannot_continue_it(
+    saved, now, saved_world, cursor, cut
+):
+    from fastalex.loaders import continue_train_loader
+
+    built = []
+
+    class Stub:
+        resplits = now != "dali"
+
+        def __init__(self, cfg, split, placement, first_epoch, skip_samples=0):
+            built.append((first_epoch, skip_samples))
+
+        def close(self):
+            pass
+
+    cfg = TrainConfig(loader=now)
+    loader, why = continue_train_loader(
+        cfg, Placement(CPU, 0, 1), 3, cursor, saved_world, saved, Stub
+    )
+    assert bool(why) == cut and isinstance(loader, Stub)
+    assert built[-1] == ((4, 0) if cut else (3, cursor))
+    if cut:
+        assert now in why and (saved in why or "processes" in why)

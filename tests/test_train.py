@@ -117,6 +117,75 @@ def test_dali_cpu_training_learns(hue_pack, tmp_path):
     assert summary["top1"] > MIN_TOP1, summary
 
 
+@pytest.mark.slow
+@pytest.mark.dali
+def test_dali_resumed_inside_a_later_epoch_gives_the_metrics_of_an_uninterrupted_run(
+    hue_pack, tmp_path
+):
+    """DALI (CPU-only mode) stopped 4 steps into epoch 2 and resumed: its epoch order is its own
+    pipeline's, rebuilt per epoch from (seed, epoch, rank), so the resumed run skips the batches
+    the stopped one trained on and every row equals the uninterrupted run's."""
+    pytest.importorskip("nvidia.dali")
+    common = ("--loader", "dali", "--amp", "off", "--no-compile", "--epochs", 3)
+    train_cli(hue_pack, tmp_path / "straight", *common)
+    parts = tmp_path / "parts"
+    train_cli(hue_pack, parts, *common, "--max-steps", 12)  # 8 steps per epoch: inside epoch 2
+    train_cli(hue_pack, parts, *common, "--resume")
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(parts)
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    assert without_timing(resumed) == without_timing(straight)
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_the_loader_amp_and_compile_its_run_chose(
+    hue_pack, tmp_path, monkeypatch, native_bf16
+):
+    """Stopped inside epoch 1 with everything `auto` (resident: the splits fit), resumed where
+    they no longer fit (auto would now pick cpu): the resume keeps resident, amp and compile as
+    recorded, says so once, and records them as kept; the epoch continues exactly."""
+    native_bf16(False)  # amp by rule, never probed
+    out = tmp_path / "run"
+    auto = ("--device", "cpu", "--batch-size", 32, "--loader-workers", 1)  # amp, compile, loader
+    first = invoke("train", hue_pack, "--out", out, *auto, "--max-steps", 4)
+    assert first.exit_code == 0, first.output
+    assert json.loads((out / "config.json").read_text())["loader"] == "resident", first.output
+    monkeypatch.setattr("fastalex.auto.resident_budget_bytes", lambda *args, **kwargs: 0)
+    resumed = invoke("train", hue_pack, "--out", out, *auto, "--max-steps", 8, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    kept = [line for line in resumed.output.splitlines() if "not decided again" in line]
+    assert kept == [
+        "resuming with the checkpoint's amp off, compile off, loader resident, not decided "
+        "again; give --amp/--compile/--loader to choose"
+    ], resumed.output
+    decisions = json.loads((out / "summary.json").read_text())["decisions"]
+    assert {name: (d["chose"], d["by"]) for name, d in decisions.items()} == {
+        "amp": ("off", "resumed"),
+        "compile": (False, "resumed"),
+        "loader": ("resident", "resumed"),
+    }
+    assert "first by rule" in decisions["loader"]["reason"]
+    assert decisions["loader"]["resident_need_gib"] > 0  # the first decision's figures kept
+    assert [row["steps"] for row in read_metrics(out)] == [8]
+
+
+@pytest.mark.slow
+@pytest.mark.dali
+def test_a_loader_given_on_resume_that_cannot_continue_the_epoch_ends_it_there(hue_pack, tmp_path):
+    """--loader dali given on resuming a cpu run stopped inside epoch 1: dali cannot continue the
+    cpu loader's order, so epoch 1 ends with its 4 steps (logged) and epoch 2 runs whole."""
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "run"
+    common = ("--no-compile", "--amp", "off", "--epochs", 2)
+    train_cli(hue_pack, out, *common, "--loader", "cpu", "--max-steps", 4)
+    resumed = train_cli(hue_pack, out, *common, "--loader", "dali", "--resume")
+    assert (
+        "resumed inside epoch 1: the dali loader cannot continue the cpu loader's order, so "
+        "epoch 1 ends after its 4 steps and the run goes on at epoch 2" in resumed.output
+    ), resumed.output
+    assert [(row["epoch"], row["steps"]) for row in read_metrics(out)] == [(1, 4), (2, 8)]
+    assert json.loads((out / "summary.json").read_text())["loader"] == "dali"
+
+
 @pytest.mark.slow  # trains or starts processes
 def test_training_runs_on_the_resident_loader(hue_pack, tmp_path):
     """The trainer takes the resident loader as it takes any (its epochs are the cpu loader's:

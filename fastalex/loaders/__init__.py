@@ -12,6 +12,8 @@ Reasons, and what resuming gives each backend: docs/loaders.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from fastalex.config import TrainConfig
@@ -47,10 +49,12 @@ __all__ = [
     "steps_per_epoch",
     "BACKENDS",
     "build_loader",
+    "continue_train_loader",
     "dali_usable",
 ]
 
 BACKENDS = ("dali", "cpu", "resident")
+GLOBAL_ORDER = ("cpu", "resident")  # train order base.epoch_order: (seed, epoch) only, any rank
 
 
 def build_loader(
@@ -92,6 +96,40 @@ def build_loader(
             f"loader {backend!r}: build_loader takes one of {BACKENDS} (auto.py settles `auto`)"
         )
     return chosen(cfg, split, manifest, placement, first_epoch, skip_samples)
+
+
+def continue_train_loader(
+    cfg: TrainConfig,
+    placement: Placement,
+    epoch: int,
+    cursor: int,
+    saved_world_size: int,
+    saved_backend: str,
+    build: Callable[..., Loader] | None = None,
+) -> tuple[Loader, str]:
+    """(train loader, "") that continues a run saved `cursor` global samples into `epoch` by
+    `saved_world_size` processes with the `saved_backend` loader; or, where this loader cannot
+    continue that epoch with each remaining sample once, (the next epoch's loader, why): the
+    trainer then ends that epoch where it stopped. `cpu` and `resident` share one global order;
+    `dali`'s lives in its pipeline (its own rank shares, its own shuffle). `build`: build_loader
+    or a stand-in for it (the trainer's, which tests replace)."""
+    build = build or build_loader
+    why = ""
+    if (
+        cursor
+        and saved_backend not in (cfg.loader, "auto")
+        and not ({saved_backend, cfg.loader} <= set(GLOBAL_ORDER))
+    ):
+        why = f"the {cfg.loader} loader cannot continue the {saved_backend} loader's order"
+    loader = build(cfg, "train", placement, epoch + bool(why), 0 if why else cursor)
+    if cursor and not why and saved_world_size != placement.world_size and not loader.resplits:
+        loader.close()
+        why = (
+            f"on {placement.world_size} processes (saved on {saved_world_size}) the "
+            f"{cfg.loader} loader cannot split the rest of an epoch anew"
+        )
+        loader = build(cfg, "train", placement, epoch + 1)
+    return loader, why
 
 
 def dali_usable(device: torch.device) -> bool:
