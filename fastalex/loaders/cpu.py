@@ -172,7 +172,7 @@ class CpuLoader(BaseLoader):
             num_workers=workers,
             prefetch_factor=cfg.prefetch,
             persistent_workers=True,
-            multiprocessing_context=worker_start_method(placement),
+            multiprocessing_context=worker_start_method(),
         )
 
     def plan_pass(self) -> tuple[int, list[int | None], list[np.ndarray]]:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from fastalex.errors import UserError
-from fastalex.loaders.contract import Placement, canvas_px
+from fastalex.loaders.contract import canvas_px
 from fastalex.loaders.shm import map_segment
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest, read_index
 
@@ -257,8 +257,10 @@ def decode_to_fit(data, size: tuple[int, int], height: int, width: int) -> np.nd
     return np.asarray(image)
 
 
-def worker_start_method(placement: Placement) -> str | None:
-    """How decode workers start: fork (the DataLoader's default, fastest) in a single process;
-    forkserver once a process group exists, whose threads a fork would copy mid-operation (a
-    forked worker deadlocked in Python's after-fork code beside gloo's threads)."""
-    return "forkserver" if placement.world_size > 1 else None
+def worker_start_method() -> str | None:
+    """How decode workers start: fork (the DataLoader's default, fastest) while this process has
+    no process group; forkserver once it has one, whose threads a fork would copy mid-operation
+    (a forked worker deadlocked in Python's after-fork code beside gloo's threads). Decided by
+    the group itself, not by a placement: a rank that decodes as if alone still has the group."""
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return "forkserver" if grouped else None

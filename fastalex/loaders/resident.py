@@ -126,7 +126,7 @@ class ResidentLoader(BaseLoader):
         need = (stop - start) * height * width * 3
         check_fits(need, self.device, cfg.resident_max_gb, split, holders)
         ids = np.arange(start, stop)
-        held = placement._replace(rank=0, world_size=1) if self.train else placement
+        held = placement.alone() if self.train else placement
         self.images, sizes = self._decode(cfg, table, ids, manifest, split, held)
         self.heights, self.widths = sizes[:, 0], sizes[:, 1]
         self.labels = table.labels[ids].to(self.device)
@@ -146,7 +146,7 @@ class ResidentLoader(BaseLoader):
 
                 return decode_split(cfg, split, manifest, placement, table.canvas_px)
         return decode_share(
-            table, ids, self.device, loader_workers(cfg, placement), worker_start_method(placement)
+            table, ids, self.device, loader_workers(cfg, placement), worker_start_method()
         )
 
     def __iter__(self):
