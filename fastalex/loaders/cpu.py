@@ -30,7 +30,6 @@ from fastalex.loaders.shm import (
     map_segment,
     run_label,
     shm_dir,
-    sweep_stale_segments,
 )
 from fastalex.shards import Manifest
 
@@ -123,7 +122,6 @@ class CpuLoader(BaseLoader):
         if self.decode == "auto":
             self.decode, why = AUTO_DECODE, " (auto)"
         if self.decode == "processes":
-            sweep_stale_segments()  # a crashed run's rings, before the free space is read
             try:
                 workers = fit_ring(cfg, placement, batch_bytes, self.train)
             except UserError as full:
