@@ -22,15 +22,18 @@ from fastalex.errors import UserError
 from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader
 from fastalex.loaders.contract import Batch, Placement, loader_workers
-from fastalex.loaders.decode import SampleTable, ShardDecoder, ThreadDecoder, worker_start_method
+from fastalex.loaders.decode import SampleTable, ShardDecoder, ThreadDecoder
 from fastalex.loaders.host import one_thread_on_cpu
 from fastalex.loaders.shm import (
     SharedSegment,
     free_shared_memory,
     map_segment,
     run_label,
+    semaphores_named,
     shm_dir,
+    sweep_stale_segments,
 )
+from fastalex.loaders.workers import owned_workers, worker_start_method
 from fastalex.shards import Manifest
 
 SHM_HEADROOM = 0.8  # share of the free shared memory this machine's rings may take
@@ -155,7 +158,8 @@ class CpuLoader(BaseLoader):
     ):
         """Decode worker processes and their ring in shared memory."""
         slots = ring_slots(workers, cfg.prefetch)
-        self.ring = SharedSegment(run_label(cfg.out), (slots, self.batch_size, height, width, 3))
+        self.run = run_label(cfg.out)
+        self.ring = SharedSegment(self.run, (slots, self.batch_size, height, width, 3))
         self.canvases = torch.from_numpy(map_segment(self.ring.path, self.ring.shape))
         self.summary = (
             f"cpu: {workers} decode workers, {height} x {width} canvases, "
@@ -171,6 +175,7 @@ class CpuLoader(BaseLoader):
             prefetch_factor=cfg.prefetch,
             persistent_workers=True,
             multiprocessing_context=worker_start_method(),
+            worker_init_fn=owned_workers((str(self.ring.path),)),
         )
 
     def plan_pass(self) -> tuple[int, list[int | None], list[np.ndarray]]:
@@ -191,7 +196,8 @@ class CpuLoader(BaseLoader):
             decoded = self._decoded_in_threads(batches)
         else:
             self._tasks.batches = batches
-            decoded = iter(self._loader)
+            with semaphores_named(self.run):  # the workers' queues, on the first pass
+                decoded = iter(self._loader)
         try:
             yield from self._batches(epoch, steps, batches, decoded)
         finally:
@@ -289,3 +295,4 @@ class CpuLoader(BaseLoader):
         ring = getattr(self, "ring", None)
         if ring is not None:
             ring.unlink()
+        sweep_stale_segments()  # and what processes that died before this one left

@@ -255,12 +255,3 @@ def decode_to_fit(data, size: tuple[int, int], height: int, width: int) -> np.nd
         )
         image = image.resize(size, Image.BILINEAR)
     return np.asarray(image)
-
-
-def worker_start_method() -> str | None:
-    """How decode workers start: fork (the DataLoader's default, fastest) while this process has
-    no process group; forkserver once it has one, whose threads a fork would copy mid-operation
-    (a forked worker deadlocked in Python's after-fork code beside gloo's threads). Decided by
-    the group itself, not by a placement: a rank that decodes as if alone still has the group."""
-    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return "forkserver" if grouped else None
