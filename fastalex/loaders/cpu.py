@@ -33,7 +33,7 @@ from fastalex.loaders.shm import (
     shm_dir,
     sweep_stale_segments,
 )
-from fastalex.loaders.workers import owned_workers, worker_start_method
+from fastalex.loaders.workers import end_with_this_process, worker_start_method
 from fastalex.shards import Manifest
 
 SHM_HEADROOM = 0.8  # share of the free shared memory this machine's rings may take
@@ -175,7 +175,7 @@ class CpuLoader(BaseLoader):
             prefetch_factor=cfg.prefetch,
             persistent_workers=True,
             multiprocessing_context=worker_start_method(),
-            worker_init_fn=owned_workers((str(self.ring.path),)),
+            worker_init_fn=end_with_this_process((str(self.ring.path),)),
         )
 
     def plan_pass(self) -> tuple[int, list[int | None], list[np.ndarray]]:

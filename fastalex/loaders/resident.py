@@ -23,7 +23,7 @@ from fastalex.loaders.base import BaseLoader, epoch_order
 from fastalex.loaders.contract import Batch, Placement, loader_workers
 from fastalex.loaders.decode import SampleTable, ShardDecoder
 from fastalex.loaders.shm import run_label, semaphores_named, sweep_stale_segments
-from fastalex.loaders.workers import owned_workers, worker_start_method
+from fastalex.loaders.workers import end_with_this_process, worker_start_method
 from fastalex.shards import Manifest
 
 DECODE_BATCH = 512  # images per decode task
@@ -94,7 +94,7 @@ def decode_share(
         num_workers=min(workers, len(batches)),
         pin_memory=device.type == "cuda",
         multiprocessing_context=start_method if workers else None,
-        worker_init_fn=owned_workers(),
+        worker_init_fn=end_with_this_process(),
     )
     start = 0
     with semaphores_named(run):  # the workers' queues

@@ -36,7 +36,7 @@ def worker_start_method() -> str | None:
     return "forkserver" if grouped else None
 
 
-def owned_workers(segments: tuple[str, ...] = ()) -> functools.partial:
+def end_with_this_process(segments: tuple[str, ...] = ()) -> functools.partial:
     """The worker_init_fn tying decode workers to this process (and its shared-memory
     `segments`, which the workers unlink if this process dies first)."""
     return functools.partial(end_with_owner, os.getpid(), tuple(segments))
