@@ -338,6 +338,44 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def process_starts(pids) -> dict[int, int]:
+    """{pid: start time in clock ticks since boot} of the processes running now: a pid's identity
+    (a pid reused by another process later has another start time)."""
+    return {pid: start for pid in pids if (start := process_start(pid)) is not None}
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of `pid` if it runs now (not a zombie), else None."""
+    from pathlib import Path
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in "ZX" else int(fields[19])  # state, starttime (proc(5))
+
+
+def still_running(starts: dict[int, int], within_s: float = 0.0) -> dict[int, str]:
+    """{pid: command line} of the processes of `starts` (process_starts) still running after at
+    most `within_s` seconds of waiting for them to end."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + within_s
+    while True:
+        left = [pid for pid, start in starts.items() if process_start(pid) == start]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    found = {}
+    for pid in left:
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+    return found
+
+
 class Launched:
     """A command started in its own process group (`launch`): on any exit from the `with` block,
     and on a timeout, the whole group (ranks, their loader workers) is killed, so a hung test

@@ -7,12 +7,12 @@ train / 128 val images, global batch 64 (32 per rank) -> 4 steps per epoch.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
 import re
+import secrets
 import signal
 import sys
 import time
@@ -270,8 +270,15 @@ def test_a_rank_killed_mid_epoch_restarts_and_gives_the_uninterrupted_rows(
     hue_pack, tmp_path, launch, straight_run
 ):
     """SIGKILL rank 1 after the checkpoint of step 2 (no chance to save): torchrun restarts both
-    ranks, which resume by themselves from the newest checkpoint and finish the run."""
-    out = tmp_path / "run"
+    ranks, which resume by themselves from the newest checkpoint and finish the run. Nothing the
+    killed rank started (its forkserver, decode workers, resource tracker) outlives the run by
+    more than moments, and shared memory holds nothing named for the run once it has ended."""
+    from conftest import process_starts, still_running
+
+    from fastalex.loaders.shm import shm_dir, sweep_stale_segments
+
+    run = f"killed_{secrets.token_hex(4)}"  # the run's label in shared-memory names
+    out = tmp_path / run
     command = torchrun_command(
         hue_pack,
         out,
@@ -289,17 +296,45 @@ def test_a_rank_killed_mid_epoch_restarts_and_gives_the_uninterrupted_rows(
             break
     pids = rank_pids(job.process.pid)
     assert sorted(pids) == [0, 1], pids
-    workers = descendants(pids[1])
+    started = process_starts(descendants(pids[1]))
+    assert len(started) >= 3, started  # a forkserver, its decode worker, a resource tracker
     os.kill(pids[1], signal.SIGKILL)
-    # its loader's forkserver outlives it and would hold the output pipes open: a killed
-    # container takes it along, so does this test
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
+    stdout, stderr = read_while_running(job, TIMEOUT_S)  # what it left may hold the pipes
+    try:
+        left = still_running(started, within_s=END_WITHIN_S)
+        assert not left, f"the killed rank's processes still run after the run's end: {left}"
+    finally:  # on failure: kill them, let the readers finish, leave no shared memory
+        for pid in still_running(started):
             os.kill(pid, signal.SIGKILL)
-    stdout, stderr = job.communicate(TIMEOUT_S)
-    assert job.returncode == 0, stdout + stderr
-    assert "resuming" in stdout, stdout
+        still_running(started, within_s=END_WITHIN_S)
+        output = stdout.result(END_WITHIN_S), stderr.result(END_WITHIN_S)
+        remaining = sorted(path.name for path in shm_dir().glob(f"*fastalex-{run}-*"))
+        sweep_stale_segments()
+    assert job.returncode == 0, "".join(output)
+    assert "resuming" in output[0], output[0]
     assert without_timing(read_metrics(out)) == straight_run
+    assert not remaining, remaining
+
+
+END_WITHIN_S = 10  # for what a killed rank started to end (moments; this is a loaded machine)
+
+
+def read_while_running(launched, timeout: float):
+    """Futures of a launched command's rest of stdout and stderr, read by threads, once the
+    command itself has exited: a process it left behind holding the pipes cannot block the test.
+    Fails the test (killing the command's group) if it runs past `timeout`."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(2)
+    reads = [pool.submit(pipe.read) for pipe in (launched.process.stdout, launched.process.stderr)]
+    pool.shutdown(wait=False)
+    try:
+        launched.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        launched.kill_group()
+        pytest.fail(f"{' '.join(launched.command)} ran past {timeout} s; killed its group")
+    return reads
 
 
 @pytest.mark.slow

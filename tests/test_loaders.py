@@ -548,16 +548,56 @@ def test_the_shared_memory_ring_shrinks_to_fit_or_names_the_fix(coded_pack, monk
     auto.close()
 
 
-def test_decode_workers_start_by_forkserver_once_a_process_group_exists(coded_pack):
-    one = make(coded_pack.path, "cpu", "val", decode="processes")
-    two = make(coded_pack.path, "cpu", "val", rank=1, world=2, decode="processes")
-    assert one._loader.multiprocessing_context is None  # fork: no process group's threads
-    assert two._loader.multiprocessing_context.get_start_method() == "forkserver"
-    ids, _ = run_epoch(two, coded_pack)
-    start, stop = rank_share(len(coded_pack.ids["val"]), 1, 2)
-    np.testing.assert_array_equal(ids, coded_pack.ids["val"][start:stop])
-    one.close()
-    two.close()
+@pytest.fixture
+def process_group(tmp_path):
+    """A 1-process gloo group in this process (as a rank that decodes alone has one)."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def spy_start_methods(monkeypatch, backend) -> list:
+    """The start method of every DataLoader `backend`'s module makes (None: the default, fork)."""
+    from torch.utils.data import DataLoader
+
+    methods = []
+
+    class Spied(DataLoader):
+        def __init__(self, *args, multiprocessing_context=None, **kwargs):
+            context = multiprocessing_context
+            methods.append(getattr(context, "get_start_method", lambda: context)())
+            super().__init__(*args, multiprocessing_context=context, **kwargs)
+
+    monkeypatch.setattr(f"fastalex.loaders.{backend}.DataLoader", Spied)
+    return methods
+
+
+@pytest.mark.parametrize("backend", ["cpu", "resident"])
+def test_decode_workers_fork_only_without_a_process_group(coded_pack, monkeypatch, backend):
+    """Without a group, fork, whatever the placement says (two ranks' placements here)."""
+    methods = spy_start_methods(monkeypatch, backend)
+    for world in (1, 2):
+        make(coded_pack.path, backend, "val", world - 1, world, decode="processes").close()
+    assert methods == [None, None]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "resident"])
+def test_decode_workers_start_by_forkserver_beside_a_process_group(
+    coded_pack, monkeypatch, process_group, backend
+):
+    """A rank's decoding never forks beside its group's threads, even when it decodes as if
+    alone (the resident loader's train split, a probe): a 1-process group, workers by forkserver,
+    the right images."""
+    methods = spy_start_methods(monkeypatch, backend)
+    loader = make(coded_pack.path, backend, "train", decode="processes")
+    ids, _ = run_epoch(loader, coded_pack)
+    loader.close()
+    assert methods == ["forkserver"]
+    assert len(set(ids)) == len(ids) > 0 and set(ids) <= set(coded_pack.ids["train"])
 
 
 class FakeEvent:
@@ -871,7 +911,7 @@ def test_skip_samples_must_be_whole_global_batches(coded_pack):
 
 
 def test_the_ring_is_named_for_the_run_and_unlinked_on_close(coded_pack, tmp_path):
-    import os
+    from fastalex.loaders.shm import owner_part
 
     loader = make(
         coded_pack.path,
@@ -882,41 +922,10 @@ def test_the_ring_is_named_for_the_run_and_unlinked_on_close(coded_pack, tmp_pat
         decode="processes",
     )
     path = loader.ring.path
-    assert path.name.startswith(f"fastalex-my_run-{os.getpid()}-") and path.exists()
+    assert path.name.startswith(owner_part("my_run") + "-") and path.exists()
     run_epoch(loader, coded_pack)
     loader.close()
     assert not path.exists()
-
-
-@pytest.mark.slow  # trains or starts processes
-def test_a_stale_segment_is_swept(tmp_path):
-    """Segments whose owner pid is gone are unlinked; this process's, a live one's and files
-    that are not ours are left alone."""
-    import os
-    import subprocess
-    import sys
-
-    from fastalex.loaders.shm import sweep_stale_segments
-
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    dead_pid = int(gone.stdout)  # exited and reaped: no such process now
-    names = {
-        "stale": f"fastalex-run-{dead_pid}-0",
-        "mine": f"fastalex-run-{os.getpid()}-0",
-        "live": f"fastalex-other-{os.getppid()}-3",
-        "foreign": "torch_123_456",
-    }
-    for name in names.values():
-        (tmp_path / name).write_bytes(b"x")
-    assert sweep_stale_segments(tmp_path) == [tmp_path / names["stale"]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        names[k] for k in ("mine", "live", "foreign")
-    )
 
 
 def test_decode_threads_and_processes_give_identical_batches(synth_pack):

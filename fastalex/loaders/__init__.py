@@ -32,6 +32,7 @@ from fastalex.loaders.contract import (
     rank_share,
     steps_per_epoch,
 )
+from fastalex.loaders.shm import sweep_stale_segments
 
 __all__ = [
     "BackendMissing",
@@ -78,6 +79,7 @@ def build_loader(
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     manifest = open_pack(cfg, split, placement)
+    sweep_stale_segments()  # what crashed processes left in shared memory, whatever the backend
     backend = cfg.loader
     if backend == "dali":
         try:
