@@ -585,6 +585,7 @@ def test_decode_workers_fork_only_without_a_process_group(coded_pack, monkeypatc
     assert methods == [None, None]
 
 
+@pytest.mark.slow  # starts a forkserver and its workers (~15 s)
 @pytest.mark.parametrize("backend", ["cpu", "resident"])
 def test_decode_workers_start_by_forkserver_beside_a_process_group(
     coded_pack, monkeypatch, process_group, backend
