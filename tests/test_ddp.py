@@ -88,7 +88,7 @@ def test_ddp_resumed_mid_epoch_gives_the_uninterrupted_rows(hue_pack, tmp_path, 
 
 
 def descendants(pid: int) -> list[int]:
-    from conftest import descendants as below
+    from helpers import descendants as below
 
     return below(pid)
 
@@ -239,7 +239,7 @@ def test_nccl_two_gpus_share_the_data_and_rank0_writes(hue_pack, tmp_path, launc
 @pytest.fixture(scope="module")
 def straight_run(hue_pack, tmp_path_factory):
     """The rows of an uninterrupted 2-process, 2-epoch run on the cpu loader (one launcher)."""
-    from conftest import Launched  # the fixture `launch` is per test; this run is per module
+    from helpers import Launched  # the fixture `launch` is per test; this run is per module
 
     out = tmp_path_factory.mktemp("straight") / "run"
     with Launched(torchrun_command(hue_pack, out, "--loader", "cpu", "--epochs", "2")) as job:
@@ -273,7 +273,7 @@ def test_a_rank_killed_mid_epoch_restarts_and_gives_the_uninterrupted_rows(
     ranks, which resume by themselves from the newest checkpoint and finish the run. Nothing the
     killed rank started (its forkserver, decode workers, resource tracker) outlives the run by
     more than moments, and shared memory holds nothing named for the run once it has ended."""
-    from conftest import process_starts, still_running
+    from helpers import process_starts, still_running
 
     from fastalex.loaders.shm import shm_dir, sweep_stale_segments
 

@@ -1,6 +1,6 @@
 """Decode workers never outlive the process that owns them: killed by SIGKILL, it leaves no worker,
-no forkserver, no resource tracker and nothing in shared memory named for its run.
-(Which start method they take is tested beside the loaders, in test_loaders.py.)"""
+no forkserver, no resource tracker and nothing in shared memory named for its run; and they fork
+only where their process has no process group (else forkserver)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import signal
 import sys
 
 import pytest
-from conftest import descendants, process_starts, still_running
+from helpers import descendants, make, process_starts, run_epoch, still_running
 
 from fastalex.loaders.shm import shm_dir, sweep_stale_segments
 
@@ -79,3 +79,56 @@ def test_an_owners_decode_workers_and_shared_memory_end_with_it(
             os.kill(pid, signal.SIGKILL)
         still_running(below, within_s=END_WITHIN_S)
         sweep_stale_segments()
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A 1-process gloo group in this process (as a rank that decodes alone has one)."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def spy_start_methods(monkeypatch, backend) -> list:
+    """The start method of every DataLoader `backend`'s module makes (None: the default, fork)."""
+    from torch.utils.data import DataLoader
+
+    methods = []
+
+    class Spied(DataLoader):
+        def __init__(self, *args, multiprocessing_context=None, **kwargs):
+            context = multiprocessing_context
+            methods.append(getattr(context, "get_start_method", lambda: context)())
+            super().__init__(*args, multiprocessing_context=context, **kwargs)
+
+    monkeypatch.setattr(f"fastalex.loaders.{backend}.DataLoader", Spied)
+    return methods
+
+
+@pytest.mark.parametrize("backend", ["cpu", "resident"])
+def test_decode_workers_fork_only_without_a_process_group(coded_pack, monkeypatch, backend):
+    """Without a group, fork, whatever the placement says (two ranks' placements here)."""
+    methods = spy_start_methods(monkeypatch, backend)
+    for world in (1, 2):
+        make(coded_pack.path, backend, "val", world - 1, world, decode="processes").close()
+    assert methods == [None, None]
+
+
+@pytest.mark.slow  # starts a forkserver and its workers (~15 s)
+@pytest.mark.parametrize("backend", ["cpu", "resident"])
+def test_decode_workers_start_by_forkserver_beside_a_process_group(
+    coded_pack, monkeypatch, process_group, backend
+):
+    """A rank's decoding never forks beside its group's threads, even when it decodes as if
+    alone (the resident loader's train split, a probe): a 1-process group, workers by forkserver,
+    the right images."""
+    methods = spy_start_methods(monkeypatch, backend)
+    loader = make(coded_pack.path, backend, "train", decode="processes")
+    ids, _ = run_epoch(loader, coded_pack)
+    loader.close()
+    assert methods == ["forkserver"]
+    assert len(set(ids)) == len(ids) > 0 and set(ids) <= set(coded_pack.ids["train"])
