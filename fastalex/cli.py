@@ -141,7 +141,7 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
     are rejected and listed (or, with --strict, stop the run). PNG, WebP, BMP, TIFF, GIF and PPM
     are stored as JPEG (--no-transcode rejects them), images over --max-side are stored
     downscaled; other JPEGs are stored byte for byte. A pack killed part-way leaves no manifest;
-    run the same command again.
+    run the same command again: it keeps the shards already finished.
     """
     from fastalex.pack import pack as run_pack
     from fastalex.pack import summarize

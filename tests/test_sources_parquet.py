@@ -153,3 +153,32 @@ def test_cli_packs_a_snapshot_and_hf_without_the_hub_says_how_to_install(tmp_pat
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0
     assert "pip install huggingface_hub" in result.output
+
+
+def test_each_row_group_is_read_once_and_shards_still_mix_the_classes(tmp_path, monkeypatch):
+    """A file sorted by class (as Hub files often are), 30 row groups of 4, shards of 10: each row
+    group is read once in all (not once per shard touching it), and shuffled row groups give
+    shards of mixed classes in an order that is not the file's."""
+    labels = [i // 40 for i in range(120)]  # 40 rows of class 0, then 1, then 2
+    write_parquet(tmp_path / "snap/data/train-00000-of-00001.parquet", labels, True)
+    write_parquet(tmp_path / "snap/data/valid-00000-of-00001.parquet", [0, 1, 2, 0, 1, 2], True)
+    pq = pytest.importorskip("pyarrow.parquet")
+    log = tmp_path / "reads.log"
+    read_row_group = pq.ParquetFile.read_row_group
+
+    def logged(self, group, *args, **kwargs):  # the forked workers inherit it
+        with open(log, "a") as f:
+            f.write(f"{self.metadata.num_rows} {group}\n")
+        return read_row_group(self, group, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", logged)
+    out = tmp_path / "shards"
+    manifest, _ = pack(detect_source(tmp_path / "snap"), out, PackConfig(shard_size=10), False)
+    reads = log.read_text().splitlines()
+    assert sorted(reads) == sorted([f"120 {g}" for g in range(30)] + ["6 0", "6 1"])
+    assert len(manifest.splits["train"].shards) == 12
+    assert_labels_follow_pixels(out, "train", 120)
+    order = [label for label, _ in stored(out, "train")]
+    assert order != sorted(order)
+    first_shard = order[: manifest.splits["train"].shards[0].samples]
+    assert len(set(first_shard)) > 1

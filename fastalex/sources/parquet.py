@@ -197,42 +197,54 @@ def _label_names(features) -> list[str] | None:
 
 
 class ParquetReader:
-    """Image bytes of ``"<file> row <n>"`` items: the Reader of this layout (base.py)."""
+    """Image bytes of ``"<file> row <n>"`` items: the Reader of this layout (base.py). A unit is a
+    row group: pack hands a worker whole row groups, and `prefetch` reads each one once."""
 
     def __init__(self, ref: SourceRef):
         self.ref = ref
         self._top = os.path.join(ref.path, ref.root)
         self._bytes: dict[str, bytes | None] = {}
+        self._starts: dict[str, list[int]] = {}  # file -> first row of each row group
 
     def close(self) -> None:
         self._bytes.clear()
 
-    def prefetch(self, rels) -> None:
-        """Hold exactly these items' bytes: each file's needed row groups read once, image only."""
-        pq = _pq()
-        wanted: dict[str, list[int]] = defaultdict(list)
-        for rel in rels:
-            file, _, row = rel.rpartition(ROW)
-            wanted[file].append(int(row))
-        self._bytes = {}
-        for file, rows in wanted.items():
-            parquet = pq.ParquetFile(os.path.join(self._top, file))
+    def _group_starts(self, file: str) -> list[int]:
+        if file not in self._starts:
+            metadata = _pq().ParquetFile(os.path.join(self._top, file)).metadata
             starts, start = [], 0
-            for group in range(parquet.metadata.num_row_groups):
+            for group in range(metadata.num_row_groups):
                 starts.append(start)
-                start += parquet.metadata.row_group(group).num_rows
-            by_group = defaultdict(list)
-            for row in sorted(set(rows)):
-                group = bisect.bisect_right(starts, row) - 1
-                by_group[group].append(row)
-            for group, group_rows in by_group.items():
-                column = parquet.read_row_group(group, columns=["image"]).column("image")
-                column = column.combine_chunks()
-                if hasattr(column, "field"):  # the Image feature's {bytes, path} struct
-                    column = column.field("bytes")
-                picked = column.take([row - starts[group] for row in group_rows]).to_pylist()
-                for row, data in zip(group_rows, picked):
-                    self._bytes[f"{file}{ROW}{row}"] = data
+                start += metadata.row_group(group).num_rows
+            self._starts[file] = starts
+        return self._starts[file]
+
+    def unit(self, rel: str) -> tuple[str, int]:
+        """(file, row group) of the item."""
+        file, _, row = rel.rpartition(ROW)
+        return file, bisect.bisect_right(self._group_starts(file), int(row)) - 1
+
+    def prefetch(self, rels) -> None:
+        """Hold exactly these items' bytes: each row group they fall in read once, image only."""
+        pq = _pq()
+        wanted: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for rel in rels:
+            wanted[self.unit(rel)].append(int(rel.rpartition(ROW)[2]))
+        self._bytes = {}
+        files = {}
+        for (file, group), rows in sorted(wanted.items()):
+            parquet = files.get(file) or files.setdefault(
+                file, pq.ParquetFile(os.path.join(self._top, file))
+            )
+            start = self._group_starts(file)[group]
+            column = parquet.read_row_group(group, columns=["image"]).column("image")
+            column = column.combine_chunks()
+            if hasattr(column, "field"):  # the Image feature's {bytes, path} struct
+                column = column.field("bytes")
+            rows = sorted(set(rows))
+            picked = column.take([row - start for row in rows]).to_pylist()
+            for row, data in zip(rows, picked):
+                self._bytes[f"{file}{ROW}{row}"] = data
 
     def _get(self, rel: str) -> bytes:
         if rel not in self._bytes:
