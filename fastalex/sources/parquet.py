@@ -205,13 +205,22 @@ class ParquetReader:
         self._top = os.path.join(ref.path, ref.root)
         self._bytes: dict[str, bytes | None] = {}
         self._starts: dict[str, list[int]] = {}  # file -> first row of each row group
+        # file -> its footer, read once per worker: it can hold each row group's min and max
+        # image (pyarrow writes binary statistics of small values), two images a row group
+        self._metadata: dict[str, object] = {}
 
     def close(self) -> None:
         self._bytes.clear()
 
+    def _open(self, file: str):
+        path = os.path.join(self._top, file)
+        parquet = _pq().ParquetFile(path, metadata=self._metadata.get(file))
+        self._metadata[file] = parquet.metadata
+        return parquet
+
     def _group_starts(self, file: str) -> list[int]:
         if file not in self._starts:
-            metadata = _pq().ParquetFile(os.path.join(self._top, file)).metadata
+            metadata = self._open(file).metadata
             starts, start = [], 0
             for group in range(metadata.num_row_groups):
                 starts.append(start)
@@ -226,16 +235,13 @@ class ParquetReader:
 
     def prefetch(self, rels) -> None:
         """Hold exactly these items' bytes: each row group they fall in read once, image only."""
-        pq = _pq()
         wanted: dict[tuple[str, int], list[int]] = defaultdict(list)
         for rel in rels:
             wanted[self.unit(rel)].append(int(rel.rpartition(ROW)[2]))
         self._bytes = {}
         files = {}
         for (file, group), rows in sorted(wanted.items()):
-            parquet = files.get(file) or files.setdefault(
-                file, pq.ParquetFile(os.path.join(self._top, file))
-            )
+            parquet = files.get(file) or files.setdefault(file, self._open(file))
             start = self._group_starts(file)[group]
             column = parquet.read_row_group(group, columns=["image"]).column("image")
             column = column.combine_chunks()
