@@ -457,3 +457,26 @@ def test_a_changed_option_starts_a_killed_pack_over_saying_why(big_tree, tmp_pat
     assert len(why) == 1 and "jpeg_quality" in why[0], stderr[-2000:]
     assert "resuming" not in stderr
     assert verify_pack(out) == []
+
+
+def test_each_file_of_a_zip_is_read_once(synth_tree, tmp_path, monkeypatch):
+    from fastalex.sources import tree as tree_module
+
+    archive = tmp_path / "tree.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(synth_tree.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(synth_tree).as_posix())
+    log = tmp_path / "reads.log"
+    read = tree_module.TreeReader.read
+
+    def logged(self, rel):  # the forked workers inherit it
+        with open(log, "a") as f:
+            f.write(rel + "\n")
+        return read(self, rel)
+
+    monkeypatch.setattr(tree_module.TreeReader, "read", logged)
+    manifest, _ = pack(open_source(archive), tmp_path / "out", PackConfig(shard_size=16), False)
+    images = [line for line in log.read_text().splitlines() if "/images/" in line]
+    assert len(images) == len(set(images)) == 300
+    assert sum(split.samples for split in manifest.splits.values()) == 300
