@@ -65,6 +65,29 @@ def build(cls: type, **values):
         raise UserError(str(e)) from None
 
 
+def shards_argument(command):
+    """The SHARDS argument of a command, a pack directory or an fsspec URL (s3://, gs://, https://)
+    staged into --cache-dir first (fastalex.remote): the command gets a local directory."""
+    import functools
+    import os
+
+    @functools.wraps(command)
+    def with_local_pack(*args, shards, cache_dir, **kwargs):
+        from fastalex.remote import local_pack
+
+        return command(*args, shards=local_pack(shards, cache_dir), **kwargs)
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastalex" / "shards"
+    with_local_pack = click.option(
+        "--cache-dir",
+        type=click.Path(path_type=Path),
+        default=cache,
+        show_default=True,
+        help="Where a SHARDS URL is staged, once per machine, and reused.",
+    )(with_local_pack)
+    return click.argument("shards")(with_local_pack)
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastalex")
 def main() -> None:
@@ -193,7 +216,7 @@ def pack(paths, download, url, md5, cache_dir, hub_config, **options) -> None:
 
 
 @main.command()
-@click.argument("shards", type=click.Path(path_type=Path))
+@shards_argument
 @click.option("--decode", default=32, show_default=True, help="Images fully decoded per shard.")
 def verify(shards, decode) -> None:
     """Check a pack: re-hash every shard against the manifest, check every index against its tar,
@@ -254,7 +277,7 @@ def rerun_config(path: Path, shards: Path, explicit: dict, recipe_given: bool) -
 
 
 @main.command(context_settings={"show_default": True})
-@click.argument("shards", type=click.Path(path_type=Path))
+@shards_argument
 @config_options(TrainConfig, skip=("shards", "config_file", "overrides"))
 @click.option(
     "--config",
@@ -315,7 +338,7 @@ def train(ctx: click.Context, shards, config_path, **options) -> None:
 
 
 @main.command()
-@click.argument("shards", type=click.Path(path_type=Path))
+@shards_argument
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--arch", type=click.Choice(sorted(config.MIN_IMAGE_SIZE)), default="alexnet64")
 @click.option("--image-size", type=int, default=TrainConfig().image_size, help="px")
