@@ -6,22 +6,17 @@ format, never torch or DALI. Each item goes through `images.prepare_image`: a wh
 within ``max_side`` is stored byte-identical; other formats are transcoded, larger images
 downscaled, and headers over ``max_pixels`` rejected before any decode. `plan_shards` is
 deterministic: whole read units (a parquet row group, a file) go to shards in a seeded order, items
-are shuffled within each shard. A pack is staged in ``OUT/.staging/``: each finished shard with a
-record of its sha256 (``<shard>.json``), the plan's fingerprint in ``plan.json``; a pack killed at
-any point and run again keeps the recorded shards that still hash right. Everything moves into
-place when every shard is written, the manifest last. The order guarantees: docs/data.md.
+are shuffled within each shard. A pack is staged in ``OUT/.staging/`` (staging.py: a record per
+finished shard, so a pack killed at any point and run again keeps them) and moved into place when
+every shard is written, the manifest last. The order guarantees: docs/data.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import re
 import shutil
 import signal
-import sys
 import zipfile
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -40,7 +35,6 @@ from fastalex.shards import (
     MANIFEST,
     SPLITS,
     Manifest,
-    ShardInfo,
     SplitInfo,
     check_shard,
     iter_shard,
@@ -52,9 +46,9 @@ from fastalex.shards import (
     write_shard,
 )
 from fastalex.sources import Layout, Reader, SourceRef, open_reader, read_layout
+from fastalex.staging import ShardResult, differences, fingerprint, resume, write_record
 
 STAGING = ".staging"
-PLAN_FILE = "plan.json"  # in STAGING: the fingerprint of the plan its shards were written for
 PACK_FILE = re.compile(r"^(train|val)-\d{6}\.(tar|idx)(\.part)?$|^manifest\.json(\.part)?$")
 PROGRESS_EVERY = 64  # images between updates of the shared progress counter
 IN_FLIGHT_PER_WORKER = 2  # shards submitted ahead per worker: the pool never holds the whole plan
@@ -81,14 +75,6 @@ class ShardPlan(NamedTuple):
     split: str
     number: int
     items: list  # (position, item, label) in the order written; position = key in the split
-
-
-class ShardResult(NamedTuple):
-    split: str
-    info: ShardInfo
-    rejected: list[dict]  # {"path", "reason"}
-    image_px: tuple[int, int]  # largest stored (height, width)
-    counts: dict[str, int]  # COUNTS: how many stored images were transcoded, resized, reoriented
 
 
 def pack_shard(ref: SourceRef, staging: str, shard: ShardPlan, cfg: PackConfig) -> ShardResult:
@@ -127,7 +113,7 @@ def pack_shard(ref: SourceRef, staging: str, shard: ShardPlan, cfg: PackConfig) 
     tar = Path(staging) / shard_name(shard.split, shard.number)
     info = write_shard(tar, samples())
     result = ShardResult(shard.split, info, rejected, (max_px[0], max_px[1]), counts)
-    _write_record(tar, result)
+    write_record(tar, result)
     return result
 
 
@@ -170,8 +156,8 @@ def prepare_out(out: Path, source: dict, cfg: PackConfig) -> bool:
     if (out / MANIFEST).is_file():
         try:
             old = read_manifest(out)
-            changed = _differences({**LEGACY_SOURCE, **old.source}, source)
-            changed += _differences(old.pack, _pack_settings(cfg))
+            changed = differences({**LEGACY_SOURCE, **old.source}, source)
+            changed += differences(old.pack, _pack_settings(cfg))
         except UserError:
             changed = ["unreadable manifest"]
         if not changed and not cfg.overwrite:
@@ -200,14 +186,6 @@ def prepare_out(out: Path, source: dict, cfg: PackConfig) -> bool:
 
 
 LEGACY_SOURCE = {"layout": "tiny-imagenet"}  # what a manifest that names no layout was packed from
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    return [
-        f"{key} {old.get(key, 'unset')} -> {new.get(key, 'unset')}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
-    ]
 
 
 def _pack_settings(cfg: PackConfig) -> dict:
@@ -257,7 +235,10 @@ def pack(
     finally:
         reader.close()
     try:
-        done = _resume(staging, _fingerprint(ref, source, layout, cfg, plan), plan, progress)
+        stamp = {**source, "classes": [list(c) for c in layout.classes]}
+        if ref.is_zip:  # its size is in `source`; its mtime stands for its content too
+            stamp["mtime_ns"] = os.stat(ref.path).st_mtime_ns
+        done = resume(staging, fingerprint(stamp, _pack_settings(cfg), plan), plan, progress)
         results = _write_shards(ref, layout, cfg, staging, plan, done, progress)
         manifest = _build_manifest(layout, source, cfg, results)
     except BaseException:
@@ -268,102 +249,6 @@ def pack(
     _move_into_place(staging, out)
     write_manifest(out, manifest)
     return manifest, True
-
-
-def _fingerprint(ref: SourceRef, source: dict, layout: Layout, cfg: PackConfig, plan) -> dict:
-    """What staged shards were written for: the source, the settings, the classes and a digest of
-    the plan (every item's name, label, shard and key). A zip's size and mtime stand for its
-    content; a directory's files are known by name only."""
-    digest = hashlib.sha256()
-    for shard in plan:
-        digest.update(f"{shard.split} {shard.number}\n".encode())
-        for position, rel, label in shard.items:
-            digest.update(f"{position} {label} {rel}\n".encode())
-    stamp = {**source, "classes": [list(c) for c in layout.classes], "plan": digest.hexdigest()}
-    if ref.is_zip:
-        stamp["mtime_ns"] = os.stat(ref.path).st_mtime_ns
-    return {"source": stamp, "pack": _pack_settings(cfg)}
-
-
-def _record_path(tar: Path) -> Path:
-    return tar.with_suffix(".json")
-
-
-def _write_record(tar: Path, result: ShardResult) -> None:
-    """The shard's record, written after its tar and index and renamed into place: a shard
-    without one is unfinished. Holds the result and the sha256 of the index too."""
-    record = {
-        **result._asdict(),
-        "info": dataclasses.asdict(result.info),
-        "index_sha256": _sha256(tar.with_suffix(".idx")),
-    }
-    part = _record_path(tar).with_suffix(".json.part")
-    part.write_text(json.dumps(record))
-    os.replace(part, _record_path(tar))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_record(tar: Path) -> ShardResult | None:
-    """The recorded result of a staged shard whose tar and index still hash as recorded."""
-    try:
-        record = json.loads(_record_path(tar).read_text())
-        info = ShardInfo(**record["info"])
-        if (
-            tar.stat().st_size != info.bytes
-            or _sha256(tar) != info.sha256
-            or _sha256(tar.with_suffix(".idx")) != record["index_sha256"]
-        ):
-            return None
-        px = tuple(record["image_px"])
-        return ShardResult(record["split"], info, record["rejected"], px, record["counts"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _resume(staging: Path, fingerprint: dict, plan, progress: bool) -> dict[int, ShardResult]:
-    """{plan index: result} of the shards a killed run left staged for this very plan; every
-    other staged file is removed. A staging area for another plan is emptied, saying why."""
-    done: dict[int, ShardResult] = {}
-    try:
-        old = json.loads((staging / PLAN_FILE).read_text())
-    except (OSError, ValueError):
-        old = None
-    if old == fingerprint:
-        for index, shard in enumerate(plan):
-            result = _read_record(staging / shard_name(shard.split, shard.number))
-            if result is not None:
-                done[index] = result
-    elif old is not None and isinstance(old, dict):
-        changed = _differences(old.get("source", {}), fingerprint["source"])
-        changed += _differences(old.get("pack", {}), fingerprint["pack"])
-        changed = [c.split(" ", 1)[0] for c in changed] or ["unreadable plan"]
-        print(
-            f"pack: {staging.parent}: starting over, the staged shards were for another "
-            f"{' / '.join(changed[:4])}",
-            file=sys.stderr,
-        )
-    kept = {
-        f"{stem}{suffix}"
-        for index in done
-        for stem in [shard_name(plan[index].split, plan[index].number)[: -len(".tar")]]
-        for suffix in (".tar", ".idx", ".json")
-    }
-    for stale in staging.iterdir():
-        if stale.name not in kept:
-            stale.unlink()
-    part = staging / (PLAN_FILE + ".part")
-    part.write_text(json.dumps(fingerprint))
-    os.replace(part, staging / PLAN_FILE)
-    if done and progress:
-        print(f"pack: resuming, {len(done)} of {len(plan)} shards kept", file=sys.stderr)
-    return done
 
 
 def _write_shards(
