@@ -480,3 +480,20 @@ def test_each_file_of_a_zip_is_read_once(synth_tree, tmp_path, monkeypatch):
     images = [line for line in log.read_text().splitlines() if "/images/" in line]
     assert len(images) == len(set(images)) == 300
     assert sum(split.samples for split in manifest.splits.values()) == 300
+
+
+def test_a_full_disk_ends_the_pack_with_one_error_and_no_staging(synth_tree, tmp_path, monkeypatch):
+    import errno
+
+    import fastalex.pack
+
+    def full_after_one(path, samples):  # the forked workers inherit it
+        if list(Path(path).parent.glob("*.tar")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_shard(path, samples)
+
+    monkeypatch.setattr(fastalex.pack, "write_shard", full_after_one)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="cannot write a shard .No space left on device"):
+        pack(open_source(synth_tree), out, PackConfig(shard_size=16, workers=2), False)
+    assert not out.exists()
