@@ -3,7 +3,7 @@
 Rows: ``reference`` (the blog's loader from reference.py, its normalised float32 fed to eager fp32
 NCHW steps of the model's layers without the model's own normalisation, the reference recipe's
 batch), ``fastalex`` (build_loader's default backend and the default stack; compile off
-in --quick), ``defaults`` (every `auto` settled by runtime.decide, the code `fastalex train` runs,
+in --quick), ``defaults`` (every `auto` settled by auto.decide, the code `fastalex train` runs,
 its decisions in the row; --quick plans 2 steps, so nothing is probed) and the fixed
 configurations it is judged against, fp32/bf16 x eager/compiled x cpu/resident (compiled ones
 skipped in --quick); the same arch at each size.
@@ -42,9 +42,10 @@ def rows(args, data: Data, size: int, device) -> dict:
 
 
 def decided_config(cfg, shards, log):
-    """cfg with every `auto` settled by the code `fastalex train` runs (runtime.decide), and the
+    """cfg with every `auto` settled by the code `fastalex train` runs (auto.decide), and the
     decisions."""
-    from fastalex.runtime import decide, decision_lines, resolve_runtime
+    from fastalex.auto import decide, decision_lines
+    from fastalex.runtime import resolve_runtime
     from fastalex.shards import read_manifest
 
     cfg, _, decisions = decide(cfg, resolve_runtime(cfg), read_manifest(shards), log)
@@ -56,13 +57,15 @@ def decided_config(cfg, shards, log):
 def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
     from reference import ReferenceLoader
 
+    from fastalex.auto import loader_for
     from fastalex.config import RECIPES
     from fastalex.loaders import Placement, build_loader
     from fastalex.metrics import LoaderWait
     from fastalex.shards import read_manifest
 
     shards = need(data, "shards")
-    num_classes = read_manifest(shards).num_classes
+    manifest = read_manifest(shards)
+    num_classes = manifest.num_classes
     recipe = RECIPES["reference" if name == "reference" else "fast"]
     batch_size = args.e2e_batch_size or recipe.batch_size
     if name == "reference":
@@ -94,6 +97,8 @@ def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
             "the blog's batch"
         )
     else:
+        if cfg.loader == "auto":  # the row's `auto` loader, as a run decides it
+            cfg = dataclasses.replace(cfg, loader=loader_for(cfg, Placement(device), manifest))
         loader = build_loader(cfg, "train", Placement(device))
         if name == "fastalex":
             stack = "default stack" + ("" if cfg.compile else " (compile off in --quick)")

@@ -58,14 +58,14 @@ def build_step(
     autotuning off, as PyTorch's defaults for a plain script, every other row with what
     `fastalex train` sets (runtime.configure_backends)."""
     try:
-        from fastalex import train
         from fastalex.runtime import configure_backends, resolve_runtime
+        from fastalex.step import build_training, make_train_step
     except ImportError as e:
-        raise Skip(f"fastalex.train not available ({e})") from None
+        raise Skip(f"fastalex.step not available ({e})") from None
     runtime = resolve_runtime(cfg)
-    training = train.build_training(cfg, num_classes, runtime, steps_per_epoch)
+    training = build_training(cfg, num_classes, runtime, steps_per_epoch)
     model = NormalisedInput(training.model) if normalised else training.model
-    step = train.make_train_step(model, training.optimizer, training.scaler, cfg, runtime)
+    step = make_train_step(model, training.optimizer, training.scaler, cfg, runtime)
 
     def set_backends() -> None:
         if runtime.device.type != "cuda":
@@ -106,12 +106,12 @@ def rows(args, size: int, device) -> dict:
 
 
 def model_row(args, name: str, size: int, device) -> Subject:
-    from fastalex.runtime import synthetic_batch
+    from fastalex.probes import synthetic_batch
 
     fields = dict(MODEL_ROWS[name])
     note = ""
     if name == "amp" and device.type == "cpu":
-        from fastalex.runtime import cpu_has_native_bf16
+        from fastalex.machine import cpu_has_native_bf16
 
         if not cpu_has_native_bf16():
             raise Skip(

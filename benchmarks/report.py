@@ -4,73 +4,28 @@ Owns `machine_info` (what a number depends on), `format_table` and `format_ratio
 `record` (one JSON line per row appended to benchmarks/results/throughput.jsonl). A ratio is
 against the reference row of its group at the same size, and is marked "n.s." (not significant)
 when the two rows' min-max ranges overlap (spread.py). Imports torch, the standard library and
-spread.py; no fastalex beyond default_workers.
+spread.py; of fastalex only machine.py.
 """
 
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import torch
 from spread import row_spread, significant
 
-from fastalex.config import default_workers
+from fastalex.machine import machine_record
 
-HERE = Path(__file__).resolve().parent
 REFERENCE_ROW = {"loader": "reference", "model": "eager-fp32", "e2e": "reference"}
-# Distributions whose versions a row depends on (nvidia-dali-* matched by prefix).
-VERSIONED = ("pillow", "simplejpeg", "numpy", "ffcv")
-
-
-def _run(args: list[str]) -> str | None:
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=20, cwd=HERE.parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def machine_info(device: torch.device) -> dict:
-    """What a number depends on: CPU, GPU, driver, library versions, code version, date."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-            cpu = next(names, cpu)
-    except OSError:
-        pass
-    versions = {}
-    for dist in metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name.startswith("nvidia-dali") or name in VERSIONED:
-            versions[name] = dist.version
-    cuda = device.type == "cuda"
-    driver = None
-    if cuda:
-        driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        driver = driver.splitlines()[0] if driver else None
-    status = _run(["git", "status", "--porcelain"])
+    """What a number depends on: fastalex's machine record (CPU and its speed flags, GPU, driver,
+    library versions, commit) and the date."""
     return {
-        "cpu": cpu,
-        "cores": default_workers(),  # usable: the affinity mask, not the machine's count
-        "gpu": torch.cuda.get_device_name(device) if cuda else None,
-        "gpu_count": torch.cuda.device_count() if cuda else 0,
-        "driver": driver,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "dali": next((v for k, v in versions.items() if k.startswith("nvidia-dali")), None),
-        "pillow": versions.get("pillow"),
-        "simplejpeg": versions.get("simplejpeg"),
-        "ffcv": versions.get("ffcv"),
-        "git_sha": _run(["git", "rev-parse", "HEAD"]),
-        "git_dirty": status is None or bool(status),
+        **machine_record(device),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 

@@ -1,17 +1,20 @@
 """Checkpoints: the run's `Progress` record, building and reading the checkpoint dict, writing it
-atomically into a rotated folder, finding the newest valid one, and the model card inference reads.
+atomically into a rotated folder, finding the newest valid one, and the one way back from it: the
+config of a record (`config_from_record`, also RUN/config.json's) and the model of its card
+(`model_from_card`), which train --config, eval, predict and export all go through.
 
 A checkpoint is ``torch.save`` of the dict `checkpoint_state` builds (loadable with
 ``weights_only=True``): format, config, classes, normalisation, model/optimizer/scaler state and
 ``Progress.state_dict()``'s keys. Files: RUN/checkpoints/step-<global step>.pt (newest K kept),
 last.pt and best.pt as hard links to one of them. Partial-epoch sums are global, never per rank.
 
-Imports torch, the config, metrics' `EpochSums` and the shard manifest's types; never a loader,
-the model code or the trainer. Reasons: docs/training.md.
+Imports torch, the config, the model (to build a card's), metrics' `EpochSums` and the shard
+manifest's types; never a loader or the trainer. Reasons: docs/training.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -27,11 +30,13 @@ import torch
 from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
 from fastalex.metrics import EpochSums
+from fastalex.model import build_model
 from fastalex.shards import Manifest
 
 CHECKPOINT_FORMAT = 1
 CARD_FIELDS = ("arch", "image_size", "flip_tta")  # from the saved config
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
+RECORD_ONLY = ("decisions",)  # what config.json records beside the settings (train.py)
 
 
 @dataclass
@@ -134,6 +139,7 @@ class CheckpointDir:
 
     def __init__(self, path: Path, keep: int = 2) -> None:
         self.path, self.keep = Path(path), keep
+        self.damaged: set[Path] = set()  # files newest_valid found damaged: rotation drops them
 
     @property
     def last(self) -> Path:
@@ -149,17 +155,25 @@ class CheckpointDir:
         return sorted(found, reverse=True)
 
     def save(self, state: dict, best: bool = False) -> tuple[Path, float, int]:
-        """Write step-<global step>.pt, link last.pt (and best.pt), drop all but the newest
-        `keep`. Returns (path, seconds, bytes)."""
+        """Write step-<global step>.pt, link last.pt (and best.pt), then rotate: the file just
+        written is kept, files found damaged are dropped, and of the others the newest `keep`
+        - 1. After a fallback past a damaged newer file the step numbers are not the order of
+        writing, so the new file is never the one rotation deletes. Returns (path, seconds,
+        bytes)."""
         started = time.perf_counter()
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.path / f"step-{state['global_step']:08d}.pt"
         write_atomically(path, lambda tmp: torch.save(state, tmp))
+        self.damaged.discard(path)  # overwritten whole
         link_or_copy(path, self.last)
         if best:
             link_or_copy(path, self.path / "best.pt")
-        for _, old in self.steps()[self.keep :]:
+        others = [old for _, old in self.steps() if old != path]
+        for old in [p for p in others if p in self.damaged] + [
+            p for p in others if p not in self.damaged
+        ][self.keep - 1 :]:
             old.unlink(missing_ok=True)
+            self.damaged.discard(old)
         return path, time.perf_counter() - started, path.stat().st_size
 
     def sweep(self) -> None:
@@ -170,22 +184,29 @@ class CheckpointDir:
 
     def newest_valid(self, warn: Callable[[str], None]) -> Path | None:
         """The newest checkpoint that reads whole (each zip member's CRC checked), warning about
-        each one skipped; last.pt for a run written before step files existed."""
-        candidates = [p for _, p in self.steps()] or ([self.last] if self.last.exists() else [])
+        each one skipped (and remembering it: `save` drops it); last.pt when no step file reads
+        (a run written before step files existed, or every step file damaged)."""
+        candidates = [p for _, p in self.steps()]
+        if self.last.exists() and not any(os.path.samefile(self.last, p) for p in candidates):
+            candidates.append(self.last)  # unless a link to a step file already checked
         for path in candidates:
             problem = damage(path)
             if problem is None:
                 return path
+            self.damaged.add(path)
             warn(f"warning: {path} is damaged ({problem}); using the previous checkpoint")
         return None
 
 
 def damage(path: Path) -> str | None:
-    """Why `path` is not a whole checkpoint (truncated, a corrupted byte), or None."""
+    """Why `path` is not a whole checkpoint (truncated, a corrupted byte or flag), or None. Any
+    exception while checking counts as damage: a flipped zip flag bit makes zipfile raise
+    RuntimeError (encrypted) or NotImplementedError (patched, strong encryption), not
+    BadZipFile."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()  # reads every member, checks its CRC-32
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
+    except Exception as e:  # whatever the reason, this file cannot be trusted: use the previous
         return f"{type(e).__name__}: {e}"
     return None if bad is None else f"CRC mismatch in {bad}"
 
@@ -222,14 +243,51 @@ def model_card(state: dict, path: Path) -> dict:
     if missing:
         raise UserError(
             f"{path}: this checkpoint lacks {', '.join(missing)}, which inference "
-            "needs; it was written by an older fastalex: re-train, or evaluate it "
-            "on its pack with `fastalex eval CHECKPOINT SHARDS`"
+            "needs; it was written by an older fastalex: re-train it"
         )
     return {
         **{name: config[name] for name in CARD_FIELDS},
         **state["normalisation"],
         "classes": [list(c) for c in state["classes"]],
     }
+
+
+def config_from_record(record: dict, where: str, **overrides) -> TrainConfig:
+    """The TrainConfig of a settings record (RUN/config.json, a checkpoint's "config") with
+    `overrides` over it; what the record keeps beside the settings ("decisions") is dropped.
+    UserError naming `where` for a key no TrainConfig field has, or settings that do not
+    validate."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: not a fastalex config (not an object)")
+    unknown = sorted(set(record) - known - set(RECORD_ONLY))
+    if unknown:
+        raise UserError(f"{where}: not a fastalex config (unknown {unknown[:3]})")
+    settings = {k: v for k, v in record.items() if k in known}
+    try:
+        return TrainConfig(**{**settings, **overrides})
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def inference_config(state: dict, path: Path, **overrides) -> TrainConfig:
+    """A checkpoint's config as inference (eval, predict, export) runs it on this machine: amp
+    "auto" and no compile, so `resolve_runtime`'s rule decides for this device (CUDA: bf16 at
+    compute capability >= 8.0, else fp16; a CPU: float32, as no probe runs) instead of the
+    amp the run's own machine chose; never a resume. `overrides` over that."""
+    chosen = {"amp": "auto", "compile": False, "resume": False, **overrides}
+    return config_from_record(state.get("config"), str(path), **chosen)
+
+
+def model_from_card(state: dict, path: Path) -> torch.nn.Module:
+    """The checkpoint's model, built from its card (arch, classes, image size, mean, std) with its
+    weights loaded, on the CPU in eval mode. UserError for a checkpoint without a card."""
+    card = model_card(state, Path(path))
+    model = build_model(
+        card["arch"], len(card["classes"]), card["image_size"], card["mean"], card["std"]
+    )
+    load_weights(model, state)
+    return model.eval()
 
 
 def check_checkpoint(

@@ -1,8 +1,8 @@
 """Run configuration: frozen dataclasses for pack and train, their validation, and the recipes.
 
 Owns every default of the project; nothing else holds a default value. Imports only the standard
-library. cli.py builds one option per field (``--batch-size`` <-> ``batch_size``); below cli.py the
-code receives a config, never argv, environment variables or globals.
+library. fastalex.cli builds one option per field (``--batch-size`` <-> ``batch_size``); below
+it the code receives a config, never argv, environment variables or globals.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MIN_IMAGE_SIZE = {"alexnet64": 32, "alexnet": 63, "alexnet-tv": 63}
 
 
 def option(default: Any, help: str) -> Any:
-    """A config field with its default and its ``--help`` text (cli.py reads the metadata)."""
+    """A config field with its default and its ``--help`` text (fastalex.cli reads the metadata)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -174,6 +174,16 @@ class TrainConfig:
     tensorboard: bool = option(False, "also write TensorBoard scalars to OUT/tensorboard")
     config_file: str = option("", "the config.json this run re-ran (train --config); set by cli")
     overrides: tuple[str, ...] = option((), "fields given on the command line over config_file")
+
+    def checkpoint_interval(self) -> tuple[int, float]:
+        """checkpoint_every as (steps, seconds), the other 0: "500" -> (500, 0), "90s" -> (0, 90),
+        "10m" -> (0, 600), "0" -> (0, 0) (epoch ends only)."""
+        number, unit = re.fullmatch(
+            r"(\d+(?:\.\d+)?)([smh]?)", self.checkpoint_every.strip()
+        ).groups()
+        if not unit:
+            return int(float(number)), 0.0
+        return 0, float(number) * {"s": 1, "m": 60, "h": 3600}[unit]
 
     def __post_init__(self) -> None:
         positive = ("image_size", "epochs", "batch_size", "prefetch", "step_epochs")

@@ -1,4 +1,4 @@
-"""The one exception type users see: cli.py prints its message on one line and exits with status 2.
+"""The one exception type users see: fastalex.cli prints its message on one line, exit status 2.
 
 Imports nothing. Raised for bad input (a missing or malformed source, a tampered pack, an impossible
 option); a bug raises anything else and keeps its traceback.

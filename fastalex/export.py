@@ -51,9 +51,10 @@ class PixelModel(nn.Module):
 def pixel_model(
     checkpoint: Path, layout: str = "nhwc", flip_tta: bool | None = None
 ) -> tuple[PixelModel, dict]:
-    """The checkpoint's model wrapped to take uint8 pixels, float32, eval mode, on the CPU, and its
-    model card. flip_tta None: as the run evaluated."""
-    loaded = load_model(checkpoint, "cpu", amp="off")
+    """The checkpoint's model wrapped to take uint8 pixels, float32 (no autocast traced: the
+    program computes in float32 wherever it runs), eval mode, on the CPU, and its model card.
+    flip_tta None: as the run evaluated."""
+    loaded = load_model(checkpoint, "cpu")
     card = loaded.card
     tta = card["flip_tta"] if flip_tta is None else flip_tta
     model = loaded.model.float().to(memory_format=torch.contiguous_format)

@@ -1,7 +1,8 @@
 """Inference from a checkpoint: the top-k classes of image files (`fastalex predict`), and the model
 with its eval transform that export.py wraps.
 
-Imports torch, numpy, the checkpoint's model card, the model, the val transform
+Imports torch, numpy, checkpoint.py (the model card, the model built from it, the config for
+inference on this machine), the model's `eval_logits`, the val transform
 (`loaders.augment.crop_resize`, `full_boxes`, `ragged_sizes`), images.py (header check and decode,
 shared with pack), imagefolder's IMAGE_EXTENSIONS (which files of a directory are images, as pack
 decides) and runtime.py; never a loader backend, the shard reader or the trainer. Needs no pack:
@@ -14,7 +15,6 @@ What predict does to an image, and the choices behind it: docs/using-the-model.m
 from __future__ import annotations
 
 import csv
-import dataclasses
 import glob
 import io
 import json
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastalex.checkpoint import load_checkpoint, model_card
-from fastalex.config import PackConfig, TrainConfig, default_workers
+from fastalex.checkpoint import inference_config, load_checkpoint, model_card, model_from_card
+from fastalex.config import PackConfig, default_workers
 from fastalex.errors import UserError
 from fastalex.images import Rejected, decode_image, max_file_bytes
 from fastalex.loaders.augment import crop_resize, full_boxes, ragged_sizes
-from fastalex.model import build_model, eval_logits
+from fastalex.model import eval_logits
 from fastalex.runtime import Runtime, configure_backends, resolve_runtime
 from fastalex.sources.imagefolder import IMAGE_EXTENSIONS
 
@@ -86,28 +86,17 @@ class InferenceModel:
         return self.logits(self.preprocess(pixels))
 
 
-def load_model(checkpoint: Path, device: str = "auto", amp: str | None = None) -> InferenceModel:
-    """The checkpoint's model on `device` ("auto", "cpu" or "cuda") under the autocast its run
-    evaluated with (`amp` None; "off" for float32, as export computes); UserError for a missing,
-    foreign or pre-card checkpoint."""
+def load_model(checkpoint: Path, device: str = "auto") -> InferenceModel:
+    """The checkpoint's model in eval mode on `device` ("auto", "cpu" or "cuda"), under the
+    autocast this machine's rule picks (`checkpoint.inference_config`: float32 on a CPU, bf16 or
+    fp16 on CUDA by compute capability), never the one the run's machine chose; UserError for a
+    missing, foreign or pre-card checkpoint."""
     state = load_checkpoint(Path(checkpoint))
     card = model_card(state, Path(checkpoint))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {k: v for k, v in state["config"].items() if k in known}
-    chosen = {"device": device, "compile": False, "resume": False}
-    if amp is not None:
-        chosen["amp"] = amp
-    try:
-        cfg = TrainConfig(**{**saved, **chosen})
-    except ValueError as e:
-        raise UserError(f"{checkpoint}: its saved config does not load here ({e})") from None
-    runtime = resolve_runtime(cfg)
+    runtime = resolve_runtime(inference_config(state, Path(checkpoint), device=device))
     configure_backends(runtime)
-    model = build_model(
-        card["arch"], len(card["classes"]), card["image_size"], card["mean"], card["std"]
-    )
-    model.load_state_dict(state["model"])
-    model = model.to(runtime.device, memory_format=runtime.memory_format).eval()
+    model = model_from_card(state, Path(checkpoint))
+    model = model.to(runtime.device, memory_format=runtime.memory_format)
     return InferenceModel(model, card, runtime)
 
 

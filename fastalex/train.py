@@ -1,242 +1,63 @@
-"""Training: the step, the LR schedule, evaluation, the epoch loop and what ranks agree on;
-`train(cfg)` runs it.
+"""The Trainer: epochs, evaluation, stopping and resuming, the run's files (rank 0); `train(cfg)`.
 
-Imports torch, the loader contract (`fastalex.loaders`), the model, metrics, runtime and
-checkpoint modules; never argv or os.environ (cli.py passes rank, world size and torchrun's restart
-count in) and never a loader backend directly. `--batch-size` is the global batch: each process
-takes cfg.batch_size // world_size (computed once, in `Trainer`). The benchmarks and tools reuse
-`build_training`, `make_train_step`, `evaluate` and `train`, never a copy of the loop.
-Reasons (speed plan, schedule, exact resume, timing, checkpoints, failures): docs/training.md.
+Imports the loader contract, step.py, auto.py, distributed.py, rundir.py and the checkpoint's
+content; never argv or os.environ (cli.py passes rank, world size and torchrun's restart count in)
+and never a loader backend. `cfg.batch_size` is the global batch everywhere: each process's share
+is `placement.batch_share(cfg.batch_size)`. Reasons (exact resume, timing, checkpoints, failures):
+docs/training.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import re
 import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from fastalex.auto import decide, decision_lines
 from fastalex.checkpoint import (
     CheckpointDir,
     Progress,
     capture_rng,
-    check_checkpoint,
     checkpoint_state,
-    disk_error,
-    load_checkpoint,
-    load_weights,
     restore_rng,
     restore_training,
 )
 from fastalex.config import TrainConfig
+from fastalex.distributed import StopSignals, agree, collective, process_group
 from fastalex.errors import UserError
-from fastalex.loaders import Loader, Placement, build_loader
-from fastalex.metrics import (
-    EpochMeter,
-    EpochSums,
-    all_reduce_sum,
-    append_jsonl,
-    count_topk,
-    median,
-    percent,
-    write_json,
-    write_jsonl,
+from fastalex.loaders import Loader, build_loader, continue_train_loader
+from fastalex.metrics import EpochMeter, EpochSums, append_jsonl, write_json, write_jsonl
+from fastalex.rundir import (
+    config_record,
+    data_record,
+    default_run_dir,
+    diverged_error,
+    epoch_line,
+    epoch_row,
+    kept_decisions,
+    loader_bound_note,
+    resume_point,
+    save_cost_note,
+    start_line,
+    summary_record,
+    write_file,
 )
-from fastalex.model import build_model, eval_logits, param_groups
-from fastalex.runtime import (
-    Runtime,
-    configure_backends,
-    decide,
-    decision_lines,
-    describe_device,
-    describe_machine,
-    git_sha,
-    resolve_runtime,
-    versions,
-)
+from fastalex.runtime import Runtime, resolve_runtime
 from fastalex.shards import Manifest, read_manifest
+from fastalex.step import Training, build_training, evaluate, lr_factor, make_train_step, peak_lr
 from fastalex.tensorboard_log import Board
 from fastalex.weights import load_initial_weights
 
 LOG_EVERY_STEPS = 50  # host syncs: progress postfix, NaN check, DDP stop agreement
 WARMUP_STEPS = 3  # compile (step 1), first momentum buffers (step 2): not steady-state throughput
-LR_REFERENCE_BATCH = 256  # cfg.lr is per 256 images (Goyal et al. 2017, linear scaling rule)
-RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout masks from seed + r * stride
-LOADER_BOUND_PCT = 20.0  # an epoch whose device waited longer than this on the loader is reported
-SAVE_COST_PCT = 2.0  # periodic checkpoints costing more than this share of their interval: noted
-# On the CPU torch.compile covers the whole step (forward, AOT-autograd backward, foreach SGD)
-# with inductor's layout optimisation off (docs/training.md says why).
-CPU_COMPILE_OPTIONS = {"layout_optimization": False}
-
-
-def peak_lr(cfg: TrainConfig) -> float:
-    """cfg.lr scaled from 256 images to the global batch cfg.batch_size (reference: 0.02 * 128 /
-    256 = 0.01), whatever the number of processes."""
-    return cfg.lr * cfg.batch_size / LR_REFERENCE_BATCH
-
-
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int, step: int) -> float:
-    """Multiplier of the peak LR at global `step` (0-based), for cfg.lr_schedule."""
-    if cfg.lr_schedule == "step":  # StepLR(step_epochs, step_gamma), counted in epochs
-        return cfg.step_gamma ** (step // (cfg.step_epochs * steps_per_epoch))
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-@dataclass
-class Training:
-    """What a step needs. `model` is what the step calls (DDP wrapper or the module itself)."""
-
-    model: nn.Module
-    module: nn.Module  # the bare model: state_dict, eval
-    optimizer: torch.optim.SGD
-    scaler: torch.amp.GradScaler
-    schedule: torch.optim.lr_scheduler.LambdaLR
-
-
-def build_training(
-    cfg: TrainConfig, num_classes: int, runtime: Runtime, steps_per_epoch: int, start_step: int = 0
-) -> Training:
-    """Model (seeded by cfg.seed), SGD, GradScaler and the LR schedule placed at `start_step`."""
-    configure_backends(runtime)
-    torch.manual_seed(cfg.seed)
-    module = build_model(cfg.arch, num_classes, cfg.image_size)
-    module = module.to(runtime.device, memory_format=runtime.memory_format)
-    torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * runtime.rank)
-    model = module
-    if runtime.world_size > 1:  # broadcasts rank 0's weights; all-reduces gradients
-        model = DistributedDataParallel(
-            module,
-            device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-            gradient_as_bucket_view=True,
-        )
-    lr = peak_lr(cfg)
-    if runtime.compile_whole_step:  # inductor compiles foreach SGD into one fused loop per tensor;
-        # a tensor LR lets each step's LR in without a recompile
-        kernels = {"lr": torch.tensor(lr), "foreach": True}
-    else:  # one fused kernel, which also takes a GradScaler's scale and inf flag on the device
-        kernels = {"lr": lr, "fused": True}
-    optimizer = torch.optim.SGD(
-        param_groups(module, cfg.weight_decay, cfg.decay_biases), momentum=cfg.momentum, **kernels
-    )
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.grad_scaler)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg, steps_per_epoch, start_step + step)
-    )
-    return Training(model, module, optimizer, scaler, schedule)
-
-
-def make_train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    cfg: TrainConfig,
-    runtime: Runtime,
-) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
-    """``step(images, labels) -> (loss_sum, correct)``: one SGD step, results left on the device.
-
-    images: (N, 3, S, S) uint8 pixels in runtime.memory_format; labels: (N,) int64. loss_sum is the
-    batch's summed loss (float32 0-d), correct its top-1 hits (int64 0-d). Nothing here reads a
-    value back to the host, so consecutive steps queue without waiting. With fp16 (a GradScaler,
-    on CUDA or the CPU alike) a step whose gradients overflow is skipped by the optimizer and the
-    scale lowered; the loss it reports is still the step's (finite) loss.
-    """
-    options = CPU_COMPILE_OPTIONS if runtime.device.type == "cpu" else None
-    if runtime.compile and not runtime.compile_whole_step:  # CUDA, DDP, or fp16 on the CPU
-        model = torch.compile(model, options=options)
-
-    scaled = runtime.grad_scaler  # decided here: dynamo does not trace into GradScaler
-
-    def backward_and_update(loss: torch.Tensor) -> None:
-        if scaled:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)  # fused SGD takes the scale and inf flag on the device: no sync
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-
-    def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with runtime.autocast():
-            logits = model(images)  # (N, classes) in the autocast dtype
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        backward_and_update(loss)
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach() * labels.shape[0], (logits.argmax(dim=1) == labels).sum()
-
-    if runtime.compile_whole_step:
-        return torch.compile(step, options=options)
-    return step
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, runtime: Runtime, flip_tta: bool) -> dict:
-    """Val loss, top-1 and top-5 (percent) over every sample of the loader, summed over the ranks.
-
-    Returns {"loss", "top1", "top5", "samples"}; one host sync, at the end.
-    """
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, top1, top5, n
-    for images, labels in loader:
-        images = images.contiguous(memory_format=runtime.memory_format)
-        with runtime.autocast():
-            logits = eval_logits(model, images, flip_tta)  # (N, classes) float32
-        totals[0] += F.cross_entropy(logits, labels, reduction="sum")
-        totals[1:3] += count_topk(logits, labels, (1, 5))
-        totals[3] += labels.shape[0]
-    loss_sum, top1, top5, samples = all_reduce_sum(totals).tolist()  # sync point
-    model.train(was_training)
-    return {
-        "loss": loss_sum / samples if samples else float("nan"),
-        "top1": percent(top1, samples),
-        "top5": percent(top5, samples),
-        "samples": int(samples),
-    }
-
-
-class Agreed(NamedTuple):
-    stop: bool  # some rank was signalled
-    bad_step: int | None  # the earliest non-finite step any rank saw (None: none)
-    save: bool  # some rank's checkpoint clock is due
-
-
-def agree(runtime: Runtime, stop: bool, bad_step: int | None = None, save: bool = False) -> Agreed:
-    """What every rank decides at a log point or an epoch end, from each rank's own view.
-
-    One MIN all-reduce under DDP (a collective: every rank must call it at the same point); the
-    values as given in a single process. Every stop and periodic-checkpoint decision of the loop
-    goes through here.
-    """
-    if runtime.world_size == 1:
-        return Agreed(stop, bad_step, save)
-    flags = torch.tensor(
-        [math.inf if bad_step is None else bad_step, 0.0 if stop else 1.0, 0.0 if save else 1.0],
-        dtype=torch.float64,
-        device=runtime.device,
-    )
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    bad, keep_going, no_save = flags.tolist()
-    return Agreed(keep_going == 0.0, None if math.isinf(bad) else int(bad), no_save == 0.0)
 
 
 @dataclass
@@ -245,56 +66,6 @@ class RunResult:
     status: str  # "done" or "interrupted" (SIGINT/SIGTERM: saved, continue with --resume)
     summary: dict = field(default_factory=dict)  # summary.json's content when done
     message: str = ""
-
-
-class StopSignals:
-    """SIGINT/SIGTERM set a flag the loop reads after each step; a second SIGINT aborts at once."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self.handle)
-        return self
-
-    def handle(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-def default_run_dir() -> Path:
-    sha = git_sha().replace("+dirty", "")
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}_{sha}"
-
-
-def open_train_loader(cfg: TrainConfig, placement: Placement, epoch: int, cursor: int) -> Loader:
-    """The train loader from `epoch`, its first pass starting at global sample `cursor`."""
-    return build_loader(cfg, "train", placement, epoch, skip_samples=cursor)
-
-
-def parse_every(text: str) -> tuple[int, float]:
-    """--checkpoint-every as (steps, seconds), the other 0: "500" -> (500, 0), "90s" -> (0, 90),
-    "10m" -> (0, 600), "0" -> (0, 0) (epoch ends only)."""
-    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text.strip()).groups()
-    if not unit:
-        return int(float(number)), 0.0
-    return 0, float(number) * {"s": 1, "m": 60, "h": 3600}[unit]
-
-
-def is_collective_error(error: BaseException) -> bool:
-    """A failure of the process group (a peer died, a timeout), not of the code."""
-    text = str(error)
-    return isinstance(error, dist.DistError) or any(
-        word in text for word in ("gloo", "NCCL", "Connection closed", "Timed out", "timed out")
-    )
 
 
 def train(
@@ -325,21 +96,7 @@ def train(
             f"divide by the {world_size} processes; choose a multiple of {world_size}"
         )
     runtime = resolve_runtime(cfg, rank, world_size, local_rank, local_world_size)
-    joined = world_size > 1 and not dist.is_initialized()
-    if joined:
-        timeout = timedelta(seconds=cfg.collective_timeout_s)
-        # torchrun's store (MASTER_ADDR/PORT from its env) outlives a restart and still holds the
-        # dead attempt's process-group keys: a restarted rank could read a dead peer's address
-        # ("connectFullMesh ... connection refused"), so each attempt keys under its own prefix
-        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
-        dist.init_process_group(
-            "nccl" if runtime.device.type == "cuda" else "gloo",
-            store=dist.PrefixStore(f"fastalex/attempt-{restart_count}", store),
-            rank=rank,
-            world_size=world_size,
-            timeout=timeout,
-        )
-    try:
+    with process_group(runtime, cfg.collective_timeout_s, restart_count):
         return Trainer(
             cfg,
             runtime,
@@ -347,9 +104,6 @@ def train(
             progress and rank == 0,
             restart_count,
         ).run()
-    finally:
-        if joined:
-            dist.destroy_process_group()
 
 
 @dataclass
@@ -371,7 +125,7 @@ class Trainer:
     show_bar: bool
     main: bool  # rank 0: the one that writes
     restart_count: int  # torchrun's restarts so far: > 0 resumes by itself
-    local_batch: int  # images per step in this process: cfg.batch_size // world_size
+    local_batch: int  # images per step in this process: placement.batch_share(cfg.batch_size)
     every_steps: int  # periodic checkpoints every this many steps (0: by time or none)
     every_s: float  # ... or every this many seconds
     run_dir: Path
@@ -384,7 +138,7 @@ class Trainer:
     steps_per_epoch: int
     classes: list[list[str]]
     data: dict  # what the run trained on, for summary.json
-    cut_epoch: bool  # dali resumed mid-epoch on another process count: end that epoch here
+    cut_epoch: str  # why the loader cannot continue the resumed epoch ("": it can): end it
     decisions: dict  # each `auto` (amp, compile, loader): what it chose, why, the figures
     board: Board | None  # --tensorboard: the scalars' writer (rank 0)
     # carried by a checkpoint
@@ -398,8 +152,7 @@ class Trainer:
     saved_at: float  # perf_counter of the last periodic checkpoint
     epoch_start_step: int
     mark: float  # perf_counter of the last log point
-    warned_loader_bound: bool
-    warned_save_cost: bool
+    noted: set[str]  # the advice lines already logged
 
     def __init__(
         self,
@@ -412,13 +165,13 @@ class Trainer:
         self.cfg, self.runtime, self.log, self.show_bar = cfg, runtime, log, show_bar
         self.main = runtime.rank == 0
         self.restart_count = restart_count
-        self.local_batch = cfg.batch_size // runtime.world_size
-        self.every_steps, self.every_s = parse_every(cfg.checkpoint_every)
+        self.local_batch = runtime.placement.batch_share(cfg.batch_size)
+        self.every_steps, self.every_s = cfg.checkpoint_interval()
         self.progress = Progress(world_size=runtime.world_size)
         self.warmup_s, self.first_epoch_here, self.pending_rng = None, True, None
         self.saved, self.saved_at = None, time.perf_counter()
-        self.warned_loader_bound = self.warned_save_cost = False
-        self.cut_epoch = False
+        self.noted = set()
+        self.cut_epoch = ""
         self.decisions, self.board = {}, None
 
     def run(self) -> RunResult:
@@ -428,25 +181,22 @@ class Trainer:
             self.cfg = cfg = dataclasses.replace(cfg, out=str(default_run_dir()))
         self.run_dir = Path(cfg.out)
         self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", cfg.keep_checkpoints)
-        state = self.open_run(manifest)
+        state, self.saved = resume_point(
+            cfg, self.checkpoints, self.restart_count, manifest, rt, self.log, self.collective
+        )
         if state:
             self.progress = Progress.from_state_dict(state)
-        placement = Placement(rt.device, rt.rank, rt.world_size, rt.local_world_size)
-        loader_cfg = dataclasses.replace(cfg, batch_size=self.local_batch)  # per process
-        # Every `auto` (amp, compile, loader) settled once, before the loaders (runtime.py)
-        loader_cfg, rt, self.decisions = decide(loader_cfg, rt, manifest, self.log)
-        self.cfg = cfg = dataclasses.replace(loader_cfg, batch_size=cfg.batch_size)
-        self.runtime = rt
-        p = self.progress
-        self.train_loader = open_train_loader(loader_cfg, placement, p.epoch, p.cursor)
+        # Every `auto` (amp, compile, loader) settled once, before the loaders (auto.py); a resume
+        # keeps what its run chose, so the epoch goes on with the same backend
+        kept = kept_decisions(cfg, state, self.run_dir, self.log)
+        self.cfg, self.runtime, self.decisions = decide(cfg, rt, manifest, self.log, recorded=kept)
+        cfg, rt, placement, p = self.cfg, self.runtime, self.runtime.placement, self.progress
+        saved = state["config"]["loader"] if state else cfg.loader
+        self.train_loader, self.cut_epoch = continue_train_loader(
+            cfg, placement, p.epoch, p.cursor, p.world_size, saved, build_loader
+        )
         try:
-            if p.cursor and p.world_size != rt.world_size and self.train_loader.backend == "dali":
-                # DALI's shuffle lives in its pipeline: the rest of the epoch cannot be split
-                # anew, so that epoch ends where it stopped and the run goes on at the next
-                self.train_loader.close()
-                self.train_loader = open_train_loader(loader_cfg, placement, p.epoch + 1, 0)
-                self.cut_epoch = True
-            self.val_loader = build_loader(loader_cfg, "val", placement, p.epoch)
+            self.val_loader = build_loader(cfg, "val", placement, p.epoch)
             try:
                 return self.loop(manifest, state)
             finally:
@@ -456,65 +206,10 @@ class Trainer:
             if self.board is not None:
                 self.board.close()
 
-    def open_run(self, manifest: Manifest) -> dict | None:
-        """The checkpoint this run continues (--resume, or a torchrun restart), or None for a
-        fresh run; UserError for an --out that holds another run or a finished one."""
-        cfg, run_dir = self.cfg, self.run_dir
-        if not (cfg.resume or self.restart_count):
-            if (run_dir / "metrics.jsonl").exists() or self.checkpoints.last.exists():
-                raise UserError(
-                    f"{run_dir} already holds a run; continue it with --resume or choose "
-                    "another --out"
-                )
-            return None
-        path = self.choose_checkpoint()
-        if path is None:
-            if cfg.resume:
-                raise UserError(f"{self.checkpoints.path}: no checkpoint to resume from")
-            self.log(f"restart {self.restart_count}: no checkpoint yet, starting {run_dir} anew")
-            return None
-        state = load_checkpoint(path)
-        check_checkpoint(state, path, cfg.arch, cfg.image_size, manifest, cfg.shards)
-        epoch = state["epoch"]
-        if epoch >= cfg.epochs:
-            raise UserError(
-                f"{run_dir} has finished {epoch} of {cfg.epochs} epochs; "
-                "raise --epochs to train longer"
-            )
-        self.saved = path
-        return state
-
-    def choose_checkpoint(self) -> Path | None:
-        """Rank 0 picks the newest valid checkpoint (warning about damaged ones); every rank
-        loads the one it picked."""
-        chosen = [None]
-        if self.main:
-            self.checkpoints.sweep()
-            chosen = [self.checkpoints.newest_valid(self.log)]
-        if self.runtime.world_size > 1:
-            with self.collective("choosing the checkpoint to resume"):
-                dist.broadcast_object_list(chosen, src=0)
-        return None if chosen[0] is None else Path(chosen[0])
-
-    @contextlib.contextmanager
     def collective(self, what: str):
-        """A collective whose failure (a peer died or went silent past --collective-timeout-s)
-        ends this process with a message naming it, never a wait."""
-        try:
-            yield
-        except RuntimeError as e:
-            if self.runtime.world_size == 1 or not is_collective_error(e):
-                raise
-            reason = (str(e).strip().splitlines() or [""])[0][:160]
-            message = (
-                f"rank {self.runtime.rank}: {what} failed ({reason}): another process died or "
-                f"did not answer within --collective-timeout-s {self.cfg.collective_timeout_s:g};"
-                " see its log (a process the kernel's OOM killer ended leaves none: likely "
-                f"memory). Continue with --resume --out {self.run_dir}"
-            )
-            if not self.main:  # cli.py prints rank 0's errors only
-                sys.stderr.write(f"error: {message}\n")
-            raise UserError(message) from None
+        """distributed.collective for this run: a failure names `what` and how to continue."""
+        hint = f"Continue with --resume --out {self.run_dir}"
+        return collective(self.runtime, what, self.cfg.collective_timeout_s, hint)
 
     def loop(self, manifest: Manifest, state: dict | None) -> RunResult:
         cfg, rt, p = self.cfg, self.runtime, self.progress
@@ -532,13 +227,7 @@ class Trainer:
             cfg, manifest.num_classes, rt, steps_per_epoch, p.global_step
         )
         self.classes = [list(c) for c in manifest.classes]
-        self.data = {  # what the run trained on, for summary.json and RESULTS.md
-            "source": manifest.source.get("path"),
-            "classes": manifest.num_classes,
-            "train_images": manifest.splits["train"].samples,
-            "val_images": manifest.splits["val"].samples,
-            "synthetic": all(words.startswith("synthetic") for _, words in manifest.classes),
-        }
+        self.data = data_record(manifest)
         carried = p.partial or EpochSums()
         if state:
             t = self.training
@@ -553,29 +242,19 @@ class Trainer:
         )
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_file(self.run_dir / "config.json", write_json, self.config_record())
+            write_file(self.run_dir / "config.json", write_json, config_record(cfg, self.decisions))
             write_file(self.run_dir / "metrics.jsonl", write_jsonl, p.history)
             if cfg.tensorboard:
                 self.board = Board(self.run_dir)
         for line in decision_lines(self.decisions):
             self.log(line)
-        self.log(
-            f"{'resuming' if state else 'training'} {self.run_dir}: {cfg.arch} at "
-            f"{cfg.image_size} px, {manifest.num_classes} classes, "
-            f"{steps_per_epoch * cfg.batch_size} train / "
-            f"{manifest.splits['val'].samples} val images; "
-            f"{steps_per_epoch} steps per epoch of {cfg.batch_size} "
-            f"({self.local_batch} x {rt.world_size} processes); "
-            f"{describe_device(rt)}, amp {rt.amp}, compile {'on' if rt.compile else 'off'}; "
-            f"loader {self.train_loader.summary}"
-        )
+        verb = "resuming" if state else "training"
+        self.log(f"{verb} {self.run_dir}: {start_line(cfg, rt, manifest, self.train_loader)}")
         with StopSignals() as self.signals:
             if self.cut_epoch:
                 self.log(
-                    f"resumed on {rt.world_size} processes (saved on {p.world_size}) inside epoch "
-                    f"{epoch + 1}: the dali loader cannot split the rest of an epoch anew, so "
-                    f"epoch {epoch + 1} ends after its {skip} steps and the run goes on at "
-                    f"epoch {epoch + 2}"
+                    f"resumed inside epoch {epoch + 1}: {self.cut_epoch}, so epoch {epoch + 1} "
+                    f"ends after its {skip} steps and the run goes on at epoch {epoch + 2}"
                 )
                 meter = self.new_meter(carried)
                 meter.start(timed=False)
@@ -704,15 +383,7 @@ class Trainer:
             return capture_rng(self.runtime.device, self.runtime.world_size)
 
     def diverged(self, epoch: int, where: str) -> UserError:
-        if self.saved is not None:
-            kept = f"the last good checkpoint, {self.saved}, is kept"
-        else:
-            kept = "no checkpoint had been written yet"
-        return UserError(
-            f"training diverged: the loss is not finite (nan/inf) at epoch "
-            f"{epoch + 1}, {where}; stopped, {kept}. Lower --lr (now {self.cfg.lr}) "
-            "or lengthen --warmup-epochs"
-        )
+        return diverged_error(self.cfg, epoch, where, self.saved)
 
     def finish_epoch(self, epoch: int, outcome: EpochPass) -> None:
         """Eval, the metrics row, the checkpoint: after an epoch, or a partial one (max_steps)."""
@@ -726,39 +397,16 @@ class Trainer:
         eval_s = time.perf_counter() - started
         if not math.isfinite(val["loss"]):
             raise self.diverged(epoch, "in its last steps (val loss not finite)")
-        row = {
-            "epoch": epoch + 1,
-            "steps": sums.steps,
-            "lr": peak_lr(cfg) * lr_factor(cfg, self.steps_per_epoch, p.global_step - 1),
-            "train_loss": sums.loss_sum / sums.samples,
-            "train_top1": percent(sums.correct, sums.samples),
-            "train_samples": sums.samples,
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-            "val_samples": val["samples"],
-            "epoch_s": sums.train_s + eval_s,
-            "train_s": sums.train_s,
-            "eval_s": eval_s,
-            "timed_s": sums.timed_s,  # train_s less the warm-up steps: images/s, loader wait
-            "images_per_s": sums.timed_samples / sums.timed_s if sums.timed_samples else None,
-            "loader_wait_s": sums.loader_wait_s,
-            "loader_wait_pct": percent(sums.loader_wait_s, sums.timed_s),
-        }
+        lr = peak_lr(cfg) * lr_factor(cfg, self.steps_per_epoch, p.global_step - 1)
+        row = epoch_row(epoch, sums, val, eval_s, lr)
         p.history.append(row)
         improved = row["val_top1"] > p.best_top1
         p.best_top1 = max(p.best_top1, row["val_top1"])
         self.write_row(row)
-        self.log(
-            f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-            f"top-1 {row['train_top1']:.2f} % | val loss {row['val_loss']:.4f} "
-            f"top-1 {row['val_top1']:.2f} % top-5 {row['val_top5']:.2f} % "
-            f"({row['val_samples']} images) | {row['epoch_s']:.1f} s, "
-            + (f"{row['images_per_s']:.0f} img/s" if row["images_per_s"] else "warm-up only")
-            + f", waited on the loader {row['loader_wait_s']:.1f} s "
-            f"({row['loader_wait_pct']:.0f} %)"
+        self.log(epoch_line(row, cfg.epochs))
+        self.note_once(
+            "loader-bound", loader_bound_note(row, cfg, rt.device, self.train_loader.backend)
         )
-        self.warn_if_loader_bound(row)
         if outcome.complete:
             self.save(epoch + 1, None, self.capture_rng(), p.history, improved)
         else:  # stopped by max_steps mid-epoch: --resume continues inside the epoch, whose
@@ -772,21 +420,11 @@ class Trainer:
         if self.board is not None:
             self.board.epoch(row)
 
-    def warn_if_loader_bound(self, row: dict) -> None:
-        """Once per run: an epoch whose device waited on the loader over LOADER_BOUND_PCT."""
-        if self.warned_loader_bound or not row["loader_wait_pct"] > LOADER_BOUND_PCT:
-            return
-        self.warned_loader_bound = True
-        remedies = [
-            "--loader resident (if the decoded split fits in device memory)",
-            f"more --loader-workers (now {self.cfg.loader_workers or 'the default'})",
-        ]
-        if self.runtime.device.type == "cuda" and self.train_loader.backend != "dali":
-            remedies.append("--loader dali (decodes on the GPU)")
-        self.log(
-            f"note: this run is loader-bound: the model waited on the loader "
-            f"{row['loader_wait_pct']:.0f} % of epoch {row['epoch']}; try " + ", or ".join(remedies)
-        )
+    def note_once(self, kind: str, note: str | None) -> None:
+        """Log an advice line of `kind` (loader-bound, costly checkpoints) the first time."""
+        if note and kind not in self.noted:
+            self.noted.add(kind)
+            self.log(note)
 
     def save(
         self,
@@ -812,22 +450,8 @@ class Trainer:
             )
             path, seconds, size = self.checkpoints.save(state, best)
             self.log(f"checkpoint {path.name}: {size / 2**20:.0f} MiB in {seconds:.2f} s")
-            self.warn_if_saving_costs(seconds)
+            self.note_once("save cost", save_cost_note(seconds, self.cfg))
         self.saved = self.checkpoints.path / f"step-{p.global_step:08d}.pt"
-
-    def warn_if_saving_costs(self, seconds: float) -> None:
-        """Once: periodic checkpoints that take over SAVE_COST_PCT of their interval."""
-        if (
-            self.warned_save_cost
-            or not self.every_s
-            or seconds < self.every_s * SAVE_COST_PCT / 100
-        ):
-            return
-        self.warned_save_cost = True
-        self.log(
-            f"note: a checkpoint takes {seconds:.1f} s, over {SAVE_COST_PCT:g} % of "
-            f"--checkpoint-every {self.cfg.checkpoint_every}; lengthen it"
-        )
 
     def interrupted(self, epoch: int, outcome: EpochPass | None) -> RunResult:
         """After SIGINT/SIGTERM (agreed by every rank): save where the run stands (mid-epoch when
@@ -851,52 +475,16 @@ class Trainer:
         self.log(message)
         return RunResult(self.run_dir if self.main else None, "interrupted", message=message)
 
-    def config_record(self) -> dict:
-        """config.json's content: the one place it is built."""
-        return {**asdict(self.cfg), "decisions": self.decisions}
-
-    def summary_record(self) -> dict:
-        """summary.json's content: the one place it is built."""
-        cfg, rt, p = self.cfg, self.runtime, self.progress
-        history = p.history
-        last = history[-1] if history else {}
-        rates = [r["images_per_s"] for r in history[1:] if r["images_per_s"]]
-        rates = rates or [r["images_per_s"] for r in history[:1] if r["images_per_s"]]
-        waited_s = sum(r.get("loader_wait_s", 0.0) for r in history)
-        return {
-            "top1": last.get("val_top1"),
-            "top5": last.get("val_top5"),
-            "best_top1": p.best_top1 if history else None,
-            "epochs": len(history),
-            "steps": p.global_step,
-            "epoch_s": [r["epoch_s"] for r in history],
-            "images_per_s": median(rates) if rates else None,
-            "loader_wait_s": waited_s,
-            "loader_wait_pct": percent(waited_s, sum(r.get("timed_s", 0.0) for r in history)),
-            "compile_s": p.compile_s,
-            "warmup_s": self.warmup_s,
-            "val_samples": last.get("val_samples"),
-            "data": self.data,
-            "device": describe_device(rt),
-            "loader": self.train_loader.backend,
-            "amp": rt.amp,
-            "compile": rt.compile,
-            "decisions": self.decisions,  # each `auto`: what it chose, why, the figures
-            "machine": describe_machine(rt.device),
-            "channels_last": rt.channels_last,
-            "arch": cfg.arch,
-            "image_size": cfg.image_size,
-            "batch_size": cfg.batch_size,
-            "world_size": rt.world_size,
-            "peak_lr": peak_lr(cfg),
-            "recipe": cfg.recipe,
-            "git_sha": git_sha(),
-            "versions": versions(rt),
-            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-
     def summarize(self) -> RunResult:
-        summary = self.summary_record()
+        summary = summary_record(
+            self.cfg,
+            self.runtime,
+            self.progress,
+            warmup_s=self.warmup_s,
+            data=self.data,
+            loader=self.train_loader.backend,
+            decisions=self.decisions,
+        )
         if self.main:
             write_file(self.run_dir / "summary.json", write_json, summary)
         if self.progress.history:
@@ -907,47 +495,3 @@ class Trainer:
                 f"{summary['compile_s'] or 0:.1f} s; {self.run_dir}"
             )
         return RunResult(self.run_dir if self.main else None, "done", summary)
-
-
-def write_file(path: Path, writer: Callable, *args) -> None:
-    """writer(path, *args); a failed write (a full disk) is one line naming the free space."""
-    try:
-        writer(path, *args)
-    except OSError as e:
-        raise disk_error(path, e) from None
-
-
-def evaluate_checkpoint(
-    path: Path, shards: str, device: str = "auto", loader: str = "auto", loader_workers: int = 0
-) -> dict:
-    """Val top-1/top-5 of a checkpoint, with the eval transform and TTA setting it trained with.
-
-    Returns {"top1", "top5", "loss", "samples", "epoch", "arch"}.
-    """
-    state = load_checkpoint(Path(path))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {k: v for k, v in state["config"].items() if k in known}
-    cfg = TrainConfig(
-        **{
-            **saved,
-            "shards": str(shards),
-            "device": device,
-            "loader": loader,
-            "loader_workers": loader_workers,
-            "compile": False,
-            "resume": False,
-        }
-    )
-    runtime = resolve_runtime(cfg)
-    manifest = read_manifest(Path(shards))
-    check_checkpoint(state, Path(path), cfg.arch, cfg.image_size, manifest, str(shards))
-    configure_backends(runtime)
-    model = build_model(cfg.arch, manifest.num_classes, cfg.image_size)
-    load_weights(model, state)
-    model = model.to(runtime.device, memory_format=runtime.memory_format)
-    val_loader = build_loader(cfg, "val", Placement(runtime.device))
-    try:
-        result = evaluate(model, val_loader, runtime, cfg.flip_tta)
-    finally:
-        val_loader.close()
-    return {**result, "epoch": Progress.from_state_dict(state).epoch, "arch": cfg.arch}

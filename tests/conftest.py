@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic Tiny-ImageNet trees and packs, written once per session."""
+"""Shared fixtures: small synthetic Tiny-ImageNet trees and packs, a checkpoint trained on one,
+written once per session; processes a test launches."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import threading
 
 import pytest
+import torch
+from helpers import TINY_RUN
 
 from fastalex.config import PackConfig
 from fastalex.synth import synth
@@ -23,6 +26,86 @@ def probe_cache_in_tmp(tmp_path_factory):
         del os.environ["XDG_CACHE_HOME"]
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(autouse=True)
+def own_probe_cache(tmp_path_factory, monkeypatch):
+    """Each test (and every process it starts) keeps `auto`'s probe figures in a cache of its own:
+    what one test measured never decides another's run, whatever the order tests run in."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("probe-cache")))
+
+
+# Fixtures that train a model while they are set up: a test using one trains.
+TRAINING_FIXTURES = {"checkpoint", "edited_checkpoint", "compiled_run"}
+ALLOWED_COMMANDS = {"git", "nvidia-smi", "g++", "gcc", "cc", "c++"}  # look-ups, torch.compile's C++
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [
+        item.nodeid
+        for item in items
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and not item.get_closest_marker("slow")
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"these tests train (a trained fixture): mark them slow: {unmarked}"
+        )
+
+
+@pytest.fixture(autouse=True)
+def slow_if_it_trains_or_spawns(request, monkeypatch):
+    """A test not marked `slow` that trains (a train step) or starts a process (a command line, a
+    torchrun, torch.multiprocessing.spawn) fails saying so, so `-m "not slow"` stays a quick loop.
+    Loader tests' decode workers are part of the code under test and allowed."""
+    if request.node.get_closest_marker("slow"):
+        return
+    import subprocess
+
+    import torch.multiprocessing
+
+    from fastalex.train import Trainer
+
+    def refuse(what: str):
+        raise AssertionError(f"this test {what}: mark it @pytest.mark.slow")
+
+    class Popen(subprocess.Popen):
+        def __init__(self, args, *rest, **kwargs):
+            program = args if isinstance(args, str) else args[0]
+            if os.path.basename(str(program).split()[0]) not in ALLOWED_COMMANDS:
+                refuse(f"starts a process ({program})")
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", Popen)
+    monkeypatch.setattr(Trainer, "train_epoch", lambda *a: refuse("trains (Trainer.train_epoch)"))
+    monkeypatch.setattr(torch.multiprocessing, "spawn", lambda *a, **k: refuse("spawns processes"))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A visible CUDA device of the given compute capability; torch's own bf16 check says yes
+    whatever the capability, as it does for GPUs that only emulate bf16."""
+
+    def install(capability: tuple[int, int], name: str = "Fake GPU") -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+    return install
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Set whether this CPU computes bf16 natively, whatever the machine running the tests has:
+    `native_bf16(True)` lets `auto` probe bf16 as it does on an AVX512-BF16 or AMX CPU."""
+
+    def install(native: bool) -> None:
+        monkeypatch.setattr("fastalex.runtime.cpu_has_native_bf16", lambda: native)
+
+    return install
 
 
 # Small enough that the whole suite stays fast on 2 cores, big enough for several shards per split.
@@ -255,6 +338,44 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def process_starts(pids) -> dict[int, int]:
+    """{pid: start time in clock ticks since boot} of the processes running now: a pid's identity
+    (a pid reused by another process later has another start time)."""
+    return {pid: start for pid in pids if (start := process_start(pid)) is not None}
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of `pid` if it runs now (not a zombie), else None."""
+    from pathlib import Path
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in "ZX" else int(fields[19])  # state, starttime (proc(5))
+
+
+def still_running(starts: dict[int, int], within_s: float = 0.0) -> dict[int, str]:
+    """{pid: command line} of the processes of `starts` (process_starts) still running after at
+    most `within_s` seconds of waiting for them to end."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + within_s
+    while True:
+        left = [pid for pid, start in starts.items() if process_start(pid) == start]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    found = {}
+    for pid in left:
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+    return found
+
+
 class Launched:
     """A command started in its own process group (`launch`): on any exit from the `with` block,
     and on a timeout, the whole group (ranks, their loader workers) is killed, so a hung test
@@ -436,3 +557,78 @@ def bomb_jpeg():
         return bytes(data)
 
     return make
+
+
+# --- a trained checkpoint and its val images (predict, eval and export tests) ---------------------
+
+
+@pytest.fixture(scope="session")
+def checkpoint(hue_pack, tmp_path_factory):
+    """RUN/checkpoints/last.pt of one epoch (8 steps) of alexnet64 on the hue pack, flip TTA on
+    (the fast recipe), float32 (--amp off: no probe, the same weights on every machine)."""
+    from click.testing import CliRunner
+
+    from fastalex.cli import main
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    args = ["train", str(hue_pack), "--out", str(out), *TINY_RUN, "--epochs", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return out / "checkpoints" / "last.pt"
+
+
+@pytest.fixture
+def edited_checkpoint(checkpoint, tmp_path):
+    """edited_checkpoint(config={...}, normalisation={...}) -> the path of a copy of `checkpoint`
+    whose config record has those keys replaced and whose card carries that normalisation."""
+    import torch
+
+    def make(config: dict | None = None, normalisation: dict | None = None):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state["config"] = {**state["config"], **(config or {})}
+        state["normalisation"] = normalisation or state["normalisation"]
+        path = tmp_path / f"edited-{len(list(tmp_path.glob('edited-*.pt')))}.pt"
+        torch.save(state, path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def val_files(hue_pack, tmp_path_factory):
+    """The hue pack's val images as JPEG files (the stored bytes), in the val loader's order;
+    returns (paths, labels)."""
+    import numpy as np
+
+    from fastalex.shards import iter_shard, read_index, read_manifest
+
+    folder = tmp_path_factory.mktemp("valfiles")
+    paths, labels = [], []
+    for shard in read_manifest(hue_pack).splits["val"].shards:
+        index = read_index(hue_pack / shard.index_name)
+        for jpeg, label in iter_shard(hue_pack / shard.name, index):
+            paths.append(folder / f"{len(paths):04d}.jpg")
+            paths[-1].write_bytes(jpeg)
+            labels.append(label)
+    return paths, np.array(labels)
+
+
+# A Python in which `import fastalex` fails (what an exported program must run without): the
+# package alone is hidden, sys.path is left whole (a virtualenv inside a checkout that `git clone`
+# named fastalex/ puts .../fastalex/.venv/.../site-packages there, numpy and torch with it).
+HIDE_FASTALEX = "import sys; sys.modules['fastalex'] = None; "
+
+
+@pytest.fixture
+def without_fastalex(launch):
+    """run(code, *args, cwd, python=sys.executable) -> the stdout of `code` run by a fresh
+    `python -c` in which `import fastalex` raises ImportError; fails the test on a non-zero exit."""
+    import sys
+
+    def run(code: str, *args, cwd, python=sys.executable) -> str:
+        process = launch([python, "-c", HIDE_FASTALEX + code, *args], cwd=cwd)
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stdout + stderr
+        return stdout
+
+    return run

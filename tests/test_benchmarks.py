@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_script
 from PIL import Image
 
 from fastalex.errors import UserError
@@ -46,19 +47,6 @@ MACHINE_KEYS = {
     "git_dirty",
     "date_utc",
 }
-
-
-def load_script(name: str):
-    """A benchmarks/ script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
 
 
 @pytest.mark.slow
@@ -274,6 +262,7 @@ def write_run(run: Path, epochs: int, top1: float) -> Path:
     return run
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_plot_runs_overlays_runs_into_a_png(tmp_path):
     from fastalex.plot import plot_runs
 
@@ -286,6 +275,7 @@ def test_plot_runs_overlays_runs_into_a_png(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_plot_throughput_axis_starts_at_zero(tmp_path):
     from fastalex.plot import draw_runs, read_metrics
 
@@ -685,6 +675,7 @@ def test_ffcv_row_loader_keeps_the_batch_contract(synth_pack, tmp_path):
         loader.close()
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_loader_memory_reports_the_bounded_canvas_of_a_mixed_size_pack(mixed_pack, launch):
     """benchmarks/loader_memory.py runs (two steps' worth: one epoch of a tiny pack) and says
     which canvas the loader decoded the 2000 x 1000 photo onto."""
@@ -886,6 +877,7 @@ def test_render_results_appends_the_notes_on_peer_rows(tmp_path):
     assert shipped in (BENCHMARKS / "RESULTS.md").read_text()  # RESULTS.md was re-rendered
 
 
+@pytest.mark.slow  # starts a process
 def test_pack_scale_reports_images_per_s_memory_and_bytes_read_per_source_byte(tmp_path):
     pytest.importorskip("pyarrow")
     results = tmp_path / "pack_scale.jsonl"

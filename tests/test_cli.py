@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 import time
@@ -76,6 +77,7 @@ def test_every_config_option_shows_its_fields_help(command, cls):
             assert f.metadata["help"] and options[f.name].help == f.metadata["help"], f.name
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_python_dash_m_runs_the_cli(launch):
     cli = launch([sys.executable, "-m", "fastalex", "--help"])
     stdout, stderr = cli.communicate(timeout=120)
@@ -91,6 +93,7 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_a_launch_past_its_timeout_is_killed_with_its_children_and_fails_saying_so(
     launch, tmp_path
 ):
@@ -155,3 +158,13 @@ def test_pack_download_fetches_checks_and_packs(synth_tree, server, tmp_path):
         ],
     )
     assert bad.exit_code == 2 and "md5" in bad.output
+
+
+def test_train_options_match_train_config_fields():
+    command = main.commands["train"]
+    names = [p.name for p in command.params if p.name != "help"]
+    record_only = {"config_file", "overrides"}  # set from --config, not options of their own
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - record_only
+    # --config and --cache-dir (where a SHARDS URL is staged) say where things are, not settings
+    assert sorted(names) == sorted(fields | {"config_path", "cache_dir"})
+    assert len(names) == len(set(names))

@@ -7,12 +7,12 @@ train / 128 val images, global batch 64 (32 per rank) -> 4 steps per epoch.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
 import re
+import secrets
 import signal
 import sys
 import time
@@ -21,20 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import TINY_CPU, without_timing
 
 from fastalex.cli import main
 from fastalex.plot import read_metrics
 
-TINY = ("--device", "cpu", "--batch-size", "64", "--loader-workers", "1", "--no-compile")
-TIMING_KEYS = {
-    "epoch_s",
-    "train_s",
-    "eval_s",
-    "images_per_s",
-    "loader_wait_s",
-    "loader_wait_pct",
-    "timed_s",
-}
+TINY = (*TINY_CPU, "--batch-size", "64")
 TIMEOUT_S = 240  # one torchrun of a few epochs takes ~20-40 s on the 2-core box
 
 
@@ -50,23 +42,20 @@ def run_to_end(launch, pack, out, *args) -> str:
     return stdout
 
 
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
 def agree_on_two_ranks(rank: int, store_path: str, views: list, results) -> None:
     """Spawned rank: join a 2-process gloo group and call `agree` with this rank's view."""
     import torch.distributed as dist
 
-    from fastalex.runtime import Runtime
-    from fastalex.train import agree
+    from fastalex.distributed import agree
+    from fastalex.runtime import Placement, Runtime
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
-    runtime = Runtime(torch.device("cpu"), None, False, False, rank, 2)
+    runtime = Runtime(Placement(torch.device("cpu"), rank, 2), None, False, False)
     results[rank] = [tuple(agree(runtime, *view)) for view in views[rank]]
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_ranks_agree_on_stopping_and_on_the_earliest_bad_step(tmp_path):
     """One rank signalled, one rank's non-finite loss or one rank's checkpoint clock due: both
     ranks take the same decision."""
@@ -281,8 +270,15 @@ def test_a_rank_killed_mid_epoch_restarts_and_gives_the_uninterrupted_rows(
     hue_pack, tmp_path, launch, straight_run
 ):
     """SIGKILL rank 1 after the checkpoint of step 2 (no chance to save): torchrun restarts both
-    ranks, which resume by themselves from the newest checkpoint and finish the run."""
-    out = tmp_path / "run"
+    ranks, which resume by themselves from the newest checkpoint and finish the run. Nothing the
+    killed rank started (its forkserver, decode workers, resource tracker) outlives the run by
+    more than moments, and shared memory holds nothing named for the run once it has ended."""
+    from conftest import process_starts, still_running
+
+    from fastalex.loaders.shm import shm_dir, sweep_stale_segments
+
+    run = f"killed_{secrets.token_hex(4)}"  # the run's label in shared-memory names
+    out = tmp_path / run
     command = torchrun_command(
         hue_pack,
         out,
@@ -300,17 +296,45 @@ def test_a_rank_killed_mid_epoch_restarts_and_gives_the_uninterrupted_rows(
             break
     pids = rank_pids(job.process.pid)
     assert sorted(pids) == [0, 1], pids
-    workers = descendants(pids[1])
+    started = process_starts(descendants(pids[1]))
+    assert len(started) >= 3, started  # a forkserver, its decode worker, a resource tracker
     os.kill(pids[1], signal.SIGKILL)
-    # its loader's forkserver outlives it and would hold the output pipes open: a killed
-    # container takes it along, so does this test
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
+    stdout, stderr = read_while_running(job, TIMEOUT_S)  # what it left may hold the pipes
+    try:
+        left = still_running(started, within_s=END_WITHIN_S)
+        assert not left, f"the killed rank's processes still run after the run's end: {left}"
+    finally:  # on failure: kill them, let the readers finish, leave no shared memory
+        for pid in still_running(started):
             os.kill(pid, signal.SIGKILL)
-    stdout, stderr = job.communicate(TIMEOUT_S)
-    assert job.returncode == 0, stdout + stderr
-    assert "resuming" in stdout, stdout
+        still_running(started, within_s=END_WITHIN_S)
+        output = stdout.result(END_WITHIN_S), stderr.result(END_WITHIN_S)
+        remaining = sorted(path.name for path in shm_dir().glob(f"*fastalex-{run}-*"))
+        sweep_stale_segments()
+    assert job.returncode == 0, "".join(output)
+    assert "resuming" in output[0], output[0]
     assert without_timing(read_metrics(out)) == straight_run
+    assert not remaining, remaining
+
+
+END_WITHIN_S = 10  # for what a killed rank started to end (moments; this is a loaded machine)
+
+
+def read_while_running(launched, timeout: float):
+    """Futures of a launched command's rest of stdout and stderr, read by threads, once the
+    command itself has exited: a process it left behind holding the pipes cannot block the test.
+    Fails the test (killing the command's group) if it runs past `timeout`."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(2)
+    reads = [pool.submit(pipe.read) for pipe in (launched.process.stdout, launched.process.stderr)]
+    pool.shutdown(wait=False)
+    try:
+        launched.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        launched.kill_group()
+        pytest.fail(f"{' '.join(launched.command)} ran past {timeout} s; killed its group")
+    return reads
 
 
 @pytest.mark.slow
@@ -360,6 +384,7 @@ class ContractLoader:
     each rank's share of the val ids, once. Pixels are a flat grey per label."""
 
     backend, summary = "contract", "contract test loader"
+    resplits = True  # one global order and a cursor: any world size continues an epoch
 
     def __init__(self, record, cfg, split, placement, first_epoch=0, skip_samples=0):
         from fastalex.shards import read_manifest
@@ -367,13 +392,14 @@ class ContractLoader:
         self.record, self.cfg, self.split, self.placement = record, cfg, split, placement
         self.epoch, self.skip = first_epoch, skip_samples
         self.total = read_manifest(Path(cfg.shards)).splits[split].samples
-        self.global_batch = cfg.batch_size * placement.world_size
-        self.samples = len(self) * cfg.batch_size
+        self.global_batch = cfg.batch_size  # the config holds the global batch
+        self.batch_size = placement.batch_share(cfg.batch_size)  # this rank's
+        self.samples = len(self) * self.batch_size
 
     def __len__(self):
         if self.split == "train":
             return self.total // self.global_batch
-        return -(-self.share(self.total)[1] // self.cfg.batch_size)
+        return -(-self.share(self.total)[1] // self.batch_size)
 
     def share(self, count):
         rank, world = self.placement.rank, self.placement.world_size
@@ -390,15 +416,15 @@ class ContractLoader:
         if self.split == "val":
             start, count = self.share(self.total)
             ids = list(range(start, start + count))
-            for at in range(0, count, self.cfg.batch_size):
-                yield self.batch(ids[at : at + self.cfg.batch_size])
+            for at in range(0, count, self.batch_size):
+                yield self.batch(ids[at : at + self.batch_size])
             return
         epoch, self.epoch = self.epoch, self.epoch + 1
         order = torch.randperm(self.total, generator=torch.Generator().manual_seed(epoch)).tolist()
         first, self.skip = self.skip // self.global_batch, 0
         start, _ = self.share(self.global_batch)
         for step in range(first, len(self)):
-            ids = order[step * self.global_batch + start :][: self.cfg.batch_size]
+            ids = order[step * self.global_batch + start :][: self.batch_size]
             with open(self.record, "a") as file:
                 file.write(json.dumps({"epoch": epoch, "ids": ids}) + "\n")
             yield self.batch(ids)
@@ -419,6 +445,7 @@ def train_on_contract_loader(rank, world_size, cfg, record, port) -> None:
     fastalex.train.train(cfg, rank, world_size, progress=False)
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_a_run_stopped_on_two_processes_resumes_on_one_seeing_each_sample_once(
     hue_pack, tmp_path, monkeypatch
 ):

@@ -102,3 +102,23 @@ def test_the_offline_commands_run_on_a_stand_in(synth_pack, tmp_path, monkeypatc
             assert result.exit_code == 0, (page, argv, result.output)
             ran += 1
     assert ran >= 2
+
+
+def read_more() -> list[tuple[str, list[str]]]:
+    """Each README "Read more" line: the page it points to and what it says the page covers
+    (its `backticked` words: flags, commands, names)."""
+    section = (ROOT / "README.md").read_text().split("## Read more", 1)[1].split("\n## ", 1)[0]
+    lines = []
+    for item in re.split(r"\n- ", section):
+        link = re.search(r"\]\((docs/[\w.-]+\.md)\)", item)
+        if link:
+            lines.append((link.group(1), re.findall(r"`([^`]+)`", item.split(":", 1)[1])))
+    return lines
+
+
+def test_every_page_the_readme_points_to_covers_what_the_readme_says():
+    assert len(read_more()) >= 8  # every docs page is listed
+    for page, words in read_more():
+        text = (ROOT / page).read_text()
+        missing = [word for word in words if word not in text]
+        assert not missing, f"README says {page} covers {missing}; it does not mention them"

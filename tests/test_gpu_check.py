@@ -5,11 +5,12 @@ verdict fails when nothing ran."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from test_benchmarks import load_script
+from helpers import load_script
 
 from fastalex.cli import main
 from fastalex.config import TrainConfig
@@ -24,6 +25,7 @@ def no_dali(monkeypatch):
     monkeypatch.delitem(sys.modules, "fastalex.loaders.dali", raising=False)
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_loader_dali_without_dali_is_one_line(synth_pack, tmp_path, no_dali):
     cfg = TrainConfig(shards=str(synth_pack), loader="dali", batch_size=32)
     with pytest.raises(UserError, match="--loader dali: nvidia.dali does not import") as caught:
@@ -41,6 +43,7 @@ def test_loader_dali_without_dali_is_one_line(synth_pack, tmp_path, no_dali):
     assert len(lines) == 1 and lines[0].startswith("error: --loader dali: nvidia.dali"), lines
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_smoke_skips_dali_without_dali(synth_pack, no_dali, monkeypatch, capsys):
     smoke = load_script("gpu_smoke")
     monkeypatch.setattr(smoke, "LOADERS", ("dali",))
@@ -80,3 +83,27 @@ def test_pytest_verdict_fails_when_nothing_ran(tmp_path, cases, rehearsal, ok):
     smoke = load_script("gpu_smoke")
     passed, line = smoke.pytest_verdict(junit(tmp_path, *cases), rehearsal)
     assert passed is ok, line
+
+
+# A Python where the optional extras (and what the lent GPU machine lacks) do not import, as a
+# module that is not installed: pytest then collects the gpu tests of every module all the same.
+HIDE_EXTRAS = """
+import importlib.abc, sys
+HIDDEN = {"pyarrow", "tensorboard", "onnx", "onnxscript", "onnxruntime", "matplotlib"}
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in HIDDEN:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+import pytest
+sys.exit(pytest.main(["-m", "gpu and not slow", "--co", "-q", "-p", "no:cacheprovider"]))
+"""
+
+
+@pytest.mark.slow  # starts a process
+def test_the_gpu_tests_collect_without_the_optional_extras(launch):
+    root = Path(__file__).resolve().parent.parent
+    job = launch([sys.executable, "-c", HIDE_EXTRAS], cwd=root)
+    stdout, stderr = job.communicate(120)
+    assert job.returncode == 0, stdout + stderr
+    assert "error" not in stdout.lower() and "gpu" in stdout

@@ -35,6 +35,10 @@ def needs(backend: str) -> None:
 def make(
     pack_path, backend, split, rank=0, world=1, first_epoch=0, device=CPU, skip_samples=0, **fields
 ):
+    """A loader of rank `rank` of `world`; `batch_size`, when given, is each rank's batch (the
+    config holds the global one: batch_size * world)."""
+    if "batch_size" in fields:
+        fields["batch_size"] *= world
     fields = {"loader": backend, **VARIANTS.get(backend, {}), **fields}
     cfg = TrainConfig(shards=str(pack_path), loader_workers=1, **fields)
     return build_loader(cfg, split, Placement(device, rank, world), first_epoch, skip_samples)
@@ -466,6 +470,7 @@ def test_loader_batches_are_channels_last_cuda(coded_pack, backend):
     val.close()
 
 
+@pytest.mark.slow  # trains or starts processes
 @pytest.mark.parametrize("image_size", [64, 150])
 def test_compiled_and_eager_crop_resize_agree(image_size):
     """The CPU fast path (inductor-compiled gathers) and the separable embedding_bag path give the
@@ -492,7 +497,7 @@ def test_compiled_and_eager_crop_resize_agree(image_size):
 def test_default_workers_are_this_processes_share_of_the_cores(monkeypatch):
     from fastalex.loaders import loader_workers
 
-    monkeypatch.setattr("fastalex.loaders.default_workers", lambda: 16)
+    monkeypatch.setattr("fastalex.loaders.contract.default_workers", lambda: 16)
     cfg = TrainConfig()
     assert loader_workers(cfg, Placement(CPU)) == 16
     assert loader_workers(cfg, Placement(CPU, 3, 8, local_world_size=8)) == 2
@@ -505,7 +510,7 @@ def test_dali_threads_are_this_processes_share_of_the_cores(monkeypatch):
     pytest.importorskip("nvidia.dali")
     from fastalex.loaders.dali import pipeline_device
 
-    monkeypatch.setattr("fastalex.loaders.default_workers", lambda: 16)
+    monkeypatch.setattr("fastalex.loaders.contract.default_workers", lambda: 16)
     _, device_id, threads = pipeline_device(TrainConfig(), Placement(CPU, 1, 4, 4))
     assert device_id is None and threads == 4
 
@@ -513,14 +518,14 @@ def test_dali_threads_are_this_processes_share_of_the_cores(monkeypatch):
 def test_the_shared_memory_ring_shrinks_to_fit_or_names_the_fix(coded_pack, monkeypatch):
     from fastalex.loaders import cpu
 
-    monkeypatch.setattr("fastalex.loaders.default_workers", lambda: 8)
+    monkeypatch.setattr("fastalex.loaders.contract.default_workers", lambda: 8)
     batch_bytes = 10 * 24 * 24 * 3  # batch 10 of coded_pack's largest (24 x 24) images
     # room for (prefetch 2 * 3 workers + 2) = 8 slots of each of 2 ranks' train rings
     monkeypatch.setattr(
         cpu, "free_shared_memory", lambda: int(8 * batch_bytes * 2 * 2 / cpu.SHM_HEADROOM) + 1
     )
     two_ranks = Placement(CPU, 0, 2, local_world_size=2)
-    cfg = TrainConfig(shards=str(coded_pack.path), loader="cpu", batch_size=10, decode="processes")
+    cfg = TrainConfig(shards=str(coded_pack.path), loader="cpu", batch_size=20, decode="processes")
     assert cpu.fit_ring(cfg, two_ranks, batch_bytes, train=True) == 3  # 4 would not fit
     loader = build_loader(cfg, "train", two_ranks)
     assert loader._loader.num_workers == 3
@@ -543,16 +548,57 @@ def test_the_shared_memory_ring_shrinks_to_fit_or_names_the_fix(coded_pack, monk
     auto.close()
 
 
-def test_decode_workers_start_by_forkserver_once_a_process_group_exists(coded_pack):
-    one = make(coded_pack.path, "cpu", "val", decode="processes")
-    two = make(coded_pack.path, "cpu", "val", rank=1, world=2, decode="processes")
-    assert one._loader.multiprocessing_context is None  # fork: no process group's threads
-    assert two._loader.multiprocessing_context.get_start_method() == "forkserver"
-    ids, _ = run_epoch(two, coded_pack)
-    start, stop = rank_share(len(coded_pack.ids["val"]), 1, 2)
-    np.testing.assert_array_equal(ids, coded_pack.ids["val"][start:stop])
-    one.close()
-    two.close()
+@pytest.fixture
+def process_group(tmp_path):
+    """A 1-process gloo group in this process (as a rank that decodes alone has one)."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def spy_start_methods(monkeypatch, backend) -> list:
+    """The start method of every DataLoader `backend`'s module makes (None: the default, fork)."""
+    from torch.utils.data import DataLoader
+
+    methods = []
+
+    class Spied(DataLoader):
+        def __init__(self, *args, multiprocessing_context=None, **kwargs):
+            context = multiprocessing_context
+            methods.append(getattr(context, "get_start_method", lambda: context)())
+            super().__init__(*args, multiprocessing_context=context, **kwargs)
+
+    monkeypatch.setattr(f"fastalex.loaders.{backend}.DataLoader", Spied)
+    return methods
+
+
+@pytest.mark.parametrize("backend", ["cpu", "resident"])
+def test_decode_workers_fork_only_without_a_process_group(coded_pack, monkeypatch, backend):
+    """Without a group, fork, whatever the placement says (two ranks' placements here)."""
+    methods = spy_start_methods(monkeypatch, backend)
+    for world in (1, 2):
+        make(coded_pack.path, backend, "val", world - 1, world, decode="processes").close()
+    assert methods == [None, None]
+
+
+@pytest.mark.slow  # starts a forkserver and its workers (~15 s)
+@pytest.mark.parametrize("backend", ["cpu", "resident"])
+def test_decode_workers_start_by_forkserver_beside_a_process_group(
+    coded_pack, monkeypatch, process_group, backend
+):
+    """A rank's decoding never forks beside its group's threads, even when it decodes as if
+    alone (the resident loader's train split, a probe): a 1-process group, workers by forkserver,
+    the right images."""
+    methods = spy_start_methods(monkeypatch, backend)
+    loader = make(coded_pack.path, backend, "train", decode="processes")
+    ids, _ = run_epoch(loader, coded_pack)
+    loader.close()
+    assert methods == ["forkserver"]
+    assert len(set(ids)) == len(ids) > 0 and set(ids) <= set(coded_pack.ids["train"])
 
 
 class FakeEvent:
@@ -617,6 +663,7 @@ def test_dali_gpu_batches_read_late_equal_batches_read_at_once(coded_pack):
     loader.close()
 
 
+@pytest.mark.slow  # trains or starts processes
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_a_mixed_size_pack_trains_with_memory_bounded_by_the_batch(mixed_pack, backend, tmp_path):
     """The stated bound: every image is decoded onto a canvas of at most (2 * image_size)^2 pixels
@@ -700,7 +747,8 @@ def test_an_image_larger_than_the_canvas_is_scaled_to_fit_as_it_is_decoded():
 )
 def test_dali_decodes_each_epoch_once(coded_pack, monkeypatch, split, batch_size, stop_after):
     """Over several passes DALI produces exactly its batches per epoch once per pass, whether a
-    pass ran to its end or stopped early: no hidden extra epoch before the next pass."""
+    pass ran to its end or stopped early: no hidden extra epoch before the next pass. Train
+    builds a fresh pipeline per pass (its epoch's seed), so nothing of the last one is drained."""
     pytest.importorskip("nvidia.dali")
     from nvidia.dali.pipeline import Pipeline
 
@@ -723,9 +771,11 @@ def test_dali_decodes_each_epoch_once(coded_pack, monkeypatch, split, batch_size
             if taken == stop_after:
                 break
         assert taken == (stop_after or len(loader))
-    # passes - 1 whole epochs ran through, the last pass took `taken` batches
     last = stop_after or len(loader)
-    assert len(produced) == (passes - 1) * per_epoch + last
+    if split == "train":  # each pass's own pipeline: only what the pass took
+        assert len(produced) == passes * last
+    else:  # passes - 1 whole epochs ran through, the last pass took `taken` batches
+        assert len(produced) == (passes - 1) * per_epoch + last
     loader.close()
 
 
@@ -828,6 +878,29 @@ def test_a_pass_resumed_by_one_process_sees_each_remaining_sample_once(coded_pac
     assert set(everything) <= set(ids)
 
 
+@pytest.mark.dali
+@pytest.mark.parametrize("pack", PACKS)
+def test_a_dali_epoch_is_the_same_however_the_process_got_there(request, pack):
+    """DALI's reader seeds its shuffle once: epoch 2 of a loader started at epoch 0 equals epoch
+    2 of one started there (pixels, so crops and flips too, and labels), and a pass resumed 3
+    batches into epoch 2 gives that epoch's tail."""
+    needs("dali")
+    pack = request.getfixturevalue(pack)
+    from_zero = make(pack.path, "dali", "train", first_epoch=0, batch_size=40, seed=3)
+    epochs = [batches_of(from_zero) for _ in range(3)]
+    from_zero.close()
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(epochs[1], epochs[2]))
+    resumed = make(
+        pack.path, "dali", "train", first_epoch=2, skip_samples=3 * 40, batch_size=40, seed=3
+    )
+    tail = batches_of(resumed)
+    resumed.close()
+    assert len(tail) == len(epochs[2]) - 3 > 0
+    for (images, labels), (want_images, want_labels) in zip(tail, epochs[2][3:]):
+        assert torch.equal(labels, want_labels)
+        torch.testing.assert_close(images, want_images, atol=0, rtol=0)
+
+
 def test_skip_samples_must_be_whole_global_batches(coded_pack):
     with pytest.raises(ValueError, match="whole number"):
         make(coded_pack.path, "cpu", "train", 0, 2, skip_samples=20, batch_size=20)
@@ -839,7 +912,7 @@ def test_skip_samples_must_be_whole_global_batches(coded_pack):
 
 
 def test_the_ring_is_named_for_the_run_and_unlinked_on_close(coded_pack, tmp_path):
-    import os
+    from fastalex.loaders.shm import owner_part
 
     loader = make(
         coded_pack.path,
@@ -850,40 +923,10 @@ def test_the_ring_is_named_for_the_run_and_unlinked_on_close(coded_pack, tmp_pat
         decode="processes",
     )
     path = loader.ring.path
-    assert path.name.startswith(f"fastalex-my_run-{os.getpid()}-") and path.exists()
+    assert path.name.startswith(owner_part("my_run") + "-") and path.exists()
     run_epoch(loader, coded_pack)
     loader.close()
     assert not path.exists()
-
-
-def test_a_stale_segment_is_swept(tmp_path):
-    """Segments whose owner pid is gone are unlinked; this process's, a live one's and files
-    that are not ours are left alone."""
-    import os
-    import subprocess
-    import sys
-
-    from fastalex.loaders.shm import sweep_stale_segments
-
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    dead_pid = int(gone.stdout)  # exited and reaped: no such process now
-    names = {
-        "stale": f"fastalex-run-{dead_pid}-0",
-        "mine": f"fastalex-run-{os.getpid()}-0",
-        "live": f"fastalex-other-{os.getppid()}-3",
-        "foreign": "torch_123_456",
-    }
-    for name in names.values():
-        (tmp_path / name).write_bytes(b"x")
-    assert sweep_stale_segments(tmp_path) == [tmp_path / names["stale"]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        names[k] for k in ("mine", "live", "foreign")
-    )
 
 
 def test_decode_threads_and_processes_give_identical_batches(synth_pack):
@@ -942,3 +985,41 @@ def test_a_killed_decode_worker_ends_the_pass_naming_it_and_memory(coded_pack):
         for _ in batches:
             pass
     loader.close()
+
+
+@pytest.mark.parametrize(
+    "saved, now, saved_world, cursor, cut",
+    [
+        ("cpu", "resident", 1, 80, False),  # one global order: each remaining sample once
+        ("resident", "cpu", 2, 80, False),  # ... on any process count
+        ("cpu", "dali", 1, 80, True),  # dali cannot continue another loader's order
+        ("dali", "cpu", 1, 80, True),
+        ("dali", "dali", 1, 80, False),  # its own order, the same count: exact
+        ("dali", "dali", 2, 80, True),  # another count: its rank shares differ
+        ("dali", "cpu", 2, 0, False),  # at an epoch boundary anything continues
+    ],
+)
+def test_a_resumed_epoch_ends_early_only_where_the_loader_cannot_continue_it(
+    saved, now, saved_world, cursor, cut
+):
+    from fastalex.loaders import continue_train_loader
+
+    built = []
+
+    class Stub:
+        resplits = now != "dali"
+
+        def __init__(self, cfg, split, placement, first_epoch, skip_samples=0):
+            built.append((first_epoch, skip_samples))
+
+        def close(self):
+            pass
+
+    cfg = TrainConfig(loader=now)
+    loader, why = continue_train_loader(
+        cfg, Placement(CPU, 0, 1), 3, cursor, saved_world, saved, Stub
+    )
+    assert bool(why) == cut and isinstance(loader, Stub)
+    assert built[-1] == ((4, 0) if cut else (3, cursor))
+    if cut:
+        assert now in why and (saved in why or "processes" in why)

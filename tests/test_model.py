@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import invoke
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -275,3 +276,10 @@ def test_param_groups_decay_biases_when_asked():
     groups = param_groups(model, weight_decay=5e-4, decay_biases=True)
     assert all(g["weight_decay"] == 5e-4 for g in groups)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_model_info_prints_the_table():
+    result = invoke("model-info", "--classes", 200)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("alexnet64: 200 classes, 64x64 px input")
+    assert "total" in result.output and "GFLOP" in result.output

@@ -260,6 +260,7 @@ def test_out_on_a_file_is_a_clear_error(synth_tree, tmp_path):
         pack(open_source(synth_tree), tmp_path / "file", PackConfig(), False)
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_sigkill_part_way_leaves_no_manifest_and_a_rerun_completes(tmp_path, launch):
     tree = tmp_path / "tree"
     synth(tree, classes=4, train_per_class=1500, val_per_class=50, workers=2, progress=False)
@@ -387,6 +388,7 @@ def assert_one_line_error(stderr: str, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
+@pytest.mark.slow  # starts processes
 def test_a_worker_killed_mid_pack_ends_it_within_seconds_with_one_line(big_tree, tmp_path, launch):
     out = tmp_path / "out"
     with launch(pack_command(big_tree, out, "--workers", "2")) as run:
@@ -403,6 +405,7 @@ def test_a_worker_killed_mid_pack_ends_it_within_seconds_with_one_line(big_tree,
     assert descendants(run.process.pid) == []
 
 
+@pytest.mark.slow  # starts processes
 def test_strict_pack_with_one_bad_file_exits_within_seconds_naming_it(big_tree, tmp_path, launch):
     tree = tmp_path / "tree"
     shutil.copytree(big_tree, tree)
@@ -425,6 +428,7 @@ def shard_hashes(out: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # starts processes
 def test_a_pack_killed_at_70_percent_resumes_to_the_uninterrupted_packs_bytes(
     big_tree, tmp_path, launch
 ):
@@ -445,6 +449,7 @@ def test_a_pack_killed_at_70_percent_resumes_to_the_uninterrupted_packs_bytes(
     assert shard_hashes(out) == shard_hashes(whole)
 
 
+@pytest.mark.slow  # starts processes
 def test_a_changed_option_starts_a_killed_pack_over_saying_why(big_tree, tmp_path, launch):
     out = tmp_path / "out"
     first = launch(pack_command(big_tree, out, "--workers", "1"))

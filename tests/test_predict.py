@@ -1,6 +1,6 @@
-"""predict and export: the val transform of a checkpoint's own run, files/dirs/globs with bad files
-in the mix, header bombs refused undecoded, and exported programs that agree with the eager model
-and load with torch (or onnxruntime) alone; docs/using-the-model.md's commands.
+"""predict: the val transform of a checkpoint's own run, files/dirs/globs with bad files in the
+mix, header bombs refused undecoded, the precision this machine's rule picks whatever the run's
+machine chose, and docs/using-the-model.md's commands (export's tests: test_export.py).
 
 Tolerances:
 - predict's input against the val loader's, per uint8 pixel: PIXEL_TOL, one grey level
@@ -8,17 +8,12 @@ Tolerances:
   loader through simplejpeg: wheels may bundle other builds) and resize with the same crop_resize
   (eager here, inductor-compiled in the loader: equal but for a rare rounding tie).
 - Top-1 and loss against `fastalex eval`: exact and 1e-5 relative. Predict runs the batches eval
-  runs (the run's batch size, the val order), under the run's autocast, so the logits are the same
-  computation; on this CPU that is bf16 (--amp auto), measured bit-identical.
-- float32 logits (amp off: export's precision) of one computation done two ways (batch size,
-  canvas, exported graph): LOGIT_TOL = 1e-4 relative to the largest logit. The uint8 inputs
-  are equal (but for a rare rounding tie), so what is left is float32 summation order (oneDNN
-  picks kernels by batch size) through eight layers; measured <= 1e-6.
-- ONNX Runtime against eager float32: its own convolution kernels, ONNX_TOL = 1e-3 relative.
-- PIL's BILINEAR resize (the sidecar's advice) against crop_resize, per grey level: <= 1 (both
-  round to uint8, PIL with fixed-point weights; before crop_resize rounded, measured <= 0.98)
-  except in the outermost output pixels of a downscaled image, where PIL renormalises the filter
-  and crop_resize replicates the edge (up to ~13 levels on noise), as the sidecar says.
+  runs (the run's batch size, the val order), under the runtime eval decides on this machine
+  (float32 on a CPU), so the logits are the same computation; measured bit-identical.
+- float32 logits of one computation done two ways (batch size, canvas): LOGIT_TOL = 1e-4 relative
+  to the largest logit. The uint8 inputs are equal (but for a rare rounding tie), so what is left
+  is float32 summation order (oneDNN picks kernels by batch size) through eight layers; measured
+  <= 1e-6.
 """
 
 from __future__ import annotations
@@ -28,7 +23,6 @@ import json
 import re
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,74 +34,26 @@ from PIL import Image
 from fastalex.cli import main
 
 USING = Path(__file__).resolve().parent.parent / "docs" / "using-the-model.md"
-TINY = (
-    "--device",
-    "cpu",
-    "--batch-size",
-    "32",
-    "--loader-workers",
-    "1",
-    "--loader",
-    "cpu",
-    "--no-compile",
-)
 PIXEL_TOL = 1  # grey levels
 LOGIT_TOL = 1e-4
-ONNX_TOL = 1e-3
-# Python run with fastalex unimportable: sys.modules[name] = None makes `import fastalex` raise.
-WITHOUT_FASTALEX = (
-    "import sys; sys.modules['fastalex'] = None; "
-    "sys.path[:] = [p for p in sys.path if 'fastalex' not in p and p]; "
-)
 
 
 def cli(*args, **kwargs):
     return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(hue_pack, tmp_path_factory):
-    """One epoch (8 steps) of alexnet64 on the hue pack, flip TTA on (the fast recipe)."""
-    out = tmp_path_factory.mktemp("predict") / "run"
-    result = cli("train", hue_pack, "--out", out, *TINY, "--epochs", 1)
-    assert result.exit_code == 0, result.output
-    return out / "checkpoints" / "last.pt"
-
-
-@pytest.fixture(scope="module")
-def val_files(hue_pack, tmp_path_factory):
-    """The pack's val images as JPEG files (the stored bytes), in the val loader's order; returns
-    (paths, labels)."""
-    from fastalex.shards import iter_shard, read_index, read_manifest
-
-    folder = tmp_path_factory.mktemp("valfiles")
-    paths, labels = [], []
-    for shard in read_manifest(hue_pack).splits["val"].shards:
-        index = read_index(hue_pack / shard.index_name)
-        for jpeg, label in iter_shard(hue_pack / shard.name, index):
-            paths.append(folder / f"{len(paths):04d}.jpg")
-            paths[-1].write_bytes(jpeg)
-            labels.append(label)
-    return paths, np.array(labels)
-
-
 def val_loader_batches(checkpoint, hue_pack):
     """(images, labels) of the whole val split as the cpu loader hands them to evaluate."""
-    from fastalex.checkpoint import load_checkpoint
-    from fastalex.config import TrainConfig
+    from fastalex.checkpoint import inference_config, load_checkpoint
     from fastalex.loaders import Placement, build_loader
 
-    saved = load_checkpoint(checkpoint)["config"]
-    cfg = TrainConfig(
-        **{
-            **saved,
-            "shards": str(hue_pack),
-            "device": "cpu",
-            "loader": "cpu",
-            "loader_workers": 1,
-            "compile": False,
-            "resume": False,
-        }
+    cfg = inference_config(
+        load_checkpoint(checkpoint),
+        checkpoint,
+        shards=str(hue_pack),
+        device="cpu",
+        loader="cpu",
+        loader_workers=1,
     )
     loader = build_loader(cfg, "val", Placement(torch.device("cpu")))
     try:
@@ -117,10 +63,11 @@ def val_loader_batches(checkpoint, hue_pack):
     return torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches])
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_predict_sees_the_val_transform_and_matches_eval(checkpoint, hue_pack, val_files):
     from fastalex.checkpoint import load_checkpoint
+    from fastalex.evaluate import evaluate_checkpoint
     from fastalex.predict import load_model, read_image
-    from fastalex.train import evaluate_checkpoint
 
     model = load_model(checkpoint, "cpu")
     paths, labels = val_files
@@ -146,6 +93,7 @@ def predicted_paths(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line and not line.startswith(" ")]
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_predict_names_each_bad_file_and_predicts_the_rest(
     checkpoint, val_files, tmp_path, bomb_jpeg
 ):
@@ -203,6 +151,7 @@ def test_predict_names_each_bad_file_and_predicts_the_rest(
     )
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_a_header_bomb_is_refused_before_any_pixel_is_decoded(
     checkpoint, tmp_path, monkeypatch, bomb_jpeg
 ):
@@ -226,6 +175,7 @@ def test_a_header_bomb_is_refused_before_any_pixel_is_decoded(
     assert out == [] and len(err) == 1 and "over the limit" in err[0] and "not decoded" in err[0]
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_json_and_csv_carry_ids_names_and_probabilities(checkpoint, val_files):
     import csv
 
@@ -264,10 +214,11 @@ def test_json_and_csv_carry_ids_names_and_probabilities(checkpoint, val_files):
         assert float(row["probability"]) == pytest.approx(top["probability"], abs=1e-6)
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_images_of_any_size_predict_in_one_batch_as_they_would_alone(checkpoint, val_files):
     from fastalex.predict import load_model
 
-    model = load_model(checkpoint, "cpu", amp="off")  # float32: differences are not bf16 rounding
+    model = load_model(checkpoint, "cpu")  # float32 on a CPU: differences are not bf16 rounding
     rng = np.random.default_rng(0)
     sizes = [(64, 64), (90, 150), (40, 30), (700, 300), (64, 64), (13, 97)]
     pixels = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
@@ -295,6 +246,7 @@ def test_read_image_is_upright_rgb_with_alpha_on_white(tmp_path):
     assert read_image(str(tmp_path / "big.png"), max_side=0).shape == (600, 900, 3)
 
 
+@pytest.mark.slow  # trains (the checkpoint fixture)
 def test_user_errors_are_one_line_and_exit_2(checkpoint, val_files, tmp_path):
     old = torch.load(checkpoint, map_location="cpu", weights_only=True)
     del old["normalisation"], old["classes"]
@@ -302,10 +254,8 @@ def test_user_errors_are_one_line_and_exit_2(checkpoint, val_files, tmp_path):
     image = val_files[0][0]
     for args, message in (
         (("predict", tmp_path / "old.pt", image), "lacks classes, normalisation"),
-        (("export", tmp_path / "old.pt", tmp_path / "m.pt2"), "lacks classes, normalisation"),
         (("predict", tmp_path / "none.pt", image), "no checkpoint there"),
         (("predict", checkpoint, image, "--json", "--csv"), "one of --json and --csv"),
-        (("export", checkpoint, tmp_path / "m.onnx"), "--format onnx"),
     ):
         result = cli(*args)
         assert result.exit_code == 2, (args, result.output)
@@ -313,140 +263,36 @@ def test_user_errors_are_one_line_and_exit_2(checkpoint, val_files, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
-# --- export ---------------------------------------------------------------------------------------
+class Decided(Exception):
+    """Raised by a spy once the runtime is decided: nothing can run on a faked GPU."""
 
 
-@pytest.fixture(scope="module")
-def val_pixels(val_files):
-    """The first 40 val images, decoded: (40, 64, 64, 3) uint8, the model's size."""
-    from fastalex.predict import read_image
-
-    return np.stack([read_image(str(p)) for p in val_files[0][:40]])
-
-
-@pytest.fixture(scope="module")
-def exported(checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "model"  # the suffix is added
-    result = cli("export", checkpoint, out)
-    assert result.exit_code == 0, result.output
-    assert "(N, 64, 64, 3) in, logits (N, 4) out, flip TTA inside" in result.output
-    return out.with_name("model.pt2")
-
-
-def test_exported_program_agrees_with_the_eager_model(checkpoint, exported, val_pixels):
-    from fastalex.checkpoint import load_checkpoint, model_card
-    from fastalex.predict import load_model
-
-    eager = load_model(checkpoint, "cpu", amp="off").predict(list(val_pixels))  # (40, 4), TTA
-    program = torch.export.load(exported).module()
-    for batch in (1, 7, 40):  # the batch dimension is dynamic
-        logits = program(torch.from_numpy(val_pixels[:batch]))
-        assert logits.dtype == torch.float32 and logits.shape == (batch, 4)
-        assert (logits - eager[:batch]).abs().max() <= LOGIT_TOL * eager.abs().max()
-    card = model_card(load_checkpoint(checkpoint), checkpoint)
-    sidecar = json.loads(exported.with_name("model.pt2.json").read_text())
-    assert sidecar["program"] == "model.pt2" and sidecar["program_format"] == "torch.export"
-    assert sidecar["input"]["shape"] == ["N", 64, 64, 3] and sidecar["input"]["dtype"] == "uint8"
-    assert [[c["id"], c["name"]] for c in sidecar["classes"]] == card["classes"]
-    assert sidecar["preprocessing"]["mean"] == card["mean"] and sidecar["flip_tta"] is True
-
-
-def test_nchw_export_without_tta_is_the_single_pass_model(checkpoint, val_pixels, tmp_path):
-    from fastalex.predict import load_model
-
-    result = cli("export", checkpoint, tmp_path / "plain.pt2", "--layout", "nchw", "--no-flip-tta")
-    assert result.exit_code == 0, result.output
-    model = load_model(checkpoint, "cpu", amp="off")
-    model.card = {**model.card, "flip_tta": False}
-    eager = model.predict(list(val_pixels))
-    program = torch.export.load(tmp_path / "plain.pt2").module()
-    logits = program(torch.from_numpy(val_pixels).permute(0, 3, 1, 2).contiguous())
-    assert (logits - eager).abs().max() <= LOGIT_TOL * eager.abs().max()
-    assert json.loads((tmp_path / "plain.pt2.json").read_text())["flip_tta"] is False
-
-
-def run_without_fastalex(launch, code: str, *args, cwd) -> str:
-    """Run `code` in a fresh python in which `import fastalex` fails; its stdout."""
-    process = launch([sys.executable, "-c", WITHOUT_FASTALEX + code, *args], cwd=cwd)
-    stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stdout + stderr
-    return stdout
-
-
-def test_the_exported_program_loads_with_torch_alone(
-    exported, val_pixels, checkpoint, tmp_path, launch
+@pytest.mark.slow
+def test_a_bf16_run_predicts_by_this_machines_rule(
+    edited_checkpoint, val_files, fake_gpu, monkeypatch
 ):
-    from fastalex.predict import load_model
+    """A checkpoint whose run chose bf16 (a CPU probe does) predicts in float32 on a CPU, which
+    runs no probe, and would predict in fp16 on a GPU without native bf16, not stop there."""
+    import fastalex.predict
+    from fastalex.predict import load_model, read_image
 
-    np.save(tmp_path / "pixels.npy", val_pixels)
-    run_without_fastalex(
-        launch,
-        (
-            "import numpy as np, torch; "
-            "program = torch.export.load(sys.argv[1]).module(); "
-            "pixels = torch.from_numpy(np.load(sys.argv[2])); "
-            "np.save(sys.argv[3], program(pixels).detach().numpy()); "
-            "assert sys.modules['fastalex'] is None"
-        ),
-        exported,
-        tmp_path / "pixels.npy",
-        tmp_path / "logits.npy",
-        cwd=tmp_path,
-    )
-    eager = load_model(checkpoint, "cpu", amp="off").predict(list(val_pixels)).numpy()
-    logits = np.load(tmp_path / "logits.npy")
-    assert np.abs(logits - eager).max() <= LOGIT_TOL * np.abs(eager).max()
+    bf16 = edited_checkpoint(config={"amp": "bf16", "compile": True})
+    model = load_model(bf16, "cpu")
+    assert (model.runtime.amp, model.runtime.compile) == ("off", False)
+    logits = model.predict([read_image(str(p)) for p in val_files[0][:4]])
+    assert logits.dtype == torch.float32 and logits.shape == (4, 4)
 
+    decided, real = [], fastalex.predict.resolve_runtime
 
-def test_onnx_export_agrees_with_the_eager_model_in_onnxruntime(
-    checkpoint, val_pixels, tmp_path, launch
-):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from fastalex.predict import load_model
+    def spy(cfg, *args):
+        decided.append(real(cfg, *args))
+        raise Decided
 
-    result = cli("export", checkpoint, tmp_path / "model.onnx", "--format", "onnx")
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "model.onnx.json").read_text())["program_format"] == "onnx"
-    np.save(tmp_path / "pixels.npy", val_pixels)
-    run_without_fastalex(
-        launch,
-        (
-            "sys.modules['torch'] = None; import numpy as np, onnxruntime; "
-            "session = onnxruntime.InferenceSession("
-            "sys.argv[1], providers=['CPUExecutionProvider']); "
-            "pixels = np.load(sys.argv[2]); "
-            "outs = [session.run(None, {'images': pixels[i:i + n]})[0] "
-            "for i, n in ((0, 1), (1, 39))]; "
-            "np.save(sys.argv[3], np.concatenate(outs))"
-        ),
-        tmp_path / "model.onnx",
-        tmp_path / "pixels.npy",
-        tmp_path / "logits.npy",
-        cwd=tmp_path,
-    )
-    eager = load_model(checkpoint, "cpu", amp="off").predict(list(val_pixels)).numpy()
-    logits = np.load(tmp_path / "logits.npy")
-    assert logits.shape == eager.shape
-    assert np.abs(logits - eager).max() <= ONNX_TOL * np.abs(eager).max()
-
-
-def test_pil_bilinear_resize_is_the_val_filter_the_sidecar_says(checkpoint):
-    """The caller's half of the export contract: PIL's BILINEAR resize of any image gives the
-    pixels predict's crop_resize computes, up to PIL's rounding to uint8, but for the outermost
-    pixels of a downscaled image (the border rule the sidecar states)."""
-    from fastalex.predict import load_model
-
-    model = load_model(checkpoint, "cpu")
-    rng = np.random.default_rng(1)
-    for height, width in ((300, 200), (64, 64), (40, 90), (500, 499), (33, 64)):
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        resized = np.array(Image.fromarray(pixels).resize((64, 64), Image.Resampling.BILINEAR))
-        ours = model.preprocess([pixels])[0].permute(1, 2, 0)  # (64, 64, 3) uint8
-        gap = (ours.float() - torch.from_numpy(resized).float()).abs()
-        assert gap[1:-1, 1:-1].max() <= 1.0, (height, width)
-        if height <= 64 and width <= 64:  # upsampled: the border rules agree
-            assert gap.max() <= 1.0, (height, width)
+    monkeypatch.setattr(fastalex.predict, "resolve_runtime", spy)
+    fake_gpu((7, 0), "Tesla V100")
+    with pytest.raises(Decided):
+        load_model(bf16, "cuda")
+    assert decided[0].device.type == "cuda" and decided[0].amp == "fp16"
 
 
 # --- docs/using-the-model.md ------------------------------------------------------------------
@@ -457,7 +303,10 @@ def readme_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", section, re.S)
 
 
-def test_docs_using_the_model_commands_run(checkpoint, val_files, tmp_path, monkeypatch, launch):
+@pytest.mark.slow  # trains (the checkpoint fixture)
+def test_docs_using_the_model_commands_run(
+    checkpoint, val_files, tmp_path, monkeypatch, without_fastalex
+):
     commands = [
         line.split("  #", 1)[0].strip()
         for block in readme_blocks("bash")
@@ -486,5 +335,5 @@ def test_docs_using_the_model_commands_run(checkpoint, val_files, tmp_path, monk
     for block in readme_blocks("python"):
         if "onnxruntime" in block and not onnx:
             continue
-        stdout = run_without_fastalex(launch, block, cwd=tmp_path)
+        stdout = without_fastalex(block, cwd=tmp_path)
         assert "%" in stdout, stdout

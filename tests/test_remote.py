@@ -164,6 +164,7 @@ def test_a_tampered_remote_shard_is_refused_by_name_and_nothing_looks_finished(h
     assert result.exit_code == 2 and len(errors) == 1 and name in errors[0], result.output
 
 
+@pytest.mark.slow  # starts processes
 def test_a_staging_killed_mid_download_never_looks_finished_and_a_rerun_completes(
     http_pack, tmp_path, launch
 ):
@@ -185,6 +186,7 @@ def test_a_staging_killed_mid_download_never_looks_finished_and_a_rerun_complete
     assert json.loads((local / STAGED).read_text()).keys() == {p.name for p in local.glob("*.tar")}
 
 
+@pytest.mark.slow  # starts processes
 def test_processes_staging_one_pack_at_once_download_each_shard_once(http_pack, tmp_path, launch):
     url, handler = http_pack
     cache = tmp_path / "cache"

@@ -6,15 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
-
-from fastalex.cli import main
-
-TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1", "--loader", "cpu")
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from helpers import TINY_RUN, invoke
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +18,7 @@ def board_run(hue_pack, tmp_path_factory):
         hue_pack,
         "--out",
         out,
-        *TINY,
+        *TINY_RUN,
         "--no-compile",
         "--epochs",
         1,
@@ -55,6 +47,7 @@ def test_tensorboard_scalars_read_back(board_run):
     assert board.Scalars("train/loss")[-1].step == 8  # the last log point: step 8 of 8
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_config_reruns_the_settings_with_overrides_recorded(board_run, hue_pack, tmp_path):
     out = tmp_path / "again"
     config = board_run / "config.json"

@@ -41,3 +41,64 @@ def test_the_trainer_declares_its_state():
     assert {"cfg", "runtime", "progress", "train_loader", "decisions"} <= set(
         Trainer.__annotations__
     )
+
+
+MAX_LINES = 500  # past this a module is two concerns
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Each fastalex module's fastalex imports, those inside functions included."""
+    names = {}
+    for path in modules():
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[name] = {other for other in found if other in names and other != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` as the modules along it, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for other in sorted(graph[name]):
+            if state.get(other) == 1:
+                return path[path.index(other) :] + [other]
+            if other not in state and (cycle := visit(other, path + [other])):
+                return cycle
+        state[name] = 2
+        return None
+
+    for name in sorted(graph):
+        if name not in state and (cycle := visit(name, [name])):
+            return cycle
+    return None
+
+
+def test_imports_flow_one_way_counting_those_inside_functions():
+    assert find_cycle(module_imports()) is None, " -> ".join(find_cycle(module_imports()))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_is_two_concerns():
+    long = {
+        str(path.relative_to(PACKAGE)): n
+        for path in modules()
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"split these by reason to change: {long}"

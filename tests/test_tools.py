@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import TINY_CPU
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 SCRIPTS = ("show_batches", "lr_find", "profile_step", "batch_sweep")
-CPU = ("--device", "cpu", "--batch-size", "16", "--loader-workers", "1", "--no-compile")
+CPU = (*TINY_CPU, "--batch-size", "16")
 
 
 @pytest.fixture
@@ -29,6 +30,7 @@ def invoke(module, *args):
     return CliRunner().invoke(module.main, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.slow  # trains or starts processes
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_each_tool_runs_as_a_script_and_has_help(name, launch):
     script = launch([sys.executable, TOOLS / f"{name}.py", "--help"], cwd=TOOLS.parent)
@@ -37,6 +39,7 @@ def test_each_tool_runs_as_a_script_and_has_help(name, launch):
     assert stdout.startswith(f"Usage: {name}.py [OPTIONS] SHARDS") and "--batch-size" in stdout
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_show_batches_draws_every_loader_and_val(tool, hue_pack, tmp_path):
     result = invoke(
         tool("show_batches"), hue_pack, "--out", tmp_path / "grid.png", "--images", 4, *CPU
@@ -50,6 +53,7 @@ def test_show_batches_draws_every_loader_and_val(tool, hue_pack, tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_show_batches_shows_uint8_pixels_and_the_stats_the_model_sees(tool, tmp_path):
     """A batch of one colour: drawn in that colour, labelled with its mean after the model's own
     normalisation ((pixel / 255 - mean) / std per channel) and a std of 0."""
@@ -78,6 +82,7 @@ def test_show_batches_refuses_an_unknown_loader_in_one_line(tool, hue_pack, tmp_
     assert result.output.startswith("error: --loaders: choose from")
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_lr_find_sweeps_exponentially_and_suggests_an_lr(tool, hue_pack, tmp_path):
     result = invoke(
         tool("lr_find"),
@@ -175,6 +180,7 @@ def test_profile_step_splits_a_step_into_phases_and_writes_a_trace(tool, hue_pac
     assert {"fastalex::step", "fastalex::forward", "fastalex::loader_wait"} <= names
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_batch_sweep_writes_a_row_per_size_with_the_scaled_lr(
     tool, hue_pack, tmp_path, monkeypatch
 ):

@@ -15,14 +15,12 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import TINY_RUN, invoke, train_cli, without_timing
 
-from fastalex.cli import main
 from fastalex.config import TrainConfig
 from fastalex.plot import read_metrics
 
 # hue_pack (conftest): 4 classes, 256 train / 128 val. Batch 32 -> 8 steps per epoch.
-TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1")
 # 3 epochs from chance (25 %): measured val top-1 97.7 / 79.7 / 97.7 / 97.7 % for seeds 0-3
 # (eager, CPU loader); 50 % is twice chance and well under the worst seed.
 MIN_TOP1 = 50.0
@@ -56,29 +54,6 @@ SUMMARY_KEYS = {
     "git_sha",
     "versions",
 }
-TIMING_KEYS = {
-    "epoch_s",
-    "train_s",
-    "eval_s",
-    "images_per_s",
-    "loader_wait_s",
-    "loader_wait_pct",
-    "timed_s",
-}
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def train_cli(pack, out, *args):
-    result = invoke("train", pack, "--out", out, *TINY, *args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +117,76 @@ def test_dali_cpu_training_learns(hue_pack, tmp_path):
     assert summary["top1"] > MIN_TOP1, summary
 
 
+@pytest.mark.slow
+@pytest.mark.dali
+def test_dali_resumed_inside_a_later_epoch_gives_the_metrics_of_an_uninterrupted_run(
+    hue_pack, tmp_path
+):
+    """DALI (CPU-only mode) stopped 4 steps into epoch 2 and resumed: its epoch order is its own
+    pipeline's, rebuilt per epoch from (seed, epoch, rank), so the resumed run skips the batches
+    the stopped one trained on and every row equals the uninterrupted run's."""
+    pytest.importorskip("nvidia.dali")
+    common = ("--loader", "dali", "--amp", "off", "--no-compile", "--epochs", 3)
+    train_cli(hue_pack, tmp_path / "straight", *common)
+    parts = tmp_path / "parts"
+    train_cli(hue_pack, parts, *common, "--max-steps", 12)  # 8 steps per epoch: inside epoch 2
+    train_cli(hue_pack, parts, *common, "--resume")
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(parts)
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    assert without_timing(resumed) == without_timing(straight)
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_the_loader_amp_and_compile_its_run_chose(
+    hue_pack, tmp_path, monkeypatch, native_bf16
+):
+    """Stopped inside epoch 1 with everything `auto` (resident: the splits fit), resumed where
+    they no longer fit (auto would now pick cpu): the resume keeps resident, amp and compile as
+    recorded, says so once, and records them as kept; the epoch continues exactly."""
+    native_bf16(False)  # amp by rule, never probed
+    out = tmp_path / "run"
+    auto = ("--device", "cpu", "--batch-size", 32, "--loader-workers", 1)  # amp, compile, loader
+    first = invoke("train", hue_pack, "--out", out, *auto, "--max-steps", 4)
+    assert first.exit_code == 0, first.output
+    assert json.loads((out / "config.json").read_text())["loader"] == "resident", first.output
+    monkeypatch.setattr("fastalex.auto.resident_budget_bytes", lambda *args, **kwargs: 0)
+    resumed = invoke("train", hue_pack, "--out", out, *auto, "--max-steps", 8, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    kept = [line for line in resumed.output.splitlines() if "not decided again" in line]
+    assert kept == [
+        "resuming with the checkpoint's amp off, compile off, loader resident, not decided "
+        "again; give --amp/--compile/--loader to choose"
+    ], resumed.output
+    decisions = json.loads((out / "summary.json").read_text())["decisions"]
+    assert {name: (d["chose"], d["by"]) for name, d in decisions.items()} == {
+        "amp": ("off", "resumed"),
+        "compile": (False, "resumed"),
+        "loader": ("resident", "resumed"),
+    }
+    assert "first by rule" in decisions["loader"]["reason"]
+    assert decisions["loader"]["resident_need_gib"] > 0  # the first decision's figures kept
+    assert [row["steps"] for row in read_metrics(out)] == [8]
+
+
+@pytest.mark.slow
+@pytest.mark.dali
+def test_a_loader_given_on_resume_that_cannot_continue_the_epoch_ends_it_there(hue_pack, tmp_path):
+    """--loader dali given on resuming a cpu run stopped inside epoch 1: dali cannot continue the
+    cpu loader's order, so epoch 1 ends with its 4 steps (logged) and epoch 2 runs whole."""
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "run"
+    common = ("--no-compile", "--amp", "off", "--epochs", 2)
+    train_cli(hue_pack, out, *common, "--loader", "cpu", "--max-steps", 4)
+    resumed = train_cli(hue_pack, out, *common, "--loader", "dali", "--resume")
+    assert (
+        "resumed inside epoch 1: the dali loader cannot continue the cpu loader's order, so "
+        "epoch 1 ends after its 4 steps and the run goes on at epoch 2" in resumed.output
+    ), resumed.output
+    assert [(row["epoch"], row["steps"]) for row in read_metrics(out)] == [(1, 4), (2, 8)]
+    assert json.loads((out / "summary.json").read_text())["loader"] == "dali"
+
+
+@pytest.mark.slow  # trains or starts processes
 def test_training_runs_on_the_resident_loader(hue_pack, tmp_path):
     """The trainer takes the resident loader as it takes any (its epochs are the cpu loader's:
     test_resident.py compares them batch by batch)."""
@@ -174,7 +219,17 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(hue_pack, tmp
     last = out / "checkpoints" / "last.pt"
     digest = hashlib.sha256(last.read_bytes()).hexdigest()
     result = invoke(
-        "train", hue_pack, "--out", out, *TINY, *common, "--epochs", 2, "--resume", "--lr", "1e30"
+        "train",
+        hue_pack,
+        "--out",
+        out,
+        *TINY_RUN,
+        *common,
+        "--epochs",
+        2,
+        "--resume",
+        "--lr",
+        "1e30",
     )
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
@@ -197,7 +252,7 @@ def test_sigint_finishes_the_step_saves_and_exits_130(hue_pack, tmp_path, launch
             hue_pack,
             "--out",
             out,
-            *TINY,
+            *TINY_RUN,
             "--loader",
             "cpu",
             "--no-compile",
@@ -218,6 +273,7 @@ def test_sigint_finishes_the_step_saves_and_exits_130(hue_pack, tmp_path, launch
     assert not (out / "summary.json").exists()
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_cli_smoke_two_steps(synth_pack, tmp_path):
     out = tmp_path / "run"
     result = invoke(
@@ -241,16 +297,6 @@ def test_cli_smoke_two_steps(synth_pack, tmp_path):
     assert (out / "checkpoints" / "last.pt").is_file()
 
 
-def test_train_options_match_train_config_fields():
-    command = main.commands["train"]
-    names = [p.name for p in command.params if p.name != "help"]
-    record_only = {"config_file", "overrides"}  # set from --config, not options of their own
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - record_only
-    # --config and --cache-dir (where a SHARDS URL is staged) say where things are, not settings
-    assert sorted(names) == sorted(fields | {"config_path", "cache_dir"})
-    assert len(names) == len(set(names))
-
-
 def test_reference_recipe_fills_options_not_given(monkeypatch, synth_pack, tmp_path):
     seen = {}
 
@@ -270,37 +316,21 @@ def test_reference_recipe_fills_options_not_given(monkeypatch, synth_pack, tmp_p
     assert cfg.shards == str(synth_pack)
 
 
-def test_lr_schedules():
-    from fastalex.train import lr_factor, peak_lr
-
-    reference = TrainConfig(
-        recipe="reference", lr=0.02, batch_size=128, lr_schedule="step", epochs=30
-    )
-    assert peak_lr(reference) == pytest.approx(0.01)
-    assert [lr_factor(reference, 10, s) for s in (0, 69, 70, 139, 140)] == pytest.approx(
-        [1, 1, 0.1, 0.1, 0.01]
-    )
-    fast = TrainConfig(epochs=4, warmup_epochs=1)
-    factors = [lr_factor(fast, 10, s) for s in range(40)]
-    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(1 / 30)
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
-
-
+@pytest.mark.slow  # trains or starts processes
 def test_bad_input_exits_2_with_one_line(synth_pack, hue_pack, tmp_path):
     run = tmp_path / "run"
     train_cli(hue_pack, run, "--loader", "cpu", "--no-compile", "--max-steps", 1)
     checkpoint = run / "checkpoints" / "last.pt"
     cases = [
-        ("train", tmp_path / "no-pack", *TINY),
-        ("train", synth_pack, *TINY, "--epochs", 0),
+        ("train", tmp_path / "no-pack", *TINY_RUN),
+        ("train", synth_pack, *TINY_RUN, "--epochs", 0),
         ("train", synth_pack, "--device", "cpu", "--batch-size", 100000),
-        ("train", synth_pack, *TINY, "--resume"),  # no --out
-        ("train", hue_pack, *TINY, "--out", run),  # holds a run, no --resume
+        ("train", synth_pack, *TINY_RUN, "--resume"),  # no --out
+        ("train", hue_pack, *TINY_RUN, "--out", run),  # holds a run, no --resume
         (
             "train",
             hue_pack,
-            *TINY,
+            *TINY_RUN,
             "--out",
             run,
             "--resume",
@@ -322,115 +352,7 @@ def test_bad_input_exits_2_with_one_line(synth_pack, hue_pack, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.output)
 
 
-def test_model_info_prints_the_table():
-    result = invoke("model-info", "--classes", 200)
-    assert result.exit_code == 0, result.output
-    assert result.output.startswith("alexnet64: 200 classes, 64x64 px input")
-    assert "total" in result.output and "GFLOP" in result.output
-
-
-def test_plot_draws_the_runs_curves(compiled_run, tmp_path):
-    pytest.importorskip("matplotlib")
-    result = invoke("plot", compiled_run, compiled_run, "--out", tmp_path / "curves.png")
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-# --- the step, the schedule and eval, unit by unit (eager, small tensors) ------------------------
-
-
-def eager_cpu_runtime():
-    from fastalex.train import resolve_runtime
-
-    return resolve_runtime(TrainConfig(device="cpu", compile=False, amp="off"))
-
-
-class FirstRow(torch.nn.Module):
-    """A stand-in model whose logits are the top row of the first channel, (N, W): it tells left
-    from right and top from bottom."""
-
-    def forward(self, images):
-        return images[:, 0, 0, :]
-
-
-def test_evaluate_counts_top5_among_the_five_best_of_ten_classes():
-    from fastalex.loaders import Batch
-    from fastalex.train import evaluate
-
-    logits = torch.randn(40, 10, generator=torch.Generator().manual_seed(0))
-    order = logits.argsort(dim=1, descending=True)
-    ranks = torch.arange(40) % 10  # each label is the (rank + 1)-th best class: ranks 0..9, 4 each
-    labels = order[torch.arange(40), ranks]
-    images = logits[:, None, None, :].expand(40, 3, 1, 10)  # FirstRow reads the logits back
-    batches = [Batch(images[i : i + 16], labels[i : i + 16]) for i in range(0, 40, 16)]
-    result = evaluate(FirstRow(), batches, eager_cpu_runtime(), flip_tta=False)
-    assert result["samples"] == 40
-    assert result["top1"] == pytest.approx(100 * 4 / 40)  # rank 0
-    assert result["top5"] == pytest.approx(100 * 20 / 40)  # ranks 0-4
-    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
-
-
-def test_flip_tta_averages_the_logits_of_the_image_and_its_left_right_mirror():
-    from fastalex.loaders import Batch
-    from fastalex.train import evaluate
-
-    images = torch.randn(12, 3, 6, 6, generator=torch.Generator().manual_seed(1))
-    labels = torch.arange(12) % 6
-    top_row = images[:, 0, 0, :]  # (N, 6); its left-right mirror is top_row.flip(1)
-    expected = (top_row + top_row.flip(1)) / 2
-    result = evaluate(FirstRow(), [Batch(images, labels)], eager_cpu_runtime(), flip_tta=True)
-    assert result["loss"] == pytest.approx(
-        torch.nn.functional.cross_entropy(expected, labels).item(), rel=1e-6
-    )
-    assert result["top1"] == pytest.approx(
-        100 * (expected.argmax(1) == labels).float().mean().item()
-    )
-    plain = evaluate(FirstRow(), [Batch(images, labels)], eager_cpu_runtime(), flip_tta=False)
-    assert plain["loss"] == pytest.approx(
-        torch.nn.functional.cross_entropy(top_row, labels).item(), rel=1e-6
-    )
-
-
-def smoothed_cross_entropy(logits, labels, smoothing):
-    """Label-smoothed cross-entropy from its definition: targets (1 - e) one-hot + e / classes."""
-    classes = logits.shape[1]
-    targets = torch.full_like(logits, smoothing / classes)
-    targets[torch.arange(len(labels)), labels] += 1 - smoothing
-    return -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
-
-
-def test_train_step_descends_the_label_smoothed_loss_of_the_recipe():
-    from fastalex.train import make_train_step
-
-    cfg = TrainConfig(device="cpu", compile=False, amp="off")
-    assert cfg.recipe == "fast" and cfg.label_smoothing > 0  # the fast recipe smooths labels
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
-    reference = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
-    reference.load_state_dict(model.state_dict())
-    images, labels = torch.randn(8, 3, 2, 2), torch.arange(8) % 5
-    loss = smoothed_cross_entropy(reference(images), labels, cfg.label_smoothing)
-    loss.backward()
-    lr = 0.5
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    step = make_train_step(model, optimizer, scaler, cfg, eager_cpu_runtime())
-    loss_sum, correct = step(images, labels)
-    assert loss_sum.item() == pytest.approx(8 * loss.item(), rel=1e-5)
-    assert correct.item() == (reference(images).argmax(1) == labels).sum().item()
-    for param, before in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(param.detach(), before.detach() - lr * before.grad)
-
-
-def test_peak_lr_scales_with_the_global_batch_whatever_the_process_count():
-    from fastalex.train import peak_lr
-
-    cfg = TrainConfig(lr=0.02, batch_size=128)  # per 256 images; 128 across all processes
-    assert [peak_lr(dataclasses.replace(cfg, batch_size=b)) for b in (128, 256, 1024)] == (
-        pytest.approx([0.01, 0.02, 0.08])
-    )
-
-
+@pytest.mark.slow  # trains or starts processes
 def test_a_slow_loader_is_reported_as_waiting_and_a_ready_one_is_not(
     hue_pack, tmp_path, monkeypatch
 ):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import TINY_RUN
 
 from fastalex.cli import main
 from fastalex.errors import UserError
@@ -24,7 +25,6 @@ TORCHVISION_SHAPES = {
     "classifier.4": (4096, 4096),
     "classifier.6": (1000, 4096),
 }
-TINY = ("--device", "cpu", "--batch-size", "32", "--loader-workers", "1", "--loader", "cpu")
 
 
 def torchvision_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -75,11 +75,12 @@ def test_any_other_mismatch_is_one_line_naming_keys_and_shapes(torchvision_file,
         load_initial_weights(build_model("alexnet-tv", 1000, 224), tmp_path / "cut.pth")
 
 
+@pytest.mark.slow  # trains or starts processes
 def test_cli_fine_tunes_from_torchvision_weights_and_records_the_file(
     torchvision_file, hue_pack, tmp_path
 ):
     out = tmp_path / "run"
-    args = ["train", hue_pack, "--out", out, *TINY, "--no-compile", "--arch", "alexnet-tv"]
+    args = ["train", hue_pack, "--out", out, *TINY_RUN, "--no-compile", "--arch", "alexnet-tv"]
     args += ["--image-size", 63, "--max-steps", 1, "--lr", 1e-9, "--init-from", torchvision_file]
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output

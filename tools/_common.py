@@ -7,6 +7,7 @@ Imports fastalex (never the other way round: fastalex imports nothing from tools
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,14 +66,17 @@ class Trainer:
 def build_trainer(cfg: TrainConfig, model=None) -> Trainer:
     """What `fastalex train` builds before its first step. `model(training) -> nn.Module`, when
     given, wraps the model the step calls (profile_step labels its forward)."""
-    from fastalex.loaders import Placement, build_loader
+    from fastalex.auto import loader_for
+    from fastalex.loaders import build_loader
     from fastalex.runtime import resolve_runtime
     from fastalex.shards import read_manifest
-    from fastalex.train import build_training, make_train_step
+    from fastalex.step import build_training, make_train_step
 
     runtime = resolve_runtime(cfg)
-    class_count = read_manifest(Path(cfg.shards)).num_classes
-    loader = build_loader(cfg, "train", Placement(runtime.device))
+    manifest = read_manifest(Path(cfg.shards))
+    class_count = manifest.num_classes
+    cfg = dataclasses.replace(cfg, loader=loader_for(cfg, runtime.placement, manifest))
+    loader = build_loader(cfg, "train", runtime.placement)
     training = build_training(cfg, class_count, runtime, len(loader))
     stepped = training.model if model is None else model(training)
     step = make_train_step(stepped, training.optimizer, training.scaler, cfg, runtime)

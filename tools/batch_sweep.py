@@ -42,7 +42,7 @@ def measure(cfg, steps: int) -> dict:
     import torch
 
     from fastalex.runtime import synchronize
-    from fastalex.train import peak_lr
+    from fastalex.step import peak_lr
 
     trainer = build_trainer(cfg)
     device = trainer.runtime.device

@@ -7,7 +7,7 @@ learning rate, and suggest a --lr for `fastalex train`.
     python tools/lr_find.py data/shards                 # the fast recipe, its batch, this device
     python tools/lr_find.py data/shards --recipe reference --out lr_ref.png
 
-It runs the trainer's own pieces (fastalex.train.build_training, make_train_step and the train
+It runs the trainer's own pieces (fastalex.step.build_training, make_train_step and the train
 loader), only setting the optimizer's learning rate before each step, so the result holds for
 the recipe, batch size, AMP, model and device given: every `fastalex train` option is accepted.
 Learning rates are in --lr's units (per 256 images; the optimizer runs lr * batch / 256).
@@ -53,7 +53,7 @@ def set_lr(optimizer, lr: float) -> None:
 
 def sweep(trainer, min_lr: float, max_lr: float, steps: int, log=print) -> list[dict]:
     """Rows of {"lr", "loss"} per step, lr in --lr units, until the loss diverges."""
-    from fastalex.train import peak_lr
+    from fastalex.step import peak_lr
 
     cfg, rows, average, best = trainer.cfg, [], 0.0, math.inf
     batches = trainer.batches()

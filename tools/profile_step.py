@@ -5,7 +5,7 @@ a table by phase (loader wait, forward, backward, optimizer, host syncs) and a C
     python tools/profile_step.py data/shards                      # the fast recipe on this device
     python tools/profile_step.py data/shards --no-compile --steps 20 --trace step.json
 
-It builds what `fastalex train` builds (fastalex.train.build_training, make_train_step, the train
+It builds what `fastalex train` builds (fastalex.step.build_training, make_train_step, the train
 loader from build_loader; every train option applies), runs --warmup steps unprofiled (the compile
 and first allocations), then profiles --steps steps as the trainer runs them: fetch the batch,
 step, advance the LR schedule. Open the trace in chrome://tracing or https://ui.perfetto.dev.

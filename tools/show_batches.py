@@ -30,10 +30,14 @@ NAME_CHARS = 22  # a class name is cut to this in a title
 def first_batch(cfg, split: str):
     """(images, labels, backend) of the first batch of `split` under `cfg`, on the CPU: (N, 3, S,
     S) uint8 pixels, (N,) int64."""
-    from fastalex.loaders import Placement, build_loader
+    from fastalex.auto import loader_for
+    from fastalex.loaders import build_loader
     from fastalex.runtime import resolve_runtime
+    from fastalex.shards import read_manifest
 
-    loader = build_loader(cfg, split, Placement(resolve_runtime(cfg).device))
+    placement = resolve_runtime(cfg).placement
+    chosen = loader_for(cfg, placement, read_manifest(Path(cfg.shards)))
+    loader = build_loader(dataclasses.replace(cfg, loader=chosen), split, placement)
     try:
         images, labels = next(iter(loader))
         return images.cpu(), labels.cpu(), loader.backend

@@ -12,127 +12,50 @@ Reasons, and what resuming gives each backend: docs/loaders.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
 
 import torch
 
-from fastalex.config import TrainConfig, default_workers
-from fastalex.errors import UserError
-from fastalex.loaders.augment import Augment
-from fastalex.shards import Manifest, check_pack, read_manifest
+from fastalex.config import TrainConfig
+from fastalex.loaders.contract import (
+    CANVAS_SIDE_FACTOR,
+    BackendMissing,
+    Batch,
+    Loader,
+    Placement,
+    Share,
+    augment_for,
+    canvas_px,
+    loader_workers,
+    open_pack,
+    plan_share,
+    rank_share,
+    steps_per_epoch,
+)
+from fastalex.loaders.shm import sweep_stale_segments
+
+__all__ = [
+    "BackendMissing",
+    "Batch",
+    "CANVAS_SIDE_FACTOR",
+    "Loader",
+    "Placement",
+    "Share",
+    "augment_for",
+    "canvas_px",
+    "loader_workers",
+    "open_pack",
+    "plan_share",
+    "rank_share",
+    "steps_per_epoch",
+    "BACKENDS",
+    "build_loader",
+    "continue_train_loader",
+    "dali_usable",
+]
 
 BACKENDS = ("dali", "cpu", "resident")
-# Decoded images are kept at most twice the output size a side: a random-resized crop of the
-# fast recipe's smallest area (0.35) of such an image is still ~1.2x the output.
-CANVAS_SIDE_FACTOR = 2
-
-
-class BackendMissing(UserError, ImportError):
-    """The chosen backend's library does not import here: one line for the user (a UserError),
-    a skipped row for the benchmarks (which skip on ImportError)."""
-
-
-class Batch(NamedTuple):
-    images: torch.Tensor  # (N, 3, S, S) uint8 channels_last, 0..255 RGB pixels, on the device
-    labels: torch.Tensor  # (N,) int64, on the device
-
-
-class Loader(Protocol):
-    backend: str  # "dali", "cpu" or "resident": the one actually running
-    samples: int  # samples this rank yields per epoch (train: after dropping the short batch)
-    summary: str  # one line for the run's log: workers or threads, what it holds
-
-    def __iter__(self) -> Iterator[Batch]: ...
-
-    def __len__(self) -> int: ...
-
-    def close(self) -> None: ...
-
-
-class Placement(NamedTuple):
-    """Where the batches go, which share of the split this process reads, and how many processes
-    share this machine's cores (torchrun's LOCAL_WORLD_SIZE)."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-
-
-def loader_workers(cfg: TrainConfig, placement: Placement) -> int:
-    """cfg.loader_workers, or this process's share of the cores it may use: under torchrun, N
-    processes on a machine each take 1/N of them (every rank taking every core would run N times
-    as many decode processes or threads as cores)."""
-    return cfg.loader_workers or max(1, default_workers() // max(1, placement.local_world_size))
-
-
-def rank_share(samples: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of rank's share of `samples` in global order: disjoint, covering, sizes
-    floor((r+1)N/k) - floor(rN/k), the same split DALI's shard_id/num_shards makes."""
-    return samples * rank // world_size, samples * (rank + 1) // world_size
-
-
-def steps_per_epoch(samples: int, batch_size: int, placement: Placement, train: bool) -> int:
-    """Train: full batches of the smallest rank share, floor(N/k), so every rank steps the same
-    count. Val: batches covering this rank's own share, the last one short."""
-    if train:
-        return (samples // placement.world_size) // batch_size
-    start, stop = rank_share(samples, placement.rank, placement.world_size)
-    return -(-(stop - start) // batch_size)
-
-
-class Share(NamedTuple):
-    """This rank's part of a split: [start, stop) of the global order, steps per epoch, and the
-    samples it yields per epoch (train: full batches only)."""
-
-    start: int
-    stop: int
-    steps: int
-    samples: int
-
-
-def plan_share(total: int, batch_size: int, placement: Placement, train: bool) -> Share:
-    start, stop = rank_share(total, placement.rank, placement.world_size)
-    steps = steps_per_epoch(total, batch_size, placement, train)
-    return Share(start, stop, steps, steps * batch_size if train else stop - start)
-
-
-def canvas_px(image_px: tuple[int, int], image_size: int) -> tuple[int, int]:
-    """(height, width) of the canvas a decoded image is placed on: the split's largest image
-    (manifest image_px), capped at CANVAS_SIDE_FACTOR * image_size a side. An image larger than
-    the canvas is scaled down to fit (aspect kept) as it is decoded, so a batch's memory is
-    bounded by batch * canvas * 3 bytes whatever the pack holds; Tiny ImageNet (64 x 64 at every
-    image_size) is never scaled."""
-    bound = CANVAS_SIDE_FACTOR * image_size
-    return min(image_px[0], bound), min(image_px[1], bound)
-
-
-def augment_for(cfg: TrainConfig, split: str) -> Augment:
-    """The transform of `split` under `cfg`, the same for every backend."""
-    return Augment(
-        train=split == "train",
-        image_size=cfg.image_size,
-        crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max),
-        crop_ratio=(cfg.crop_ratio_min, cfg.crop_ratio_max),
-    )
-
-
-def open_pack(cfg: TrainConfig, split: str, placement: Placement) -> Manifest:
-    """The manifest of cfg.shards, after checking this split's shards against it (size + sha256)
-    and that the split can serve the requested batch; UserError otherwise."""
-    manifest = read_manifest(Path(cfg.shards))
-    if split not in manifest.splits:
-        raise UserError(f"{cfg.shards}: the pack has no {split!r} split")
-    check_pack(Path(cfg.shards), manifest, (split,))
-    share = manifest.splits[split].samples // placement.world_size
-    if split == "train" and share < cfg.batch_size:
-        raise UserError(
-            f"batch_size {cfg.batch_size} is larger than the train share of each of the "
-            f"{placement.world_size} processes ({share} images); lower --batch-size"
-        )
-    return manifest
+GLOBAL_ORDER = ("cpu", "resident")  # train order base.epoch_order: (seed, epoch) only, any rank
 
 
 def build_loader(
@@ -144,22 +67,20 @@ def build_loader(
 ) -> Loader:
     """The configured backend's loader for `split` ("train" or "val").
 
-    `cfg.loader == "auto"` is decided by runtime.decide_loader_backend (resident when the decoded
-    splits fit, else dali or cpu); `loader.backend` names the one chosen. `first_epoch` is the epoch
-    the first `__iter__` yields (a resumed run passes the epoch it resumes at). `skip_samples`
-    (train only; a multiple of the global batch, cfg.batch_size * world_size) is where in that
-    epoch's global order the first pass starts: it yields the remaining batches, `len()` stays the
-    full count. `cpu` and `resident` start there without decoding the skipped samples, for any
-    world size; `dali` consumes the skipped batches, right only with the world size that took them.
+    cfg.batch_size is the global batch: this process's batches hold placement.batch_share of it.
+    `cfg.loader` is explicit (auto.decide or auto.loader_for settle `auto` first). `first_epoch`
+    is the epoch the first `__iter__` yields (a resumed run passes the epoch it resumes at).
+    `skip_samples` (train only; a multiple of the global batch) is where in that epoch's global
+    order the first pass starts: it yields the remaining batches, `len()` stays the full count.
+    `cpu` and `resident` start there without decoding the skipped samples, for any world size
+    (`resplits`); `dali` consumes the skipped batches, right only with the world size that took
+    them.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     manifest = open_pack(cfg, split, placement)
+    sweep_stale_segments()  # what crashed processes left in shared memory, whatever the backend
     backend = cfg.loader
-    if backend == "auto":  # decided in runtime.py: resident when it fits, else dali or cpu
-        from fastalex.runtime import decide_loader_backend
-
-        backend = decide_loader_backend(cfg, placement, manifest)
     if backend == "dali":
         try:
             from fastalex.loaders.dali import DaliLoader as chosen
@@ -173,8 +94,44 @@ def build_loader(
     elif backend == "resident":
         from fastalex.loaders.resident import ResidentLoader as chosen
     else:
-        raise ValueError(f"unknown loader {backend!r}; choose from {BACKENDS}")
+        raise ValueError(
+            f"loader {backend!r}: build_loader takes one of {BACKENDS} (auto.py settles `auto`)"
+        )
     return chosen(cfg, split, manifest, placement, first_epoch, skip_samples)
+
+
+def continue_train_loader(
+    cfg: TrainConfig,
+    placement: Placement,
+    epoch: int,
+    cursor: int,
+    saved_world_size: int,
+    saved_backend: str,
+    build: Callable[..., Loader] | None = None,
+) -> tuple[Loader, str]:
+    """(train loader, "") that continues a run saved `cursor` global samples into `epoch` by
+    `saved_world_size` processes with the `saved_backend` loader; or, where this loader cannot
+    continue that epoch with each remaining sample once, (the next epoch's loader, why): the
+    trainer then ends that epoch where it stopped. `cpu` and `resident` share one global order;
+    `dali`'s lives in its pipeline (its own rank shares, its own shuffle). `build`: build_loader
+    or a stand-in for it (the trainer's, which tests replace)."""
+    build = build or build_loader
+    why = ""
+    if (
+        cursor
+        and saved_backend not in (cfg.loader, "auto")
+        and not ({saved_backend, cfg.loader} <= set(GLOBAL_ORDER))
+    ):
+        why = f"the {cfg.loader} loader cannot continue the {saved_backend} loader's order"
+    loader = build(cfg, "train", placement, epoch + bool(why), 0 if why else cursor)
+    if cursor and not why and saved_world_size != placement.world_size and not loader.resplits:
+        loader.close()
+        why = (
+            f"on {placement.world_size} processes (saved on {saved_world_size}) the "
+            f"{cfg.loader} loader cannot split the rest of an epoch anew"
+        )
+        loader = build(cfg, "train", placement, epoch + 1)
+    return loader, why
 
 
 def dali_usable(device: torch.device) -> bool:

@@ -15,7 +15,7 @@ import hashlib
 import torch
 
 from fastalex.config import TrainConfig
-from fastalex.loaders import Placement, augment_for, plan_share
+from fastalex.loaders.contract import Placement, augment_for, plan_share
 from fastalex.loaders.host import keep_large_blocks_in_heap
 from fastalex.shards import Manifest
 
@@ -64,6 +64,8 @@ class BaseLoader:
     """The Loader protocol's shared part: the transform, where batches go, this rank's share and
     the epoch the next pass yields (`first_epoch` first)."""
 
+    resplits = True  # the global order and a sample cursor: any world size resumes it
+
     backend: str
     summary: str
 
@@ -81,15 +83,15 @@ class BaseLoader:
         self.device = torch.device(placement.device)
         self.rank = placement.rank
         self.world_size = placement.world_size
-        self.batch_size = cfg.batch_size
+        self.batch_size = placement.batch_share(cfg.batch_size)  # this process's images a step
         self.seed = cfg.seed
         self.epoch = first_epoch
         self.share = plan_share(
-            manifest.splits[split].samples, cfg.batch_size, placement, self.train
+            manifest.splits[split].samples, self.batch_size, placement, self.train
         )
         self.samples = self.share.samples  # this rank's samples per epoch
         self.total = manifest.splits[split].samples  # the whole split's
-        self.global_batch = cfg.batch_size * placement.world_size  # G: samples per global step
+        self.global_batch = self.batch_size * placement.world_size  # G: samples per global step
         self._skip_steps = self._check_skip(skip_samples)
         if self.device.type == "cpu":
             keep_large_blocks_in_heap()  # every batch a fresh host tensor: reuse freed blocks

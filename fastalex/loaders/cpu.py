@@ -19,19 +19,21 @@ from torch.utils.data import DataLoader
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, loader_workers
 from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader
-from fastalex.loaders.decode import SampleTable, ShardDecoder, ThreadDecoder, worker_start_method
+from fastalex.loaders.contract import Batch, Placement, loader_workers
+from fastalex.loaders.decode import SampleTable, ShardDecoder, ThreadDecoder
 from fastalex.loaders.host import one_thread_on_cpu
 from fastalex.loaders.shm import (
     SharedSegment,
     free_shared_memory,
     map_segment,
     run_label,
+    semaphores_named,
     shm_dir,
     sweep_stale_segments,
 )
+from fastalex.loaders.workers import end_with_this_process, worker_start_method
 from fastalex.shards import Manifest
 
 SHM_HEADROOM = 0.8  # share of the free shared memory this machine's rings may take
@@ -118,12 +120,11 @@ class CpuLoader(BaseLoader):
         super().__init__(cfg, split, manifest, placement, first_epoch, skip_samples)
         self.table = SampleTable(Path(cfg.shards), manifest, split, cfg.image_size)
         height, width = self.table.canvas_px
-        batch_bytes = cfg.batch_size * height * width * 3
+        batch_bytes = self.batch_size * height * width * 3
         self.decode, why = cfg.decode, ""
         if self.decode == "auto":
             self.decode, why = AUTO_DECODE, " (auto)"
         if self.decode == "processes":
-            sweep_stale_segments()  # a crashed run's rings, before the free space is read
             try:
                 workers = fit_ring(cfg, placement, batch_bytes, self.train)
             except UserError as full:
@@ -144,7 +145,7 @@ class CpuLoader(BaseLoader):
         slots = cfg.prefetch + 1
         pinned = self.device.type == "cuda"  # copied to the device straight from the ring
         self.canvases = torch.empty(
-            (slots, cfg.batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pinned
+            (slots, self.batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pinned
         )
         self._copied: list[torch.cuda.Event | None] = [None] * slots  # CUDA: slot's copy done
         self._pending: deque = deque()  # (slot, futures) of the batches started, oldest first
@@ -157,7 +158,8 @@ class CpuLoader(BaseLoader):
     ):
         """Decode worker processes and their ring in shared memory."""
         slots = ring_slots(workers, cfg.prefetch)
-        self.ring = SharedSegment(run_label(cfg.out), (slots, cfg.batch_size, height, width, 3))
+        self.run = run_label(cfg.out)
+        self.ring = SharedSegment(self.run, (slots, self.batch_size, height, width, 3))
         self.canvases = torch.from_numpy(map_segment(self.ring.path, self.ring.shape))
         self.summary = (
             f"cpu: {workers} decode workers, {height} x {width} canvases, "
@@ -172,7 +174,8 @@ class CpuLoader(BaseLoader):
             num_workers=workers,
             prefetch_factor=cfg.prefetch,
             persistent_workers=True,
-            multiprocessing_context=worker_start_method(placement),
+            multiprocessing_context=worker_start_method(),
+            worker_init_fn=end_with_this_process((str(self.ring.path),)),
         )
 
     def plan_pass(self) -> tuple[int, list[int | None], list[np.ndarray]]:
@@ -193,7 +196,8 @@ class CpuLoader(BaseLoader):
             decoded = self._decoded_in_threads(batches)
         else:
             self._tasks.batches = batches
-            decoded = iter(self._loader)
+            with semaphores_named(self.run):  # the workers' queues, on the first pass
+                decoded = iter(self._loader)
         try:
             yield from self._batches(epoch, steps, batches, decoded)
         finally:
@@ -291,3 +295,4 @@ class CpuLoader(BaseLoader):
         ring = getattr(self, "ring", None)
         if ring is not None:
             ring.unlink()
+        sweep_stale_segments()  # and what processes that died before this one left

@@ -6,12 +6,15 @@ sharding, shuffle) is kept apart from the processing (`process_images`: decode -
 -> flip). On CUDA the whole pipeline runs on the GPU and hands uint8 HWC batches over by DLPack
 (`KeepUntilDone` keeps their buffers alive until the work reading them has run); in CPU-only mode
 DALI decodes onto uint8 canvases and augment.py does the rest, as in the `cpu` backend. The
-epoch order lives inside the pipeline: a resumed run's first pass consumes the batches to skip.
-Reasons and measurements: docs/loaders.md.
+epoch order lives inside the pipeline, which DALI's reader seeds once: a train pass builds a fresh
+pipeline seeded from (seed, epoch, rank), so epoch e's order is the same however the process got
+there, and a resumed run's first pass consumes the batches to skip. Reasons and measurements:
+docs/loaders.md.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +27,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, canvas_px, loader_workers, rank_share
 from fastalex.loaders.augment import CROP_ATTEMPTS, ragged_sizes
 from fastalex.loaders.base import BaseLoader, epoch_generator, epoch_seed
+from fastalex.loaders.contract import Batch, Placement, canvas_px, loader_workers, rank_share
 from fastalex.loaders.host import one_thread_on_cpu
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest
 
@@ -214,7 +217,7 @@ def decode_split(
         canvas_px=tuple(canvas_px),
         fit=tuple(canvas_px) != tuple(info.image_px),
         device="gpu" if device_id is not None else "cpu",
-        batch_size=cfg.batch_size,
+        batch_size=placement.batch_share(cfg.batch_size),
         num_threads=threads,
         device_id=device_id,
         prefetch_queue_depth=cfg.prefetch,
@@ -263,12 +266,15 @@ def shard_paths(directory: Path, manifest: Manifest, split: str) -> tuple[list[s
 
 
 def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
-    """DALI's pipeline seed (31 bits) for (cfg.seed, first epoch, rank): epoch_seed's, folded."""
+    """DALI's pipeline seed (31 bits) for (cfg.seed, epoch, rank): epoch_seed's, folded. It seeds
+    the reader's shuffle (once, when the pipeline is built) and, on the GPU, the crops and flips."""
     return epoch_seed(seed, epoch, rank) & 0x7FFFFFFF
 
 
 class DaliLoader(BaseLoader):
     """Loader protocol over a DALI pipeline (see the module docstring)."""
+
+    resplits = False  # the shuffle lives in the pipeline: a rank's rest is not the others'
 
     backend = "dali"
 
@@ -288,7 +294,8 @@ class DaliLoader(BaseLoader):
         info = manifest.splits[split]
         canvas = canvas_px(tuple(info.image_px), cfg.image_size)
         tars, indices = shard_paths(Path(cfg.shards), manifest, split)
-        self._pipe = shard_pipeline(
+        self._new_pipeline = functools.partial(
+            shard_pipeline,
             tars=tars,
             indices=indices,
             shard_id=placement.rank,
@@ -299,12 +306,27 @@ class DaliLoader(BaseLoader):
             canvas_px=canvas,
             fit=canvas != tuple(info.image_px),
             device="gpu" if self.on_gpu else "cpu",
-            batch_size=cfg.batch_size,
+            batch_size=self.batch_size,
             num_threads=threads,
             device_id=device_id,
             prefetch_queue_depth=cfg.prefetch,
-            seed=pipeline_seed(cfg.seed, first_epoch, placement.rank),
         )
+        self._kept = KeepUntilDone(cuda_event_now if self.on_gpu else None)
+        self._pipe = self._iterator = None
+        self._start(first_epoch)
+        self.summary = (
+            f"dali: {'GPU (nvJPEG)' if self.on_gpu else 'CPU-only mode'}, {threads} "
+            "threads" + ("" if self.on_gpu else f", {canvas[0]} x {canvas[1]} canvases")
+        )
+        powers = 10 ** torch.arange(LABEL_DIGITS - 1, -1, -1, dtype=torch.int64)
+        self._powers = powers.to(self.device)
+
+    def _start(self, epoch: int) -> None:
+        """A fresh pipeline and iterator whose order is `epoch`'s: DALI's reader seeds its shuffle
+        once, in its constructor, and a pipeline cannot be re-seeded, so a train pass rebuilds it
+        (the previous one released first: its shuffle buffer and its buffers on the GPU)."""
+        self._release()
+        self._pipe = self._new_pipeline(seed=pipeline_seed(self.seed, epoch, self.rank))
         self._pipe.build()
         self._iterator = DALIGenericIterator(
             [self._pipe],
@@ -313,14 +335,13 @@ class DaliLoader(BaseLoader):
             last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
             auto_reset=False,
         )
-        self._kept = KeepUntilDone(cuda_event_now if self.on_gpu else None)
-        self.summary = (
-            f"dali: {'GPU (nvJPEG)' if self.on_gpu else 'CPU-only mode'}, {threads} "
-            "threads" + ("" if self.on_gpu else f", {canvas[0]} x {canvas[1]} canvases")
-        )
+        self._pipe_epoch = epoch
         self._taken: int | None = None  # batches taken from DALI's current epoch; None: none begun
-        powers = 10 ** torch.arange(LABEL_DIGITS - 1, -1, -1, dtype=torch.int64)
-        self._powers = powers.to(self.device)
+
+    def _release(self) -> None:
+        """Let the pipeline go once every kept batch's work has run."""
+        self._kept.release_all()
+        self._iterator = self._pipe = None
 
     def _rewind(self) -> None:
         """Take what DALI has left of its current epoch, then reset it for the next one.
@@ -336,9 +357,12 @@ class DaliLoader(BaseLoader):
         self._iterator.reset()
 
     def __iter__(self):
-        self._rewind()
-        self._taken = 0
         epoch, first = self.next_pass()
+        if self.train and (self._taken is not None or self._pipe_epoch != epoch):
+            self._start(epoch)  # this epoch's order, whatever ran before: (seed, epoch, rank)
+        else:  # the pipeline's first epoch, or val (in order: nothing to re-seed)
+            self._rewind()
+        self._taken = 0
         generator = epoch_generator(self.seed, epoch, self.rank)
         for _ in range(first):  # a resumed pass: the order is inside DALI, so consume the batches
             outputs = next(self._iterator)
@@ -369,9 +393,5 @@ class DaliLoader(BaseLoader):
         return self.augment.apply(canvases, boxes, flips, ragged_sizes(sizes, canvases.shape[1:3]))
 
     def close(self) -> None:
-        kept = getattr(self, "_kept", None)
-        if kept is not None:
-            kept.release_all()
-        iterator, self._iterator = getattr(self, "_iterator", None), None
-        pipe, self._pipe = getattr(self, "_pipe", None), None
-        del iterator, pipe
+        if getattr(self, "_kept", None) is not None:
+            self._release()

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from fastalex.errors import UserError
-from fastalex.loaders import Placement, canvas_px
+from fastalex.loaders.contract import canvas_px
 from fastalex.loaders.shm import map_segment
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest, read_index
 
@@ -255,10 +255,3 @@ def decode_to_fit(data, size: tuple[int, int], height: int, width: int) -> np.nd
         )
         image = image.resize(size, Image.BILINEAR)
     return np.asarray(image)
-
-
-def worker_start_method(placement: Placement) -> str | None:
-    """How decode workers start: fork (the DataLoader's default, fastest) in a single process;
-    forkserver once a process group exists, whose threads a fork would copy mid-operation (a
-    forked worker deadlocked in Python's after-fork code beside gloo's threads)."""
-    return "forkserver" if placement.world_size > 1 else None

@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader
 
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
-from fastalex.loaders import Batch, Placement, loader_workers
 from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader, epoch_order
-from fastalex.loaders.decode import SampleTable, ShardDecoder, worker_start_method
+from fastalex.loaders.contract import Batch, Placement, loader_workers
+from fastalex.loaders.decode import SampleTable, ShardDecoder
+from fastalex.loaders.shm import run_label, semaphores_named, sweep_stale_segments
+from fastalex.loaders.workers import end_with_this_process, worker_start_method
 from fastalex.shards import Manifest
 
 DECODE_BATCH = 512  # images per decode task
@@ -77,6 +79,7 @@ def decode_share(
     device: torch.device,
     workers: int,
     start_method: str | None = None,
+    run: str = "run",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode the samples `ids` with decode.py's workers into (N, H, W, 3) uint8 and
     (N, 2) int32 (height, width), both on `device`, in the order of `ids`."""
@@ -91,9 +94,12 @@ def decode_share(
         num_workers=min(workers, len(batches)),
         pin_memory=device.type == "cuda",
         multiprocessing_context=start_method if workers else None,
+        worker_init_fn=end_with_this_process(),
     )
     start = 0
-    for batch_images, batch_sizes in loader:
+    with semaphores_named(run):  # the workers' queues
+        decoded = iter(loader)
+    for batch_images, batch_sizes in decoded:
         stop = start + len(batch_images)
         images[start:stop].copy_(batch_images, non_blocking=True)
         sizes[start:stop].copy_(batch_sizes, non_blocking=True)
@@ -126,7 +132,7 @@ class ResidentLoader(BaseLoader):
         need = (stop - start) * height * width * 3
         check_fits(need, self.device, cfg.resident_max_gb, split, holders)
         ids = np.arange(start, stop)
-        held = placement._replace(rank=0, world_size=1) if self.train else placement
+        held = placement.alone() if self.train else placement
         self.images, sizes = self._decode(cfg, table, ids, manifest, split, held)
         self.heights, self.widths = sizes[:, 0], sizes[:, 1]
         self.labels = table.labels[ids].to(self.device)
@@ -139,14 +145,15 @@ class ResidentLoader(BaseLoader):
 
     def _decode(self, cfg, table, ids, manifest, split, placement):
         if self.device.type == "cuda":
-            from fastalex.loaders import dali_usable
+            from fastalex.loaders.contract import dali_usable
 
             if dali_usable(self.device):
                 from fastalex.loaders.dali import decode_split
 
                 return decode_split(cfg, split, manifest, placement, table.canvas_px)
+        workers = loader_workers(cfg, placement)
         return decode_share(
-            table, ids, self.device, loader_workers(cfg, placement), worker_start_method(placement)
+            table, ids, self.device, workers, worker_start_method(), run_label(cfg.out)
         )
 
     def __iter__(self):
@@ -182,3 +189,4 @@ class ResidentLoader(BaseLoader):
 
     def close(self) -> None:
         self.images = self.labels = self.heights = self.widths = self.sizes = None
+        sweep_stale_segments()  # what processes that died before this one left

@@ -1,27 +1,87 @@
-"""Shared-memory segments the loaders create: named per run and process, unlinked when done, and
-swept after a crash.
+"""What the loaders leave in shared memory: ring segments and their workers' queue semaphores,
+named per run and per owner process, unlinked when done, and swept after a crash.
 
-Imports numpy only. A segment is the file ``fastalex-<run>-<pid>-<n>`` in SHM_DIR (the temporary
-directory where there is none), made and named by the process that owns it, and mapped by name in
-its workers. The owner unlinks it on `unlink()`, on garbage collection and at interpreter exit;
-a SIGKILLed owner cannot, so `sweep_stale_segments` (run before a new ring is made) unlinks every
-segment whose owner pid no longer runs. Reasons: docs/loaders.md.
+Imports numpy only. A segment is the file ``fastalex-<run>-<boot>-<pidns>-<pid>-<token>-<n>`` in
+SHM_DIR (the temporary directory where there is none): the owner's boot id, pid-namespace inode,
+pid and a random token of the process, so no two processes' names collide (a restarted container
+with the same pid included). The owner unlinks it on `unlink()`, on garbage collection and at
+exit; the semaphores of queues made under `semaphores_named` carry the same owner part. A
+SIGKILLed owner cannot clean up, so `sweep_stale_segments` unlinks what a provably gone owner left
+(`owner_gone`), never what another pid namespace's live process may hold. Reasons: docs/loaders.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import multiprocessing
 import os
 import re
+import secrets
 import tempfile
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 SHM_DIR = "/dev/shm"  # tmpfs: Docker's default size is 64 MB
 PREFIX = "fastalex-"
+SEMAPHORE_FILE = "sem."  # glibc keeps the POSIX semaphore /NAME as the file sem.NAME in /dev/shm
+BOOT_ID = "/proc/sys/kernel/random/boot_id"  # Linux: a fresh random id at every boot
+PID_NAMESPACE = "/proc/self/ns/pid"  # its inode number names this process's pid namespace
+UNKNOWN = "x"  # a boot id or namespace this platform does not tell
 _numbers = itertools.count()
+
+
+class Owner(NamedTuple):
+    """The process a name belongs to: boot id, pid-namespace inode, pid, random token."""
+
+    boot: str
+    namespace: str
+    pid: int
+    token: str
+
+
+_owner: Owner | None = None
+
+
+def this_owner() -> Owner:
+    """This process's Owner (a forked child gets its own on first use)."""
+    global _owner
+    if _owner is None or _owner.pid != os.getpid():
+        try:
+            with open(BOOT_ID) as f:
+                boot = re.sub(r"[^0-9a-f]", "", f.read().lower()) or UNKNOWN
+        except OSError:
+            boot = UNKNOWN
+        try:
+            namespace = str(os.stat(PID_NAMESPACE).st_ino)
+        except OSError:
+            namespace = UNKNOWN
+        _owner = Owner(boot, namespace, os.getpid(), secrets.token_hex(4))
+    return _owner
+
+
+def owner_part(run: str, owner: Owner | None = None) -> str:
+    """``fastalex-<run>-<boot>-<pidns>-<pid>-<token>``: the start of every name `owner` makes."""
+    boot, namespace, pid, token = owner or this_owner()
+    return f"{PREFIX}{run}-{boot}-{namespace}-{pid}-{token}"
+
+
+def parse_owner(name: str) -> Owner | None:
+    """The Owner in a segment's or semaphore's file name; None for any other name (another
+    program's, or one named before owners carried a boot id and a namespace)."""
+    name = name.removeprefix(SEMAPHORE_FILE)
+    parts = name.split("-", 6)
+    if not name.startswith(PREFIX) or len(parts) != 7:
+        return None
+    _, _, boot, namespace, pid, token, _ = parts
+    if not (re.fullmatch(r"[0-9a-f]+|x", boot) and re.fullmatch(r"\d+|x", namespace)):
+        return None
+    if not (pid.isdigit() and re.fullmatch(r"[0-9a-f]{8}", token)):
+        return None
+    return Owner(boot, namespace, int(pid), token)
 
 
 def shm_dir() -> Path:
@@ -43,14 +103,6 @@ def run_label(out: str) -> str:
     return label or "run"
 
 
-def owner_pid(name: str) -> int | None:
-    """The pid in a segment name ``fastalex-<run>-<pid>-<n>``; None for any other name."""
-    parts = name.rsplit("-", 2)
-    if not name.startswith(PREFIX) or len(parts) != 3 or not parts[1].isdigit():
-        return None
-    return int(parts[1])
-
-
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -61,20 +113,55 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def owner_gone(owner: Owner, me: Owner | None = None) -> bool:
+    """Whether `owner` has provably ended, seen from `me` (this process): it ran in an earlier
+    boot; or in this boot and pid namespace, and either its pid no longer runs or that pid is
+    now this process (a predecessor's, e.g. a restarted container's). An owner of another pid
+    namespace of this boot may be alive (its pid means nothing here): never gone."""
+    me = me or this_owner()
+    if owner == me:
+        return False
+    if UNKNOWN not in (owner.boot, me.boot) and owner.boot != me.boot:
+        return True
+    if owner.boot != me.boot or owner.namespace != me.namespace:
+        return False
+    return owner.pid == me.pid or not process_alive(owner.pid)
+
+
 def sweep_stale_segments(directory: Path | None = None) -> list[Path]:
-    """Unlink the segments whose owner process is gone (a crashed run's); the paths unlinked. A
-    reused pid keeps its segment until that process ends too."""
+    """Unlink the segments and semaphores whose owner is provably gone (`owner_gone`: a crashed
+    run's); the paths unlinked. A name whose owner may live, or that is not ours, is left."""
+    directory = directory or shm_dir()
     swept = []
-    for path in (directory or shm_dir()).glob(PREFIX + "*"):
-        pid = owner_pid(path.name)
-        if pid is None or pid == os.getpid() or process_alive(pid):
-            continue
-        try:
-            path.unlink()
-        except FileNotFoundError:  # another process swept it first
-            continue
-        swept.append(path)
+    for pattern in (PREFIX + "*", SEMAPHORE_FILE + PREFIX + "*"):
+        for path in directory.glob(pattern):
+            owner = parse_owner(path.name)
+            if owner is None or not owner_gone(owner):
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:  # another process swept it first
+                continue
+            swept.append(path)
     return swept
+
+
+@contextlib.contextmanager
+def semaphores_named(run: str):
+    """Name the POSIX semaphores this process makes inside the block (multiprocessing's locks
+    and queues under forkserver or spawn, left in SHM_DIR until unlinked) for the run and this
+    owner, so a sweep can tell whose they are. CPython keeps their prefix ("/mp") in the current
+    process's private `_config`; where it is missing, names stay Python's."""
+    config = getattr(multiprocessing.current_process(), "_config", None)
+    if not isinstance(config, dict) or "semprefix" not in config:
+        yield
+        return
+    before = config["semprefix"]
+    config["semprefix"] = f"/{owner_part(run)}-sem"
+    try:
+        yield
+    finally:
+        config["semprefix"] = before
 
 
 def _unlink_if_owner(path: Path, owner: int) -> None:
@@ -90,7 +177,7 @@ class SharedSegment:
 
     def __init__(self, run: str, shape: tuple[int, ...]):
         self.shape = tuple(shape)
-        self.path = shm_dir() / f"{PREFIX}{run}-{os.getpid()}-{next(_numbers)}"
+        self.path = shm_dir() / f"{owner_part(run)}-{next(_numbers)}"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, max(1, int(np.prod(self.shape))))
