@@ -42,7 +42,7 @@ class PackConfig:
 
     shard_size: int = option(5000, "samples per shard: 20 train + 2 val shards for the full set")
     workers: int = option(0, "processes decoding and writing; 0 = every core")
-    seed: int = option(0, "pack-time global shuffle (and the --val-fraction hold-out)")
+    seed: int = option(0, "pack-time shuffle (and the --val-fraction hold-out)")
     strict: bool = option(False, "fail on the first rejected file instead of listing it")
     overwrite: bool = option(False, "replace a different pack already in OUT")
     # max_side 512 keeps Tiny ImageNet (64 px) byte-identical and stores a 4000 x 3000 photo as

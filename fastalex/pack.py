@@ -1,12 +1,14 @@
 """Source -> shards: parallel, every image checked (header first, then a full decode) once before
-it is written, atomic.
+it is written, each source unit read once, atomic, resumable.
 
 Imports sources/ (every layout through one `Reader`; pack names none), images.py and the shard
 format, never torch or DALI. Each item goes through `images.prepare_image`: a whole, upright JPEG
 within ``max_side`` is stored byte-identical; other formats are transcoded, larger images
-downscaled, and headers over ``max_pixels`` rejected before any decode. A pack is staged in
-``OUT/.staging/`` and moved into place only when every shard is written; the manifest is written
-last, so a pack killed at any point leaves no manifest and re-running starts it afresh.
+downscaled, and headers over ``max_pixels`` rejected before any decode. `plan_shards` is
+deterministic: whole read units (a parquet row group, a file) go to shards in a seeded order, items
+are shuffled within each shard. A pack is staged in ``OUT/.staging/`` (staging.py: a record per
+finished shard, so a pack killed at any point and run again keeps them) and moved into place when
+every shard is written, the manifest last. The order guarantees: docs/data.md.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import zipfile
 import zlib
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import NamedTuple
@@ -30,7 +35,6 @@ from fastalex.shards import (
     MANIFEST,
     SPLITS,
     Manifest,
-    ShardInfo,
     SplitInfo,
     check_shard,
     iter_shard,
@@ -42,10 +46,12 @@ from fastalex.shards import (
     write_shard,
 )
 from fastalex.sources import Layout, Reader, SourceRef, open_reader, read_layout
+from fastalex.staging import ShardResult, differences, fingerprint, resume, write_record
 
 STAGING = ".staging"
 PACK_FILE = re.compile(r"^(train|val)-\d{6}\.(tar|idx)(\.part)?$|^manifest\.json(\.part)?$")
 PROGRESS_EVERY = 64  # images between updates of the shared progress counter
+IN_FLIGHT_PER_WORKER = 2  # shards submitted ahead per worker: the pool never holds the whole plan
 READ_ERRORS = (Rejected, OSError, zipfile.BadZipFile, zlib.error, EOFError)  # a bad file, not a bug
 COUNTS = ("transcoded", "resized", "reoriented")  # per split, in the manifest
 
@@ -57,6 +63,7 @@ _sources: dict[SourceRef, Reader] = {}  # one open reader per source, per worker
 def _init_worker(progress) -> None:
     global _progress
     _progress = progress
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
 
 
 def _bump(count: int) -> None:
@@ -64,20 +71,16 @@ def _bump(count: int) -> None:
         _progress.value += count
 
 
-class ShardResult(NamedTuple):
+class ShardPlan(NamedTuple):
     split: str
-    info: ShardInfo
-    rejected: list[dict]  # {"path", "reason"}
-    image_px: tuple[int, int]  # largest stored (height, width)
-    counts: dict[str, int]  # COUNTS: how many stored images were transcoded, resized, reoriented
+    number: int
+    items: list  # (position, item, label) in the order written; position = key in the split
 
 
-def pack_shard(
-    ref: SourceRef, staging: str, split: str, number: int, items, cfg: PackConfig
-) -> ShardResult:
-    """Check, convert where needed (`prepare_image`) and write one shard."""
+def pack_shard(ref: SourceRef, staging: str, shard: ShardPlan, cfg: PackConfig) -> ShardResult:
+    """Check, convert where needed (`prepare_image`) and write one shard, then its record."""
     source = _sources.get(ref) or _sources.setdefault(ref, open_reader(ref))
-    source.prefetch([rel for _, rel, _ in items])  # parquet: each row group read once per shard
+    source.prefetch([rel for _, rel, _ in shard.items])  # whole units: each read this once
     rejected = []
     max_px = [0, 0]
     counts = dict.fromkeys(COUNTS, 0)
@@ -85,7 +88,7 @@ def pack_shard(
 
     def samples():
         pending = 0
-        for position, rel, label in items:
+        for position, rel, label in shard.items:
             try:
                 if (size := source.size(rel)) > max_bytes:
                     raise Rejected(f"{size} bytes, more than an image of max_pixels can need")
@@ -107,20 +110,42 @@ def pack_shard(
                 pending = 0
         _bump(pending)
 
-    info = write_shard(Path(staging) / shard_name(split, number), samples())
-    return ShardResult(split, info, rejected, (max_px[0], max_px[1]), counts)
+    tar = Path(staging) / shard_name(shard.split, shard.number)
+    info = write_shard(tar, samples())
+    result = ShardResult(shard.split, info, rejected, (max_px[0], max_px[1]), counts)
+    write_record(tar, result)
+    return result
 
 
-def plan_shards(layout: Layout, cfg: PackConfig) -> list[tuple[str, int, list]]:
-    """(split, shard number, [(position, rel, label)]) for each shard, after a seeded global
-    shuffle."""
-    rng = np.random.default_rng(cfg.seed)
+def plan_shards(layout: Layout, cfg: PackConfig, unit_of) -> list[ShardPlan]:
+    """The shards of each split, deterministic for a layout, `unit_of` and settings: the split's
+    read units (`unit_of(item)`, items of one unit in layout order) are put in a seeded random
+    order and cut into about ``shard_size`` items a shard, each unit whole in one shard (a unit
+    larger than a shard makes a larger shard); the items of each shard are then shuffled (seeded).
+    Where every item is its own unit this is a global shuffle."""
     plan = []
-    for split, samples in (("train", layout.train), ("val", layout.val)):
-        order = rng.permutation(len(samples))  # order[position] = index in the layout
+    for split_number, (split, samples) in enumerate((("train", layout.train), ("val", layout.val))):
+        units: dict = {}
+        for i, (rel, _) in enumerate(samples):
+            units.setdefault(unit_of(rel), []).append(i)
+        groups = list(units.values())
+        order = np.random.default_rng([cfg.seed, split_number]).permutation(len(groups))
+        sizes = np.array([len(groups[g]) for g in order], dtype=np.int64)
         count = -(-len(samples) // cfg.shard_size)
-        for number, positions in enumerate(np.array_split(np.arange(len(samples)), count)):
-            plan.append((split, number, [(int(p), *samples[order[p]]) for p in positions]))
+        middles = np.cumsum(sizes) - sizes / 2  # a unit goes where its middle item falls
+        shard_of = np.minimum(count - 1, (middles * count / max(1, len(samples))).astype(np.int64))
+        bounds = np.searchsorted(shard_of, np.arange(count + 1))
+        position = numbered = 0
+        for number in range(count):
+            members = [i for g in order[bounds[number] : bounds[number + 1]] for i in groups[g]]
+            if not members:  # units larger than a shard leave some cut points empty
+                continue
+            shuffle = np.random.default_rng([cfg.seed, split_number, number])
+            members = [members[k] for k in shuffle.permutation(len(members))]
+            items = [(position + k, *samples[i]) for k, i in enumerate(members)]
+            plan.append(ShardPlan(split, numbered, items))
+            position += len(members)
+            numbered += 1
     return plan
 
 
@@ -131,8 +156,8 @@ def prepare_out(out: Path, source: dict, cfg: PackConfig) -> bool:
     if (out / MANIFEST).is_file():
         try:
             old = read_manifest(out)
-            changed = _differences({**LEGACY_SOURCE, **old.source}, source)
-            changed += _differences(old.pack, _pack_settings(cfg))
+            changed = differences({**LEGACY_SOURCE, **old.source}, source)
+            changed += differences(old.pack, _pack_settings(cfg))
         except UserError:
             changed = ["unreadable manifest"]
         if not changed and not cfg.overwrite:
@@ -161,14 +186,6 @@ def prepare_out(out: Path, source: dict, cfg: PackConfig) -> bool:
 
 
 LEGACY_SOURCE = {"layout": "tiny-imagenet"}  # what a manifest that names no layout was packed from
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    return [
-        f"{key} {old.get(key, 'unset')} -> {new.get(key, 'unset')}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
-    ]
 
 
 def _pack_settings(cfg: PackConfig) -> dict:
@@ -203,6 +220,7 @@ def pack(
 ) -> tuple[Manifest, bool]:
     """Pack the train and val splits of `ref` into `out`; returns the manifest and whether it was
     written (False: `out` already held this very pack, same source and settings, left as it was).
+    Shards a killed run left staged for the same plan are kept where they hash as recorded.
     """
     out = Path(out)
     layout = read_layout(ref, cfg.val_fraction, cfg.seed)
@@ -211,10 +229,17 @@ def pack(
     if not prepare_out(out, source, cfg):
         return read_manifest(out), False
     staging = out / STAGING
-    for stale in staging.iterdir():
-        stale.unlink()
+    reader = open_reader(ref)
     try:
-        results = _write_shards(ref, layout, cfg, staging, progress)
+        plan = plan_shards(layout, cfg, reader.unit)
+    finally:
+        reader.close()
+    try:
+        stamp = {**source, "classes": [list(c) for c in layout.classes]}
+        if ref.is_zip:  # its size is in `source`; its mtime stands for its content too
+            stamp["mtime_ns"] = os.stat(ref.path).st_mtime_ns
+        done = resume(staging, fingerprint(stamp, _pack_settings(cfg), plan), plan, progress)
+        results = _write_shards(ref, layout, cfg, staging, plan, done, progress)
         manifest = _build_manifest(layout, source, cfg, results)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -226,31 +251,53 @@ def pack(
     return manifest, True
 
 
-def _write_shards(ref: SourceRef, layout: Layout, cfg: PackConfig, staging: Path, progress: bool):
-    """Run pack_shard over the plan on a process pool, with a progress bar fed by the workers."""
+def _write_shards(
+    ref: SourceRef, layout: Layout, cfg: PackConfig, staging: Path, plan, done, progress: bool
+) -> list[ShardResult]:
+    """Run pack_shard over the plan's unfinished shards on a process pool, at most
+    IN_FLIGHT_PER_WORKER shards per worker submitted at a time, with a progress bar fed by the
+    workers. A worker's exception, a dead worker (killed, out of memory) or Ctrl-C stops every
+    worker at once and ends in one UserError (or the KeyboardInterrupt)."""
     from tqdm import tqdm
 
-    plan = plan_shards(layout, cfg)
-    results = []
+    results = dict(done)
+    todo = iter([i for i in range(len(plan)) if i not in done])
+    workers = max(1, min(cfg.processes, len(plan) - len(done)))
     context = get_context("fork")
-    counter = context.Value("q", 0)
-    with (
-        context.Pool(min(cfg.processes, len(plan)), _init_worker, (counter,)) as pool,
-        tqdm(
-            total=len(layout.train) + len(layout.val), unit="img", desc="pack", disable=not progress
-        ) as bar,
-    ):
-        pending = [
-            pool.apply_async(pack_shard, (ref, str(staging), split, number, items, cfg))
-            for split, number, items in plan
-        ]
-        for job in pending:
-            while not job.ready():
-                job.wait(0.2)
-                bar.update(counter.value - bar.n)
-            results.append(job.get())  # re-raises a worker's UserError (--strict)
-        bar.update(counter.value - bar.n)
-    return results
+    counter = context.Value("q", sum(r.info.samples + len(r.rejected) for r in done.values()))
+    pool = ProcessPoolExecutor(workers, context, _init_worker, (counter,))
+    in_flight: dict = {}
+    total = len(layout.train) + len(layout.val)
+    failed = True
+    try:
+        with tqdm(total=total, unit="img", desc="pack", disable=not progress) as bar:
+            while True:
+                while len(in_flight) < IN_FLIGHT_PER_WORKER * workers:
+                    index = next(todo, None)
+                    if index is None:
+                        break
+                    job = pool.submit(pack_shard, ref, str(staging), plan[index], cfg)
+                    in_flight[job] = index
+                if not in_flight:
+                    break
+                finished, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
+                bar.update(counter.get_obj().value - bar.n)  # unlocked: a dead worker may hold it
+                for job in finished:
+                    results[in_flight.pop(job)] = job.result()  # re-raises a worker's UserError
+        failed = False
+    except BrokenProcessPool:
+        raise UserError(
+            f"{ref.path}: a pack worker died (killed, or out of memory: try fewer --workers or a "
+            "smaller --shard-size); the pack stopped"
+        ) from None
+    except OSError as e:  # the staging disk: full, gone, read-only
+        raise UserError(f"{staging.parent}: cannot write a shard ({e.strerror or e})") from None
+    finally:
+        if failed:
+            for process in list((pool._processes or {}).values()):
+                process.kill()  # no worker outlives the pack, none blocks its shutdown
+        pool.shutdown(wait=True, cancel_futures=True)
+    return [results[i] for i in range(len(plan))]
 
 
 def _build_manifest(layout: Layout, source: dict, cfg: PackConfig, results) -> Manifest:
@@ -282,7 +329,7 @@ def _build_manifest(layout: Layout, source: dict, cfg: PackConfig, results) -> M
 def _move_into_place(staging: Path, out: Path) -> None:
     """Retire any old manifest first (the pack is unfinished from here on), then swap the shards."""
     (out / MANIFEST).unlink(missing_ok=True)
-    new = {p.name for p in staging.iterdir()}
+    new = {p.name for p in staging.iterdir() if p.suffix in (".tar", ".idx")}
     for old in out.iterdir():
         if old.name not in new and old.name != STAGING and PACK_FILE.match(old.name):
             old.unlink()

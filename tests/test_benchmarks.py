@@ -875,3 +875,22 @@ def test_render_results_appends_the_notes_on_peer_rows(tmp_path):
     assert text.index("bbb") < text.index("## Training runs")
     shipped = (BENCHMARKS / "results" / "notes" / "spdl.md").read_text().strip()
     assert shipped in (BENCHMARKS / "RESULTS.md").read_text()  # RESULTS.md was re-rendered
+
+
+@pytest.mark.slow  # starts a process
+def test_pack_scale_reports_images_per_s_memory_and_bytes_read_per_source_byte(tmp_path):
+    pytest.importorskip("pyarrow")
+    results = tmp_path / "pack_scale.jsonl"
+    command = [sys.executable, BENCHMARKS / "pack_scale.py", "--images", "10000", "--classes", "4"]
+    command += ["--shard-size", "1000", "--row-group", "100", "--workdir", tmp_path / "work"]
+    done = subprocess.run(
+        [str(part) for part in command + ["--results", results]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(results.read_text())
+    assert row["images"] == 10000 and row["images_per_s"] > 0 and row["peak_rss_mib"] > 0
+    assert 1.0 < row["read_per_source_byte"] <= 1.2, row  # each row group read once
+    assert row["machine"]["cpu"]

@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import shutil
+import signal
 import sys
 import tarfile
 import time
@@ -15,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import descendants
 from PIL import Image
 
 pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
@@ -357,3 +359,146 @@ def test_verify_finds_labels_outside_the_class_range(synth_pack, tmp_path):
     assert all(
         p.startswith(f"{name}: sample ") and p.endswith(f"label {classes}") for p in problems
     )
+
+
+@pytest.fixture(scope="module")
+def big_tree(tmp_path_factory):
+    """3,200 images: enough shards of 100 for a pack to be caught part-way."""
+    tree = tmp_path_factory.mktemp("big") / "tree"
+    synth(tree, classes=4, train_per_class=750, val_per_class=50, workers=2, progress=False)
+    return tree
+
+
+def pack_command(tree: Path, out: Path, *options) -> list:
+    return [sys.executable, "-m", "fastalex", "pack", tree, out, "--shard-size", "100", *options]
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout_s} s")
+        time.sleep(0.005)
+
+
+def assert_one_line_error(stderr: str, *words: str) -> None:
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.slow  # starts processes
+def test_a_worker_killed_mid_pack_ends_it_within_seconds_with_one_line(big_tree, tmp_path, launch):
+    out = tmp_path / "out"
+    with launch(pack_command(big_tree, out, "--workers", "2")) as run:
+        wait_for(lambda: list(out.glob(".staging/*.tar")), 60, "shard staged")
+        workers = descendants(run.process.pid)
+        assert workers, "no worker processes"
+        os.kill(workers[-1], signal.SIGKILL)  # as the OOM killer would
+        killed = time.monotonic()
+        stdout, stderr = run.communicate(timeout=30)
+        assert time.monotonic() - killed < 10
+    assert run.returncode == 2
+    assert_one_line_error(stderr, "worker died")
+    assert not (out / ".staging").exists() and not (out / MANIFEST).exists()
+    assert descendants(run.process.pid) == []
+
+
+@pytest.mark.slow  # starts processes
+def test_strict_pack_with_one_bad_file_exits_within_seconds_naming_it(big_tree, tmp_path, launch):
+    tree = tmp_path / "tree"
+    shutil.copytree(big_tree, tree)
+    wnid = sorted((tree / "train").iterdir())[2].name
+    (tree / "train" / wnid / "images" / f"{wnid}_7.JPEG").write_bytes(b"\xff\xd8 truncated")
+    for attempt in range(3):  # a hang was intermittent: a few runs in a row
+        out = tmp_path / f"out{attempt}"
+        run = launch(pack_command(tree, out, "--workers", "2", "--strict"))
+        started = time.monotonic()
+        stdout, stderr = run.communicate(timeout=60)
+        assert run.returncode == 2 and time.monotonic() - started < 10, stderr[-2000:]
+        assert_one_line_error(stderr, f"{wnid}_7.JPEG", "--strict")
+        assert not out.exists()
+
+
+def shard_hashes(out: Path) -> dict[str, str]:
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(out.glob("*-*.*"))
+    }
+
+
+@pytest.mark.slow  # starts processes
+def test_a_pack_killed_at_70_percent_resumes_to_the_uninterrupted_packs_bytes(
+    big_tree, tmp_path, launch
+):
+    whole = tmp_path / "whole"
+    pack(open_source(big_tree), whole, PackConfig(shard_size=100, workers=2), False)
+    total = len(read_manifest(whole).splits["train"].shards) + 2
+    out = tmp_path / "out"
+    first = launch(pack_command(big_tree, out, "--workers", "1"))
+    wait_for(lambda: len(list(out.glob(".staging/*.json"))) > 0.7 * total, 120, "70 % staged")
+    first.kill_group()
+    finished = {p.stem for p in out.glob(".staging/*-*.json")}
+    assert not (out / MANIFEST).exists() and len(finished) < total
+    rerun = launch(pack_command(big_tree, out, "--workers", "1"))
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr[-2000:]
+    assert f"resuming, {len(finished)} of {total} shards kept" in stderr
+    assert (out / MANIFEST).read_text() == (whole / MANIFEST).read_text()
+    assert shard_hashes(out) == shard_hashes(whole)
+
+
+@pytest.mark.slow  # starts processes
+def test_a_changed_option_starts_a_killed_pack_over_saying_why(big_tree, tmp_path, launch):
+    out = tmp_path / "out"
+    first = launch(pack_command(big_tree, out, "--workers", "1"))
+    wait_for(lambda: list(out.glob(".staging/*-*.json")), 60, "shard staged")
+    first.kill_group()
+    rerun = launch(pack_command(big_tree, out, "--workers", "1", "--jpeg-quality", "90"))
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr[-2000:]
+    why = [line for line in stderr.splitlines() if "starting over" in line]
+    assert len(why) == 1 and "jpeg_quality" in why[0], stderr[-2000:]
+    assert "resuming" not in stderr
+    assert verify_pack(out) == []
+
+
+def test_each_file_of_a_zip_is_read_once(synth_tree, tmp_path, monkeypatch):
+    from fastalex.sources import tree as tree_module
+
+    archive = tmp_path / "tree.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(synth_tree.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(synth_tree).as_posix())
+    log = tmp_path / "reads.log"
+    read = tree_module.TreeReader.read
+
+    def logged(self, rel):  # the forked workers inherit it
+        with open(log, "a") as f:
+            f.write(rel + "\n")
+        return read(self, rel)
+
+    monkeypatch.setattr(tree_module.TreeReader, "read", logged)
+    manifest, _ = pack(open_source(archive), tmp_path / "out", PackConfig(shard_size=16), False)
+    images = [line for line in log.read_text().splitlines() if "/images/" in line]
+    assert len(images) == len(set(images)) == 300
+    assert sum(split.samples for split in manifest.splits.values()) == 300
+
+
+def test_a_full_disk_ends_the_pack_with_one_error_and_no_staging(synth_tree, tmp_path, monkeypatch):
+    import errno
+
+    import fastalex.pack
+
+    def full_after_one(path, samples):  # the forked workers inherit it
+        if list(Path(path).parent.glob("*.tar")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_shard(path, samples)
+
+    monkeypatch.setattr(fastalex.pack, "write_shard", full_after_one)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="cannot write a shard .No space left on device"):
+        pack(open_source(synth_tree), out, PackConfig(shard_size=16, workers=2), False)
+    assert not out.exists()

@@ -42,6 +42,9 @@ class ToyReader:
     def __init__(self, ref: SourceRef):
         self.ref = ref
 
+    def unit(self, item: str) -> str:
+        return item
+
     def prefetch(self, items) -> None:
         pass
 

@@ -34,7 +34,9 @@ def image_bytes(label: int, fmt: str = "JPEG") -> bytes:
     return out.getvalue()
 
 
-def write_parquet(path: Path, labels, metadata: bool, images=None, with_label: bool = True):
+def write_parquet(
+    path: Path, labels, metadata: bool, images=None, with_label: bool = True, names=NAMES
+):
     """One file of the Hub's Image + ClassLabel schema, in row groups of 4 rows. Every test writes
     one first, so without pyarrow each test skips here, and the module still collects."""
     pa = pytest.importorskip("pyarrow")
@@ -50,7 +52,7 @@ def write_parquet(path: Path, labels, metadata: bool, images=None, with_label: b
         columns["label"] = pa.array(labels, pa.int64())
     table = pa.table(columns)
     if metadata:
-        features = {"image": {"_type": "Image"}, "label": {"names": NAMES, "_type": "ClassLabel"}}
+        features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
         hf = json.dumps({"info": {"features": features}})
         table = table.replace_schema_metadata({"huggingface": hf})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,3 +155,112 @@ def test_cli_packs_a_snapshot_and_hf_without_the_hub_says_how_to_install(tmp_pat
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0
     assert "pip install huggingface_hub" in result.output
+
+
+def test_each_row_group_is_read_once_and_shards_still_mix_the_classes(tmp_path, monkeypatch):
+    """A file sorted by class (as Hub files often are), 30 row groups of 4, shards of 10: each row
+    group is read once in all (not once per shard touching it), and shuffled row groups give
+    shards of mixed classes in an order that is not the file's."""
+    labels = [i // 40 for i in range(120)]  # 40 rows of class 0, then 1, then 2
+    write_parquet(tmp_path / "snap/data/train-00000-of-00001.parquet", labels, True)
+    write_parquet(tmp_path / "snap/data/valid-00000-of-00001.parquet", [0, 1, 2, 0, 1, 2], True)
+    pq = pytest.importorskip("pyarrow.parquet")
+    log = tmp_path / "reads.log"
+    read_row_group = pq.ParquetFile.read_row_group
+
+    def logged(self, group, *args, **kwargs):  # the forked workers inherit it
+        with open(log, "a") as f:
+            f.write(f"{self.metadata.num_rows} {group}\n")
+        return read_row_group(self, group, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", logged)
+    out = tmp_path / "shards"
+    manifest, _ = pack(detect_source(tmp_path / "snap"), out, PackConfig(shard_size=10), False)
+    reads = log.read_text().splitlines()
+    assert sorted(reads) == sorted([f"120 {g}" for g in range(30)] + ["6 0", "6 1"])
+    assert len(manifest.splits["train"].shards) == 12
+    assert_labels_follow_pixels(out, "train", 120)
+    order = [label for label, _ in stored(out, "train")]
+    assert order != sorted(order)
+    first_shard = order[: manifest.splits["train"].shards[0].samples]
+    assert len(set(first_shard)) > 1
+
+
+CONFIG_NAMES = {"birds": ["finch", "robin", "wren"], "cats": ["lynx", "puma"]}
+
+
+def two_config_snapshot(root: Path) -> Path:
+    """The Hub's layout of a dataset with two configs, `<config>/<split>-*.parquet`; each config's
+    schema metadata names its own classes. birds: 9 train + 3 valid rows; cats: 4 + 2."""
+    for config, train, valid in (("birds", 9, 3), ("cats", 4, 2)):
+        names = CONFIG_NAMES[config]
+        for split, rows in (("train", train), ("valid", valid)):
+            labels = [i % len(names) for i in range(rows)]
+            path = root / config / f"{split}-00000-of-00001.parquet"
+            write_parquet(path, labels, True, names=names)
+    return root
+
+
+def test_a_snapshot_of_two_configs_is_refused_naming_them_and_one_packs_alone(tmp_path):
+    src = two_config_snapshot(tmp_path / "snap")
+    runner = CliRunner()
+    result = runner.invoke(main, ["pack", str(src), str(tmp_path / "both"), "--workers", "1"])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert "2 configs (birds, cats)" in result.output and "--config" in result.output
+    assert not (tmp_path / "both").exists()
+    result = runner.invoke(
+        main, ["pack", str(src), str(tmp_path / "cats"), "--config", "cats", "--workers", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "cats")
+    assert [name for name, _ in manifest.classes] == CONFIG_NAMES["cats"]
+    assert (manifest.splits["train"].samples, manifest.splits["val"].samples) == (4, 2)
+    assert manifest.source["root"] == "cats/"
+    birds = pack_snapshot(src / "birds", tmp_path / "birds")  # or the config's own directory
+    assert [name for name, _ in birds.classes] == CONFIG_NAMES["birds"]
+    assert (birds.splits["train"].samples, birds.splits["val"].samples) == (9, 3)
+
+
+def fake_hub(monkeypatch, snapshot: Path, files: list[str]) -> list[dict]:
+    """huggingface_hub as far as snapshot_hub uses it: the repo's file list, and a download that
+    records its arguments and returns the snapshot on disk."""
+    import types
+
+    calls = []
+
+    def snapshot_download(repo, **kwargs):
+        calls.append({"repo": repo, **kwargs})
+        return str(snapshot)
+
+    hub = types.ModuleType("huggingface_hub")
+    hub.snapshot_download = snapshot_download
+    hub.list_repo_files = lambda repo, repo_type: files
+    monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", hub)
+    return calls
+
+
+def test_hf_with_two_configs_is_refused_before_download_and_hf_config_fetches_one(
+    tmp_path, monkeypatch
+):
+    from fnmatch import fnmatch
+
+    src = two_config_snapshot(tmp_path / "snap")
+    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.parquet"))
+    files += ["README.md", "dataset_infos.json"]
+    calls = fake_hub(monkeypatch, src, files)
+    runner = CliRunner()
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--workers", "1"]
+    result = runner.invoke(main, ["pack", "hf://someone/pets", str(tmp_path / "both"), *cache])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert "hf://someone/pets/birds, hf://someone/pets/cats" in result.output
+    assert calls == []  # nothing fetched
+    out = tmp_path / "cats"
+    result = runner.invoke(main, ["pack", "hf://someone/pets/cats", str(out), *cache])
+    assert result.exit_code == 0, result.output
+    patterns = calls[0]["allow_patterns"]
+    fetched = [f for f in files if any(fnmatch(f, p) for p in patterns)]
+    assert [f for f in fetched if f.endswith(".parquet")] == [
+        "cats/train-00000-of-00001.parquet",
+        "cats/valid-00000-of-00001.parquet",
+    ]
+    assert [name for name, _ in read_manifest(out).classes] == CONFIG_NAMES["cats"]

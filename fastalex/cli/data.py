@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from fastalex import config
-from fastalex.cli.options import build, config_options
+from fastalex.cli.options import build, config_options, shards_argument
 from fastalex.config import PackConfig
 from fastalex.errors import UserError
 
@@ -59,8 +59,14 @@ def synth(out, classes, train_per_class, val_per_class, test_images, seed, worke
     show_default=True,
     help="Where --download keeps the zip (resumed if partial) and hf:// its snapshots.",
 )
+@click.option(
+    "--config",
+    "hub_config",
+    default=None,
+    help="Of a parquet snapshot holding several configs: the one to pack (its directory).",
+)
 @config_options(PackConfig)
-def pack(paths, download, url, md5, cache_dir, **options) -> None:
+def pack(paths, download, url, md5, cache_dir, hub_config, **options) -> None:
     """Pack a source tree (a directory, or a zip read in place) into shards at OUT.
 
     \b
@@ -70,7 +76,8 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
                      optionally classes.txt or words.txt: <class> <name> per line
       HF parquet     a Hugging Face dataset snapshot: data/train-*.parquet, data/valid-*.parquet
                      (or default/train/0000.parquet ...) with image and label columns;
-                     hf://OWNER/NAME fetches one (needs pip install huggingface_hub)
+                     hf://OWNER/NAME fetches one (needs pip install huggingface_hub),
+                     hf://OWNER/NAME/CONFIG one config of it (or --config CONFIG)
 
     Train and val become WebDataset tars with DALI indexes and a manifest (counts, sha256, labels in
     sorted class order, rejected files and why). Every image's header is checked (over
@@ -78,11 +85,11 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
     are rejected and listed (or, with --strict, stop the run). PNG, WebP, BMP, TIFF, GIF and PPM
     are stored as JPEG (--no-transcode rejects them), images over --max-side are stored
     downscaled; other JPEGs are stored byte for byte. A pack killed part-way leaves no manifest;
-    run the same command again.
+    run the same command again: it keeps the shards already finished.
     """
     from fastalex.pack import pack as run_pack
     from fastalex.pack import summarize
-    from fastalex.sources import detect_source, tinyimagenet
+    from fastalex.sources import detect_source, parquet, tinyimagenet
 
     cfg = build(PackConfig, **options)
     if download:
@@ -108,17 +115,22 @@ def pack(paths, download, url, md5, cache_dir, **options) -> None:
     else:
         raise UserError("give SRC and OUT: fastalex pack SRC-DIR-OR-ZIP OUT")
     if str(src).startswith("hf://"):
-        from fastalex.sources.parquet import snapshot_hub
-
-        src = snapshot_hub(str(src), str(cache_dir / "hub"))
-    manifest, wrote = run_pack(detect_source(src), out, cfg)
+        src, hub_config = parquet.snapshot_hub(str(src), str(cache_dir / "hub"), hub_config)
+    ref = detect_source(src)
+    if hub_config:
+        if ref.layout != "parquet":
+            raise UserError(
+                f"{src}: --config picks a config of a parquet snapshot; this is not one"
+            )
+        ref = parquet.with_config(ref, hub_config)
+    manifest, wrote = run_pack(ref, out, cfg)
     click.echo(summarize(manifest))
     done = "packed into" if wrote else "already packed (same source and settings), kept"
     click.echo(f"{done} {out}; check it any time with: fastalex verify {out}")
 
 
 @click.command()
-@click.argument("shards", type=click.Path(path_type=Path))
+@shards_argument
 @click.option("--decode", default=32, show_default=True, help="Images fully decoded per shard.")
 def verify(shards, decode) -> None:
     """Check a pack: re-hash every shard against the manifest, check every index against its tar,

@@ -1,13 +1,17 @@
-"""What every fastalex command shares: one clean line for a UserError, and the click options
+"""What every fastalex command shares: one clean line for a UserError, the click options
 generated from a config dataclass's fields (name, type, default, help), so the CLI cannot drift
-from the config. tools/ builds its commands from these too.
+from the config, and the SHARDS argument (a directory or a URL). tools/ builds its commands from
+these too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import sys
 import typing
+from pathlib import Path
 
 import click
 
@@ -58,3 +62,24 @@ def build(cls: type, **values):
         return cls(**values)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def shards_argument(command):
+    """The SHARDS argument of a command, a pack directory or an fsspec URL (s3://, gs://, https://)
+    staged into --cache-dir first (fastalex.remote): the command gets a local directory."""
+
+    @functools.wraps(command)
+    def with_local_pack(*args, shards, cache_dir, **kwargs):
+        from fastalex.remote import local_pack
+
+        return command(*args, shards=local_pack(shards, cache_dir), **kwargs)
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastalex" / "shards"
+    with_local_pack = click.option(
+        "--cache-dir",
+        type=click.Path(path_type=Path),
+        default=cache,
+        show_default=True,
+        help="Where a SHARDS URL is staged, once per machine, and reused.",
+    )(with_local_pack)
+    return click.argument("shards")(with_local_pack)

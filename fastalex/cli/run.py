@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from fastalex import config
-from fastalex.cli.options import build, config_options
+from fastalex.cli.options import build, config_options, shards_argument
 from fastalex.config import TrainConfig
 from fastalex.errors import UserError
 
@@ -62,7 +62,7 @@ def rerun_config(path: Path, shards: Path, explicit: dict, recipe_given: bool) -
 
 
 @click.command(context_settings={"show_default": True})
-@click.argument("shards", type=click.Path(path_type=Path))
+@shards_argument
 @config_options(TrainConfig, skip=("shards", "config_file", "overrides"))
 @click.option(
     "--config",
@@ -123,7 +123,7 @@ def train(ctx: click.Context, shards, config_path, **options) -> None:
 
 
 @click.command()
-@click.argument("shards", type=click.Path(path_type=Path))
+@shards_argument
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--arch", type=click.Choice(sorted(config.MIN_IMAGE_SIZE)), default="alexnet64")
 @click.option("--image-size", type=int, default=TrainConfig().image_size, help="px")

@@ -5,14 +5,16 @@ which prefix), `read_layout(ref, val_fraction, seed)` lists its classes and labe
 items (a `Layout`), `open_reader(ref)` opens the `Reader` that gives each item's bytes. An item is
 a name relative to the root; its label indexes `Layout.classes`. A `SourceRef` is what crosses to
 pack's worker processes; each opens one Reader and reads a shard at a time: `prefetch(items)`, then
-`size`/`read` of each. A bad item raises images.Rejected (or its file's I/O error): pack lists it
-as rejected with the reason. Imports numpy only; never torch, DALI or pack.
+`size`/`read` of each. `unit(item)` names what an item is read with (a parquet row group; a file is
+its own unit): pack puts each unit whole into one shard, so every unit is read once. A bad item
+raises images.Rejected (or its file's I/O error): pack lists it as rejected with the reason.
+Imports numpy only; never torch, DALI or pack.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,8 +46,12 @@ class Layout:
 class Reader(Protocol):
     """The bytes of a source's items, by item name (a `Layout`'s first field)."""
 
+    def unit(self, item: str) -> Hashable:
+        """What the item is read with: items of one unit are read together, in one shard."""
+
     def prefetch(self, items: Iterable[str]) -> None:
-        """Get ready to read exactly these items (one shard's); a no-op where reads are cheap."""
+        """Get ready to read exactly these items (one shard's, whole units); a no-op where reads
+        are cheap."""
 
     def size(self, item: str) -> int:
         """Stored bytes of the item, known before it is read (pack rejects an oversized one)."""

@@ -47,6 +47,10 @@ class TreeReader:
         if self._zip is not None:
             self._zip.close()
 
+    def unit(self, rel: str) -> str:
+        """Each file is read on its own."""
+        return rel
+
     def prefetch(self, items: Iterable[str]) -> None:
         """Nothing to do: each file is read when asked for (a zip member from the open zip)."""
 
