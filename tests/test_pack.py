@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import descendants
+from helpers import descendants
 from PIL import Image
 
 pytest.importorskip("simplejpeg", reason="fastalex pack needs simplejpeg")
