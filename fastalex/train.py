@@ -95,13 +95,13 @@ def train(
             f"divide by the {world_size} processes; choose a multiple of {world_size}"
         )
     runtime = resolve_runtime(cfg, rank, world_size, local_rank, local_world_size)
-    with process_group(runtime, cfg.collective_timeout_s, restart_count):
+    with process_group(runtime, cfg.collective_timeout_s, restart_count) as restarts:
         return Trainer(
             cfg,
             runtime,
             log if rank == 0 and log else (lambda line: None),
             progress and rank == 0,
-            restart_count,
+            restarts,
         ).run()
 
 
@@ -123,7 +123,7 @@ class Trainer:
     log: Callable[[str], None]
     show_bar: bool
     main: bool  # rank 0: the one that writes
-    restart_count: int  # torchrun's restarts so far: > 0 resumes by itself
+    restart_count: int  # restarts so far, agreed by every rank: > 0 resumes by itself
     local_batch: int  # images per step in this process: placement.batch_share(cfg.batch_size)
     every_steps: int  # periodic checkpoints every this many steps (0: by time or none)
     every_s: float  # ... or every this many seconds
