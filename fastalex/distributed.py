@@ -4,8 +4,9 @@ failure is a message naming them (never a hang), and the signals that stop a run
 `process_group` joins under a generation every node agrees on through torchrun's store (never a
 node's own restart count) and agrees on the restarts so far; `agree` is the one vote of the loop
 (stop, a non-finite step, a checkpoint due); `collective` turns a peer's death or silence into a
-UserError naming the collective and the ranks that did not answer. Imports torch and the
-runtime; never a loader, the model or the run folder. Reasons and what each failure costs:
+UserError naming the collective and the ranks that did not answer; `from_rank0` hands rank 0's
+result (its probes) to ranks that wait longer than a collective. Imports torch and the runtime;
+never a loader, the model or the run folder. Reasons and what each failure costs:
 docs/distributed.md."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -63,6 +65,10 @@ JOIN_PREFIX = "fastalex/join"  # the join's keys in torchrun's store; each group
 # f"fastalex/generation-{G}"
 JOIN_POLL_S = 0.05  # rank 0's poll of the other ranks' asks and acks while joining
 ROLL_CALL_S = 5.0  # after a failed collective, how long a rank waits for the others to answer
+# Rank 0's `auto` probes (compile and bf16 at 227 px on a CPU under OMP_NUM_THREADS=1) can outlast
+# the 300 s collective timeout while the other ranks wait; they wait this long (torch's own
+# default collective timeout, 30 min) or --collective-timeout-s if longer
+RANK0_ALONE_S = 1800.0
 RESTART_HINT = "torchrun --max-restarts K restarts the group, or rerun with --resume --out RUN"
 
 _joined: dict = {}  # "store": this attempt's prefixed store (roll calls), while a group is joined
@@ -197,6 +203,39 @@ def collective(runtime: Runtime, what: str, timeout_s: float, continue_hint: str
         if runtime.rank != 0:  # cli.py prints rank 0's errors only
             sys.stderr.write(f"error: {message}\n")
         raise UserError(message) from None
+
+
+class Failed(NamedTuple):
+    """What rank 0 sends in place of a result it could not compute."""
+
+    error: str
+
+
+def from_rank0(runtime: Runtime, compute: Callable, what: str, budget_s: float):
+    """compute() on rank 0 alone, its result on every rank (it alone in a single process). The
+    others wait up to `budget_s` (for rank 0's probes: longer than the collective timeout) in a
+    gloo group of their own, inside `collective`: a silent rank 0 is one line naming `what`;
+    rank 0's own error is raised on rank 0 and named on the others."""
+    if runtime.world_size == 1 or not dist.is_initialized():
+        return compute()
+    box: list = [None]
+    failed: Exception | None = None
+    with collective(runtime, what, budget_s, RESTART_HINT, f"{budget_s:g} s"):
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=budget_s))
+        try:
+            if runtime.rank == 0:
+                try:
+                    box = [compute()]
+                except Exception as e:  # the other ranks hear of it rather than wait
+                    failed, box = e, [Failed(f"{type(e).__name__}: {e}")]
+            dist.broadcast_object_list(box, src=0, group=group)
+        finally:
+            dist.destroy_process_group(group)
+    if failed is not None:
+        raise failed
+    if isinstance(box[0], Failed):
+        raise UserError(f"rank 0 could not settle {what}: {box[0].error}")
+    return box[0]
 
 
 class StopSignals:

@@ -1,5 +1,5 @@
-"""Several processes as one run (fastalex/distributed.py): the join every node agrees on, and the
-failures of a two-node run (two torchrun launchers on localhost, c10d
+"""Several processes as one run (fastalex/distributed.py): the join every node agrees on, rank 0's
+long decisions, and the failures of a two-node run (two torchrun launchers on localhost, c10d
 rendezvous, one process each: the killed and the silent rank). hue_pack, global batch 64: 4 steps
 per epoch.
 """
@@ -17,10 +17,13 @@ import time
 from datetime import timedelta
 
 import pytest
+import torch
 import torch.distributed as dist
 
-from fastalex.distributed import JOIN_PREFIX, join_generation
+from fastalex.distributed import JOIN_PREFIX, from_rank0, join_generation, process_group
+from fastalex.errors import UserError
 from fastalex.plot import read_metrics
+from fastalex.runtime import Placement, Runtime
 
 TINY = ("--device", "cpu", "--batch-size", "64", "--loader-workers", "1", "--no-compile")
 RUN = (
@@ -84,6 +87,50 @@ def test_a_restarted_group_agrees_on_a_fresh_generation_despite_a_dead_attempts_
     store.set(f"{JOIN_PREFIX}/answer/1/1", "7")
     for first, expected in ((1, 2), (2, 3), (0, 4)):
         assert join_all(port, 3, first) == {0: expected, 1: expected, 2: expected}
+
+
+def runtime_of(rank: int, world_size: int = 2) -> Runtime:
+    return Runtime(Placement(torch.device("cpu"), rank, world_size), None, False, False)
+
+
+def rank0_decides_slowly(rank: int, port: int, compute_s: float, fail: bool, results) -> None:
+    """Spawned rank of a group whose collectives time out after 2 s: rank 0 computes for
+    `compute_s` (failing if `fail`) while rank 1 waits in from_rank0 with a budget of 20 s."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    runtime = runtime_of(rank)
+
+    def compute():
+        time.sleep(compute_s)
+        if fail:
+            raise ValueError("no probe fits")
+        return {"amp": "bf16"}
+
+    with process_group(runtime, 2.0, 0):
+        try:
+            results[rank] = from_rank0(runtime, compute, "the `auto` options", 20.0)
+        except (UserError, ValueError) as e:
+            results[rank] = f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_ranks_wait_for_rank0s_probes_past_the_collective_timeout(fail):
+    """Rank 0 decides for 4 s, twice the collective timeout: rank 1 waits (its own budget) and
+    gets the decision; a failure on rank 0 reaches rank 1 as one line naming it."""
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(rank0_decides_slowly, (free_port(), 4.0, fail, results), nprocs=2)
+        got = dict(results)
+    if fail:
+        assert got[0] == "ValueError: no probe fits"
+        assert got[1] == (
+            "UserError: rank 0 could not settle the `auto` options: ValueError: no probe fits"
+        )
+    else:
+        assert got == {0: {"amp": "bf16"}, 1: {"amp": "bf16"}}
 
 
 class Node:
