@@ -77,8 +77,8 @@ def train(
     local_world_size: int = 1,
     restart_count: int = 0,
 ) -> RunResult:
-    """Train per `cfg`; under torchrun each process passes its rank and torchrun's restart count
-    (cli.py reads the env): a restarted process (restart_count > 0) resumes by itself.
+    """Train per `cfg`; under torchrun each process passes its rank and its node's restart count
+    (cli.py reads the env); a restart on any node resumes on all (distributed.process_group).
 
     Rank 0 writes RUN/config.json, metrics.jsonl, summary.json and checkpoints/ and calls `log`
     with one line per epoch. Raises UserError for bad input and for a diverged loss (naming the
