@@ -300,7 +300,7 @@ def test_a_silent_rank_is_named_within_the_collective_timeout_and_the_restart_re
         "error naming rank 1",
         nodes,
     )
-    assert time.monotonic() - stopped < 10 + 5 + 10  # timeout, roll call, a step's slack
+    assert time.monotonic() - stopped < 10 + 5 + 20  # timeout, roll call, a slow step (loaded box)
     assert named.group(1) in ("the gradient all-reduce of a step", "the stop vote at a log point")
     killed_once_its_agent_stops_it(workers[1], nodes)
     codes = [node.finish(WAIT_S) for node in nodes]
