@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from fastalex.config import TrainConfig
-from fastalex.errors import UserError
+from fastalex.distributed import RANK0_ALONE_S, from_rank0
 from fastalex.loaders import canvas_px, dali_usable
 from fastalex.probes import (
     PROBE_LOADER_BATCHES,
@@ -308,23 +308,15 @@ def decide(
     them, the decisions). Under DDP rank 0 decides and broadcasts (a collective: every rank calls
     it), so ranks never disagree; its log lines come once, from rank 0. `recorded`: decisions
     kept as they are (decide_here)."""
-    import torch.distributed as dist
-
     probes = probes or Probes.for_config(cfg, log)
-    if runtime.world_size > 1 and dist.is_initialized():
-        box: list = [None]
-        if runtime.rank == 0:
-            try:
-                box = [decide_here(cfg, runtime, manifest, probes, recorded)]
-            except Exception as e:  # the other ranks hear of it rather than wait forever
-                dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
-                raise
-        dist.broadcast_object_list(box, src=0)
-        if isinstance(box[0], str):
-            raise UserError(f"rank 0 could not decide the `auto` options: {box[0]}")
-        decisions = box[0]
-    else:
-        decisions = decide_here(cfg, runtime, manifest, probes, recorded)
+    # rank 0 decides (it alone probes) and the others follow, waiting as long as probes take
+    budget_s = max(cfg.collective_timeout_s, RANK0_ALONE_S)
+    decisions = from_rank0(
+        runtime,
+        lambda: decide_here(cfg, runtime, manifest, probes, recorded),
+        "the `auto` options",
+        budget_s,
+    )
     amp, compiled = decisions["amp"]["chose"], decisions["compile"]["chose"]
     cfg = dataclasses.replace(cfg, amp=amp, compile=compiled, loader=decisions["loader"]["chose"])
     return cfg, runtime.variant(amp, compiled), decisions

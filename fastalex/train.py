@@ -78,8 +78,8 @@ def train(
     local_world_size: int = 1,
     restart_count: int = 0,
 ) -> RunResult:
-    """Train per `cfg`; under torchrun each process passes its rank and torchrun's restart count
-    (cli.py reads the env): a restarted process (restart_count > 0) resumes by itself.
+    """Train per `cfg`; under torchrun each process passes its rank and its node's restart count
+    (cli.py reads the env); a restart on any node resumes on all (distributed.process_group).
 
     Rank 0 writes RUN/config.json, metrics.jsonl, summary.json and checkpoints/ and calls `log`
     with one line per epoch. Raises UserError for bad input and for a diverged loss (naming the
@@ -96,13 +96,13 @@ def train(
             f"divide by the {world_size} processes; choose a multiple of {world_size}"
         )
     runtime = resolve_runtime(cfg, rank, world_size, local_rank, local_world_size)
-    with process_group(runtime, cfg.collective_timeout_s, restart_count):
+    with process_group(runtime, cfg.collective_timeout_s, restart_count) as restarts:
         return Trainer(
             cfg,
             runtime,
             log if rank == 0 and log else (lambda line: None),
             progress and rank == 0,
-            restart_count,
+            restarts,
         ).run()
 
 
@@ -124,7 +124,7 @@ class Trainer:
     log: Callable[[str], None]
     show_bar: bool
     main: bool  # rank 0: the one that writes
-    restart_count: int  # torchrun's restarts so far: > 0 resumes by itself
+    restart_count: int  # restarts so far, agreed by every rank: > 0 resumes by itself
     local_batch: int  # images per step in this process: placement.batch_share(cfg.batch_size)
     every_steps: int  # periodic checkpoints every this many steps (0: by time or none)
     every_s: float  # ... or every this many seconds

@@ -131,6 +131,40 @@ def still_running(starts: dict[int, int], within_s: float = 0.0) -> dict[int, st
     return found
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback address now (for a test's store or rendezvous)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the processes a torchrun started (children carrying RANK in their env)."""
+    from pathlib import Path
+
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent != launcher_pid:
+                continue
+            env = dict(
+                item.split("=", 1)
+                for item in (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in item
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
 class Launched:
     """A command started in its own process group (`launch`): on any exit from the `with` block,
     and on a timeout, the whole group (ranks, their loader workers) is killed, so a hung test

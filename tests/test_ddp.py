@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import TINY_CPU, without_timing
+from helpers import TINY_CPU, free_port, rank_pids, without_timing
 
 from fastalex.cli import main
 from fastalex.plot import read_metrics
@@ -91,37 +91,6 @@ def descendants(pid: int) -> list[int]:
     from helpers import descendants as below
 
     return below(pid)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def rank_pids(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the processes torchrun started (children carrying RANK in their env)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent != launcher_pid:
-                continue
-            env = dict(
-                item.split("=", 1)
-                for item in (entry / "environ").read_bytes().decode(errors="replace").split("\0")
-                if "=" in item
-            )
-        except (OSError, ValueError, IndexError):
-            continue
-        if "RANK" in env:
-            found[int(env["RANK"])] = int(entry.name)
-    return found
 
 
 @pytest.mark.slow
