@@ -113,6 +113,7 @@ def rank0_decides_slowly(rank: int, port: int, compute_s: float, fail: bool, res
             results[rank] = f"{type(e).__name__}: {e}"
 
 
+@pytest.mark.slow  # spawns two ranks
 @pytest.mark.parametrize("fail", [False, True])
 def test_ranks_wait_for_rank0s_probes_past_the_collective_timeout(fail):
     """Rank 0 decides for 4 s, twice the collective timeout: rank 1 waits (its own budget) and
