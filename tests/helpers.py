@@ -34,6 +34,7 @@ TINY_CPU = (
     "1",
 )
 TINY_RUN = (*TINY_CPU, "--batch-size", "32")  # ... at a small batch: what train_cli runs
+TINY_DDP = (*TINY_CPU, "--batch-size", "64")  # ... for two processes of 32 (torchrun_command)
 # metrics.jsonl keys that hold timings: everything else of a row is exact across runs.
 TIMING_KEYS = frozenset(
     {"epoch_s", "train_s", "eval_s", "images_per_s", "loader_wait_s", "loader_wait_pct", "timed_s"}
@@ -129,6 +130,26 @@ def still_running(starts: dict[int, int], within_s: float = 0.0) -> dict[int, st
         except OSError:
             continue
     return found
+
+
+def torchrun_command(
+    pack, out, *args, launcher=("--standalone", "--nproc_per_node", "2"), options=TINY_DDP
+) -> list:
+    """`torchrun LAUNCHER -m fastalex train PACK --out OUT OPTIONS ARGS` as this Python runs it."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launcher,
+        "-m",
+        "fastalex",
+        "train",
+        pack,
+        "--out",
+        out,
+        *options,
+        *args,
+    ]
 
 
 def free_port() -> int:

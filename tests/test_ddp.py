@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import TINY_CPU, free_port, rank_pids, without_timing
+from helpers import free_port, rank_pids, torchrun_command, without_timing
 
 import fastalex
 from fastalex.cli import main
 from fastalex.plot import read_metrics
 
-TINY = (*TINY_CPU, "--batch-size", "64")
 TIMEOUT_S = 240  # one torchrun of a few epochs takes ~20-40 s on the 2-core box
 
 
@@ -217,23 +216,6 @@ def straight_run(hue_pack, tmp_path_factory):
         stdout, stderr = job.communicate(TIMEOUT_S)
     assert job.returncode == 0, stdout + stderr
     return without_timing(read_metrics(out))
-
-
-def torchrun_command(pack, out, *args, launcher=("--standalone", "--nproc_per_node", "2")):
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *launcher,
-        "-m",
-        "fastalex",
-        "train",
-        pack,
-        "--out",
-        out,
-        *TINY,
-        *args,
-    ]
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -19,36 +18,16 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import TINY_CPU, torchrun_command, without_timing
 
 from fastalex.distributed import JOIN_PREFIX, from_rank0, join_generation, process_group
 from fastalex.errors import UserError
 from fastalex.plot import read_metrics
 from fastalex.runtime import Placement, Runtime
 
-TINY = ("--device", "cpu", "--batch-size", "64", "--loader-workers", "1", "--no-compile")
-RUN = (
-    *TINY,
-    "--amp",
-    "off",
-    "--loader",
-    "cpu",
-    "--epochs",
-    "2",
-)  # no probe: no cached figure either
-TIMING_KEYS = {
-    "epoch_s",
-    "train_s",
-    "eval_s",
-    "images_per_s",
-    "loader_wait_s",
-    "loader_wait_pct",
-    "timed_s",
-}
+# The tiny run on the cpu loader, 2 epochs: no probe, no cached figure either
+RUN = (*TINY_CPU, "--batch-size", "64", "--epochs", "2")
 WAIT_S = 150  # a bound on every wait of a two-node test (~60-90 s on the 2-core box)
-
-
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
 def join_all(port: int, world_size: int, first: int = 0) -> dict[int, int]:
@@ -138,29 +117,9 @@ class Node:
     """One torchrun launcher (a node) of a two-node run; its output drained by threads."""
 
     def __init__(self, launch, pack, out, port: int, *args):
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "2",
-            "--nproc-per-node",
-            "1",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            f"127.0.0.1:{port}",
-            "--max-restarts",
-            "2",
-            "-m",
-            "fastalex",
-            "train",
-            pack,
-            "--out",
-            out,
-            *RUN,
-            *args,
-        ]
+        launcher = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d")
+        launcher += ("--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "2")
+        command = torchrun_command(pack, out, *args, launcher=launcher, options=RUN)
         self.job = launch(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
         self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self.readers = [
@@ -253,8 +212,7 @@ def straight_rows(hue_pack, tmp_path_factory):
     from helpers import Launched
 
     out = tmp_path_factory.mktemp("straight") / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", "2", "-m", "fastalex", "train", hue_pack, "--out", out, *RUN]
+    command = torchrun_command(hue_pack, out, options=RUN)
     with Launched(command, env={**os.environ, "OMP_NUM_THREADS": "1"}) as job:
         stdout, stderr = job.communicate(WAIT_S)
     assert job.returncode == 0, stdout + stderr
