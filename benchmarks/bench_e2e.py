@@ -21,7 +21,14 @@ from __future__ import annotations
 import dataclasses
 
 from bench_data import Data, base_config, need
-from bench_model import EPOCH_IMAGES, MODEL_ROWS, build_step, describe_runtime, forget_compiled
+from bench_model import (
+    EPOCH_IMAGES,
+    MODEL_ROWS,
+    build_step,
+    describe_runtime,
+    forget_compiled,
+    skip_emulated_bf16,
+)
 from harness import Skip, Subject, endless, log, plural
 
 # The fixed configurations the `defaults` row is judged against: name -> TrainConfig fields.
@@ -82,6 +89,8 @@ def e2e_row(args, data: Data, name: str, size: int, device) -> Subject:
     else:
         if args.quick and FIXED_ROWS[name]["compile"]:
             raise Skip("compile skipped in --quick (compiling the step takes 35-60 s on 2 cores)")
+        if FIXED_ROWS[name]["amp"] == "bf16":
+            skip_emulated_bf16(device)
         cfg = base_config(args, data, size, batch_size=batch_size, **FIXED_ROWS[name])
     reference = name == "reference"
     # The reference's loader hands over normalised float32: its step runs the model's layers

@@ -894,3 +894,26 @@ def test_pack_scale_reports_images_per_s_memory_and_bytes_read_per_source_byte(t
     assert row["images"] == 10000 and row["images_per_s"] > 0 and row["peak_rss_mib"] > 0
     assert 1.0 < row["read_per_source_byte"] <= 1.2, row  # each row group read once
     assert row["machine"]["cpu"]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_rows_are_skipped_where_the_cpu_only_emulates_bf16(synth_pack, native_bf16, native):
+    """On a CPU without native bf16 the e2e group's bf16 rows and the model group's amp row skip
+    with the reason (an emulated bf16 window takes minutes there); with it they are built."""
+    native_bf16(native)
+    throughput = load_script("throughput")
+    bench_e2e, bench_model, harness = (
+        load_script(n) for n in ("bench_e2e", "bench_model", "harness")
+    )
+    args = throughput.parse_args(["--quick", "--device", "cpu"])
+    data = load_script("bench_data").Data(shards=synth_pack)
+    cpu = torch.device("cpu")
+    builders = [bench_e2e.rows(args, data, 64, cpu)["bf16-eager-cpu"]]
+    builders.append(lambda: bench_model.model_row(args, "amp", 64, cpu))
+    for build in builders:
+        if native:
+            subject = build()
+            getattr(subject, "close", lambda: None)()
+        else:
+            with pytest.raises(bench_model.Skip, match="no native bf16"):  # the scripts' Skip
+                build()
