@@ -168,3 +168,13 @@ def test_train_options_match_train_config_fields():
     # --config and --cache-dir (where a SHARDS URL is staged) say where things are, not settings
     assert sorted(names) == sorted(fields | {"config_path", "cache_dir"})
     assert len(names) == len(set(names))
+
+
+def test_every_command_that_reads_a_pack_takes_a_url_and_a_cache_dir():
+    """SHARDS may be a URL (staged into --cache-dir) wherever a command reads a pack."""
+    reads_a_pack = [
+        name for name, c in main.commands.items() if "shards" in {p.name for p in c.params}
+    ]
+    assert sorted(reads_a_pack) == ["doctor", "eval", "train", "verify"]
+    for name in reads_a_pack:
+        assert "cache_dir" in {p.name for p in main.commands[name].params}, name

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import click
 
-from fastalex.cli.options import config_options
+from fastalex.cli.options import config_options, shards_argument
 from fastalex.config import PackConfig, TrainConfig
 from fastalex.errors import UserError
 
 
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("shards", type=click.Path(path_type=Path))
+@shards_argument
 @click.option(
     "--json",
     "json_path",
