@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import torch
-from helpers import TINY_RUN, Launched
+from helpers import TINY_RUN, Launched, torchrun_command, without_timing
 
 from fastalex.config import PackConfig
 from fastalex.synth import synth
@@ -36,7 +36,7 @@ def own_probe_cache(tmp_path_factory, monkeypatch):
 
 
 # Fixtures that train a model while they are set up: a test using one trains.
-TRAINING_FIXTURES = {"checkpoint", "edited_checkpoint", "compiled_run"}
+TRAINING_FIXTURES = {"checkpoint", "edited_checkpoint", "compiled_run", "straight_ddp_rows"}
 ALLOWED_COMMANDS = {"git", "nvidia-smi", "g++", "gcc", "cc", "c++"}  # look-ups, a C++ compile
 
 
@@ -516,3 +516,18 @@ def without_fastalex(launch):
         return stdout
 
     return run
+
+
+@pytest.fixture(scope="session")
+def straight_ddp_rows(hue_pack, tmp_path_factory):
+    """metrics.jsonl rows, timings dropped, of an uninterrupted 2-process, 2-epoch run on the cpu
+    loader (one launcher, one thread a process as every torchrun of the tests): what each
+    restart test (test_ddp, test_distributed) must end with. Run once for the session."""
+    from fastalex.plot import read_metrics
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    command = torchrun_command(hue_pack, out, "--epochs", "2")
+    with Launched(command, env={**os.environ, "OMP_NUM_THREADS": "1"}) as job:
+        stdout, stderr = job.communicate(240)
+    assert job.returncode == 0, stdout + stderr
+    return without_timing(read_metrics(out))

@@ -206,21 +206,9 @@ def test_nccl_two_gpus_share_the_data_and_rank0_writes(hue_pack, tmp_path, launc
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
-@pytest.fixture(scope="module")
-def straight_run(hue_pack, tmp_path_factory):
-    """The rows of an uninterrupted 2-process, 2-epoch run on the cpu loader (one launcher)."""
-    from helpers import Launched  # the fixture `launch` is per test; this run is per module
-
-    out = tmp_path_factory.mktemp("straight") / "run"
-    with Launched(torchrun_command(hue_pack, out, "--loader", "cpu", "--epochs", "2")) as job:
-        stdout, stderr = job.communicate(TIMEOUT_S)
-    assert job.returncode == 0, stdout + stderr
-    return without_timing(read_metrics(out))
-
-
 @pytest.mark.slow
 def test_a_rank_killed_mid_epoch_restarts_and_gives_the_uninterrupted_rows(
-    hue_pack, tmp_path, launch, straight_run
+    hue_pack, tmp_path, launch, straight_ddp_rows
 ):
     """SIGKILL rank 1 after the checkpoint of step 2 (no chance to save): torchrun restarts both
     ranks, which resume by themselves from the newest checkpoint and finish the run. Nothing the
@@ -265,7 +253,7 @@ def test_a_rank_killed_mid_epoch_restarts_and_gives_the_uninterrupted_rows(
         sweep_stale_segments()
     assert job.returncode == 0, "".join(output)
     assert "resuming" in output[0], output[0]
-    assert without_timing(read_metrics(out)) == straight_run
+    assert without_timing(read_metrics(out)) == straight_ddp_rows
     assert not remaining, remaining
 
 
@@ -292,7 +280,7 @@ def read_while_running(launched, timeout: float):
 
 @pytest.mark.slow
 def test_two_launchers_of_one_process_equal_one_launcher_of_two(
-    hue_pack, tmp_path, launch, straight_run
+    hue_pack, tmp_path, launch, straight_ddp_rows
 ):
     """Multi-node on localhost: `torchrun --nnodes 2 --nproc_per_node 1` once per node."""
     port = free_port()
@@ -327,7 +315,7 @@ def test_two_launchers_of_one_process_equal_one_launcher_of_two(
     for job in jobs:
         stdout, stderr = job.communicate(TIMEOUT_S)
         assert job.returncode == 0, stdout + stderr
-    assert without_timing(read_metrics(out)) == straight_run
+    assert without_timing(read_metrics(out)) == straight_ddp_rows
 
 
 class ContractLoader:

@@ -206,22 +206,9 @@ def killed_once_its_agent_stops_it(pid: int, nodes) -> None:
     kill_with_its_workers(pid)
 
 
-@pytest.fixture(scope="module")
-def straight_rows(hue_pack, tmp_path_factory):
-    """The rows of an uninterrupted 2-process, 2-epoch run on the cpu loader (one launcher)."""
-    from helpers import Launched
-
-    out = tmp_path_factory.mktemp("straight") / "run"
-    command = torchrun_command(hue_pack, out, options=RUN)
-    with Launched(command, env={**os.environ, "OMP_NUM_THREADS": "1"}) as job:
-        stdout, stderr = job.communicate(WAIT_S)
-    assert job.returncode == 0, stdout + stderr
-    return without_timing(read_metrics(out))
-
-
 @pytest.mark.slow
 def test_a_node_whose_worker_is_killed_restarts_and_the_run_gives_the_uninterrupted_rows(
-    hue_pack, tmp_path, launch, straight_rows
+    hue_pack, tmp_path, launch, straight_ddp_rows
 ):
     """SIGKILL rank 1's worker after the checkpoint of step 2 while rank 0's is busy (stopped
     here: it sees no failure, as when it evaluates or writes): only rank 1's node counts a
@@ -237,12 +224,12 @@ def test_a_node_whose_worker_is_killed_restarts_and_the_run_gives_the_uninterrup
     output = "".join(n.text() + n.text("stderr") for n in nodes)
     assert codes == [0, 0], output
     assert "resuming" in output, output
-    assert without_timing(read_metrics(out)) == straight_rows
+    assert without_timing(read_metrics(out)) == straight_ddp_rows
 
 
 @pytest.mark.slow
 def test_a_silent_rank_is_named_within_the_collective_timeout_and_the_restart_resumes(
-    hue_pack, tmp_path, launch, straight_rows
+    hue_pack, tmp_path, launch, straight_ddp_rows
 ):
     """SIGSTOP rank 1's worker after the checkpoint of step 2: rank 0 stops within
     --collective-timeout-s naming the collective and rank 1; its node restarts (count 1), the
@@ -266,4 +253,4 @@ def test_a_silent_rank_is_named_within_the_collective_timeout_and_the_restart_re
     output = "".join(n.text() + n.text("stderr") for n in nodes)
     assert codes == [0, 0], output
     assert "resuming" in output, output
-    assert without_timing(read_metrics(out)) == straight_rows
+    assert without_timing(read_metrics(out)) == straight_ddp_rows
