@@ -78,7 +78,6 @@ class InferenceModel:
             None,
             self.card["image_size"],
             sizes,
-            compile_cpu=False,
         )
 
     def predict(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""augment.py: the random-resized-crop boxes and the resize, against their definition and DALI's
-operators, eager and compiled, and the train augmentation's statistics across backends."""
+"""augment.py: the random-resized-crop boxes and the torch resize (`resample`), against their
+definition and DALI's operators, and the train augmentation's statistics across backends. The
+OpenCV crop of the CPU device against `resample`: test_cvcrop.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from helpers import BACKENDS, make, ramp_crops
 
 from fastalex.config import TrainConfig
 from fastalex.loaders import augment
-from fastalex.loaders.augment import crop_resize, sample_crop_boxes
+from fastalex.loaders.augment import resample, sample_crop_boxes
 
 KS_C_001 = 1.95  # two-sample KS critical coefficient at alpha = 0.001: D > 1.95 sqrt((n+m)/nm)
 DEFAULT_SCALE, DEFAULT_RATIO = (0.35, 1.0), (3 / 4, 4 / 3)  # TrainConfig's crop_* defaults
@@ -162,7 +163,7 @@ def test_crop_resize_matches_dali_resize():
         pipe = resize()
         pipe.build()
         (dali,) = pipe.run()
-        ours = crop_resize(
+        ours = resample(
             torch.from_numpy(image)[None],
             torch.tensor([[x0, y0, w, h]], dtype=torch.float32),
             None,
@@ -197,24 +198,3 @@ def test_train_augmentation_statistics_agree(ramp_pack):
         # 1,200 crops: standard errors ~0.005 (area mean), ~0.0045 (log-ratio mean), 0.014 (flips).
         np.testing.assert_allclose(crop_summary(w, h), expected, atol=0.025, err_msg=backend)
         assert abs(flipped.mean() - 0.5) < 0.07, backend  # ~5 standard errors
-
-
-@pytest.mark.slow  # trains or starts processes
-@pytest.mark.parametrize("image_size", [64, 150])
-def test_compiled_and_eager_crop_resize_agree(image_size):
-    """The CPU fast path (inductor-compiled gathers) and the separable embedding_bag path give the
-    same pixels, smaller images on the canvas and flips included: before rounding they agree to
-    ~1e-5, so a rare value that close to a half rounds one grey level apart."""
-    generator = torch.Generator().manual_seed(3)
-    images = torch.randint(0, 256, (20, 40, 48, 3), dtype=torch.uint8, generator=generator)
-    sizes = torch.stack([torch.randint(20, 41, (20,)), torch.randint(20, 49, (20,))], dim=1)
-    boxes = sample_crop_boxes(sizes[:, 0], sizes[:, 1], (0.35, 1.0), (0.75, 4 / 3), generator)
-    flips = torch.rand(20, generator=generator) < 0.5
-    args = (images, boxes, flips, image_size, sizes)
-    fast, eager = crop_resize(*args), crop_resize(*args, compile_cpu=False)
-    for path in (augment.compiled_taps, augment.compiled_bilinear):  # both really ran
-        assert path.compiled not in (None, False)
-    assert fast.is_contiguous(memory_format=torch.channels_last)
-    assert fast.dtype == eager.dtype == torch.uint8
-    gap = (fast.int() - eager.int()).abs()
-    assert gap.max() <= 1 and (gap > 0).float().mean() < 1e-4

@@ -17,13 +17,16 @@ def test_the_shared_memory_ring_shrinks_to_fit_or_names_the_fix(coded_pack, monk
     from fastalex.loaders import cpu
 
     monkeypatch.setattr("fastalex.loaders.contract.default_workers", lambda: 8)
-    batch_bytes = 10 * 24 * 24 * 3  # batch 10 of coded_pack's largest (24 x 24) images
+    # a batch of 10 images cropped to 32 px in the workers: the CPU device's ring holds those
+    batch_bytes = 10 * 32 * 32 * 3
     # room for (prefetch 2 * 3 workers + 2) = 8 slots of each of 2 ranks' train rings
     monkeypatch.setattr(
         cpu, "free_shared_memory", lambda: int(8 * batch_bytes * 2 * 2 / cpu.SHM_HEADROOM) + 1
     )
     two_ranks = Placement(CPU, 0, 2, local_world_size=2)
-    cfg = TrainConfig(shards=str(coded_pack.path), loader="cpu", batch_size=20, decode="processes")
+    cfg = TrainConfig(
+        shards=str(coded_pack.path), loader="cpu", batch_size=20, decode="processes", image_size=32
+    )
     assert cpu.fit_ring(cfg, two_ranks, batch_bytes, train=True) == 3  # 4 would not fit
     loader = build_loader(cfg, "train", two_ranks)
     assert loader._loader.num_workers == 3

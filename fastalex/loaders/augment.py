@@ -1,8 +1,9 @@
 """Batched augmentation on the device: DALI-equivalent random-resized-crop boxes, and one
 crop + resize + flip op over a uint8 NHWC batch.
 
-Imports torch only (no DALI, no shard code), so every backend uses it. Every function takes tensors
-on any device and works there, with no host sync except where marked. Contract: (N, H, W, 3) uint8
+Imports torch, and cvcrop.py (numpy; OpenCV on first use) for the CPU; no DALI, no shard code, so
+every backend uses it. Every function takes tensors on any device and works there, with no host
+sync except where marked. Contract: (N, H, W, 3) uint8
 images top-left on a canvas, with (N, 2) sizes -> (N, 3, S, S) uint8 channels_last, each resized
 value rounded to the nearest integer (ties to even); the model normalises (model.py).
 Crop boxes follow DALI 2.4's RandomCropGenerator; the resize is DALI's antialiased linear ROI
@@ -13,11 +14,12 @@ docs/loaders.md.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from fastalex.loaders.cvcrop import crop_batch
 
 CROP_ATTEMPTS = 10  # DALI's RandomCropGenerator default num_attempts
 DRAWS_PER_SAMPLE = 1 + 4 * CROP_ATTEMPTS  # uniforms per sample in Augment.draw: flip, crop tries
@@ -150,63 +152,10 @@ def box_taps(
     return col_index, col_weight, row_index, row_weight
 
 
-def bilinear_passes(
-    images: torch.Tensor,
-    col_index: torch.Tensor,
-    col_weight: torch.Tensor,
-    row_index: torch.Tensor,
-    row_weight: torch.Tensor,
-) -> torch.Tensor:
-    """The two 2-tap passes of crop_resize written as gathers, for inductor to fuse on the CPU:
-    width pass, height pass and rounding become two loops with no transposes.
-    (N, H, W, 3) uint8 -> (N, S, S, 3) uint8; taps as resample_taps returns them (K = 2)."""
-    n, height = images.shape[:2]
-    batch = torch.arange(n, device=images.device)
-    source = images.float()  # (N, H, W, 3)
-    image_rows = torch.arange(height, device=images.device)[None, :, None]
-    left = source[batch[:, None, None], image_rows, col_index[:, None, :, 0]]  # (N, H, S, 3)
-    right = source[batch[:, None, None], image_rows, col_index[:, None, :, 1]]
-    rows = left * col_weight[:, None, :, 0, None] + right * col_weight[:, None, :, 1, None]
-    top = rows[batch[:, None], row_index[:, :, 0]]  # (N, S, S, 3)
-    bottom = rows[batch[:, None], row_index[:, :, 1]]
-    return to_pixels(
-        top * row_weight[:, :, 0, None, None] + bottom * row_weight[:, :, 1, None, None]
-    )
-
-
 def to_pixels(values: torch.Tensor) -> torch.Tensor:
     """Resampled float values (0..255 up to float error) -> uint8, rounded to nearest, ties to
     even (torch.round; CUDA's and DALI's float -> uint8 conversion round to nearest too)."""
     return values.round().clamp(0, 255).to(torch.uint8)
-
-
-class CompiledOnCpu:
-    """`fn` compiled by inductor on first call (dynamic in the batch size: one compile per set of
-    other shapes), or None where torch.compile cannot build it (no compiler...): the caller then
-    runs its eager path. Host ints among the arguments are constants of the compiled graph."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled = None  # the compiled function once built; False once a compile failed
-
-    def __call__(self, *args):
-        if self.compiled is False:
-            return None
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=False)
-        for arg in args:
-            if isinstance(arg, torch.Tensor) and arg.dim():
-                torch._dynamo.maybe_mark_dynamic(arg, 0)
-        try:
-            return self.compiled(*args)
-        except Exception as error:  # any compiler failure: fall back, once and for all
-            warnings.warn(f"crop_resize: torch.compile failed ({error!r:.200}); running eagerly")
-            self.compiled = False
-            return None
-
-
-compiled_taps = CompiledOnCpu(box_taps)  # ~2x the eager small ops (docs/loaders.md)
-compiled_bilinear = CompiledOnCpu(bilinear_passes)
 
 
 def crop_resize(
@@ -215,19 +164,41 @@ def crop_resize(
     flips: torch.Tensor | None,
     out_px: int,
     sizes: torch.Tensor | None = None,
-    compile_cpu: bool = True,
 ) -> torch.Tensor:
     """Crop each box, resize it to out_px x out_px, mirror where `flips`, round to uint8.
 
     images: (N, H, W, 3) uint8, images placed top-left on an H x W canvas; boxes: (N, 4) float
     (x0, y0, w, h) in pixels; flips: (N,) bool or None; sizes: (N, 2) (height, width) of each image
     on the canvas (None = the whole canvas), where the border is replicated. Returns
-    (N, 3, out_px, out_px) uint8, channels_last, on images.device (`to_pixels` rounding).
-    On the CPU, a batch that is only upsampled or copied 1:1 (2 taps per pass) runs through
-    `compiled_taps` and `compiled_bilinear` unless `compile_cpu` is False; before rounding the
-    two paths agree to ~1e-5, so a value that close to a half rounds apart, one grey level, in a
-    few pixels per million.
+    (N, 3, out_px, out_px) uint8, channels_last, on images.device. On the CPU through OpenCV
+    (cvcrop.py: one crop thread per torch intra-op thread), elsewhere `resample` on the device.
     """
+    if images.device.type != "cpu":
+        return resample(images, boxes, flips, out_px, sizes)
+    n, canvas_h, canvas_w, _ = images.shape
+    if sizes is None:
+        sizes = torch.tensor([canvas_h, canvas_w], dtype=torch.int32).expand(n, 2)
+    out = torch.empty((n, out_px, out_px, 3), dtype=torch.uint8)
+    crop_batch(
+        out.numpy(),
+        images.contiguous().numpy(),
+        sizes.numpy(),
+        boxes.numpy(),
+        None if flips is None else flips.numpy(),
+        torch.get_num_threads(),
+    )
+    return out.permute(0, 3, 1, 2)  # (N, 3, S, S) channels_last
+
+
+def resample(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    flips: torch.Tensor | None,
+    out_px: int,
+    sizes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """crop_resize in torch ops on images.device (CUDA's path, and the CPU's reference): the
+    separable antialiased linear resize DALI's ROI resize does, rounded by `to_pixels`."""
     n, canvas_h, canvas_w, channels = images.shape
     device = images.device
     boxes = boxes.to(device=device, dtype=torch.float32)
@@ -238,14 +209,6 @@ def crop_resize(
         heights, widths = sizes.to(device).unbind(1)
     flips = None if flips is None else flips.to(device)
     canvas = (canvas_h, canvas_w)
-    two_taps = tap_count(canvas_w, out_px) == tap_count(canvas_h, out_px) == 2
-    if compile_cpu and device.type == "cpu" and two_taps:
-        # No flips as all-False flips: val reuses train's graph (equal taps; a compile saved).
-        unflipped = torch.zeros(n, dtype=torch.bool) if flips is None else flips
-        taps = compiled_taps(boxes, unflipped, heights, widths, out_px, canvas)
-        out = None if taps is None else compiled_bilinear(images, *taps)
-        if out is not None:
-            return out.contiguous().permute(0, 3, 1, 2)  # (N, 3, S, S) channels_last
     col_index, col_weight, row_index, row_weight = box_taps(  # (N, S, K) each
         boxes, flips, heights, widths, out_px, canvas
     )
@@ -299,18 +262,41 @@ class Augment:
         offset: int = 0,
         total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, 4) crop boxes and (N,) flips (None for val), drawn on the generator's device.
+        """(N, 4) crop boxes and (N,) flips (None for val), drawn on the generator's device:
+        `boxes` of `uniforms(N, ...)`."""
+        uniforms = self.uniforms(len(heights), generator, offset, total, heights.device)
+        return self.boxes(heights, widths, uniforms)
 
-        The generator draws DRAWS_PER_SAMPLE uniforms for each of `total` samples (default N) and
-        this batch takes rows [offset, offset + N): a rank's slice of a global batch then gets
-        the draws the whole global batch would give those positions."""
+    def uniforms(
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        offset: int = 0,
+        total: int | None = None,
+        device: torch.device | None = None,
+    ) -> torch.Tensor | None:
+        """(n, DRAWS_PER_SAMPLE) float32 uniforms of n samples (None for val). The generator draws
+        them for each of `total` samples (default n) and this batch takes rows [offset, offset +
+        n): a rank's slice of a global batch then gets the draws the whole global batch would
+        give those positions. Drawn before decoding: a sample's row depends on its position only,
+        so a decode worker can turn its rows into boxes once it knows the images' sizes."""
         if not self.train:
+            return None
+        total = n if total is None else total
+        if device is None and generator is not None:
+            device = generator.device
+        return torch.rand((total, DRAWS_PER_SAMPLE), generator=generator, device=device)[
+            offset : offset + n
+        ]
+
+    def boxes(
+        self, heights: torch.Tensor, widths: torch.Tensor, uniforms: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, 4) crop boxes and (N,) flips of images of these sizes from their `uniforms` rows;
+        val (uniforms None): the whole images, no flips."""
+        if uniforms is None:
             return full_boxes(heights, widths), None
         n = len(heights)
-        total = n if total is None else total
-        uniforms = torch.rand(
-            (total, DRAWS_PER_SAMPLE), generator=generator, device=heights.device
-        )[offset : offset + n]
         draws = uniforms[:, 1:].reshape(n, 4, CROP_ATTEMPTS).transpose(0, 1)
         boxes = sample_crop_boxes(heights, widths, self.crop_scale, self.crop_ratio, draws=draws)
         return boxes, uniforms[:, 0] < 0.5

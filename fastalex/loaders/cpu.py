@@ -1,10 +1,12 @@
 """The `cpu` backend: pure PyTorch + simplejpeg over the shards, and the correctness reference.
 
-Imports torch, numpy, decode.py, augment.py and host.py; never DALI. Works on any device. Decoding
+Imports torch, numpy, decode.py and augment.py; never DALI. Works on any device. Decoding
 (cfg.decode): worker processes (a persistent torch DataLoader, one batch of sample ids per task)
-into a ring of uint8 canvases in shared memory, or threads of this process (decode.ThreadDecoder)
-into a ring of canvases in its own (CUDA: pinned) memory. The main process copies a canvas to the
-device and augments it there (augment.py: crop + resize + flip in one batched op, uint8 out).
+into a ring in shared memory, or threads of this process (decode.ThreadDecoder) into a ring in its
+own (CUDA: pinned) memory. On the CPU device the workers (or threads) also crop, resize and flip
+each image through OpenCV (cvcrop.py), so the ring holds finished uint8 batches and the main
+process copies one out; on CUDA the ring holds canvases, which the main process copies to the
+device and augments there (augment.py: one batched op, uint8 out).
 Reasons and measurements: docs/loaders.md.
 """
 
@@ -86,13 +88,17 @@ def keep_as_is(task_result):
 
 
 class _EpochBatches(torch.utils.data.Sampler):
-    """The current epoch's tasks, (number, ids); CpuLoader sets them before each pass."""
+    """The current epoch's tasks, (number, ids, uniforms), made as the DataLoader dispatches them;
+    CpuLoader sets `batches` and `draws` (batch number -> its uniforms or None) before each
+    pass."""
 
     def __init__(self):
         self.batches: list[np.ndarray] = []
+        self.draws = lambda number: None
 
     def __iter__(self):
-        return iter(enumerate(self.batches))
+        for number, ids in enumerate(self.batches):
+            yield number, ids, self.draws(number)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -120,7 +126,11 @@ class CpuLoader(BaseLoader):
         super().__init__(cfg, split, manifest, placement, first_epoch, skip_samples)
         self.table = SampleTable(Path(cfg.shards), manifest, split, cfg.image_size)
         height, width = self.table.canvas_px
-        batch_bytes = self.batch_size * height * width * 3
+        # On the CPU device the decode workers (or threads) crop too, through OpenCV: the ring
+        # then holds finished (S, S) batches and the main process only copies one out.
+        self.cropped = self.device.type == "cpu"
+        side = (cfg.image_size, cfg.image_size) if self.cropped else (height, width)
+        batch_bytes = self.batch_size * side[0] * side[1] * 3
         self.decode, why = cfg.decode, ""
         if self.decode == "auto":
             self.decode, why = AUTO_DECODE, " (auto)"
@@ -135,18 +145,25 @@ class CpuLoader(BaseLoader):
             self._start_threads(cfg, placement, height, width)
         else:
             self._start_processes(cfg, placement, workers, height, width)
+        if self.cropped:
+            self.summary += f", cropping to {cfg.image_size} px there (OpenCV)"
         self.summary += why
 
     def _start_threads(self, cfg: TrainConfig, placement: Placement, height: int, width: int):
         """Decode threads and a ring of prefetch + 1 canvases: while the step uses one, the
         threads fill the next `prefetch`."""
         threads = loader_workers(cfg, placement)
-        self.threads = ThreadDecoder(self.table, threads)
+        self.threads = ThreadDecoder(self.table, threads, self.augment if self.cropped else None)
         slots = cfg.prefetch + 1
         pinned = self.device.type == "cuda"  # copied to the device straight from the ring
         self.canvases = torch.empty(
             (slots, self.batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pinned
         )
+        side = cfg.image_size
+        # The threads crop each canvas into the same slot here (the CPU device only).
+        self.outputs = torch.empty((slots, self.batch_size, side, side, 3), dtype=torch.uint8)
+        if not self.cropped:
+            self.outputs = None
         self._copied: list[torch.cuda.Event | None] = [None] * slots  # CUDA: slot's copy done
         self._pending: deque = deque()  # (slot, futures) of the batches started, oldest first
         self.summary = (
@@ -159,15 +176,21 @@ class CpuLoader(BaseLoader):
         """Decode worker processes and their ring in shared memory."""
         slots = ring_slots(workers, cfg.prefetch)
         self.run = run_label(cfg.out)
-        self.ring = SharedSegment(self.run, (slots, self.batch_size, height, width, 3))
+        side = (cfg.image_size, cfg.image_size) if self.cropped else (height, width)
+        self.ring = SharedSegment(self.run, (slots, self.batch_size, *side, 3))
         self.canvases = torch.from_numpy(map_segment(self.ring.path, self.ring.shape))
+        self.outputs = self.canvases if self.cropped else None  # the workers' finished batches
         self.summary = (
             f"cpu: {workers} decode workers, {height} x {width} canvases, "
             f"{slots}-batch shared-memory ring {self.ring.path.name}"
         )
         self._tasks = _EpochBatches()
         self._loader = DataLoader(
-            ShardDecoder(self.table, (str(self.ring.path), self.ring.shape)),
+            ShardDecoder(
+                self.table,
+                (str(self.ring.path), self.ring.shape),
+                self.augment if self.cropped else None,
+            ),
             batch_size=None,  # each task is a whole batch
             sampler=self._tasks,
             collate_fn=keep_as_is,
@@ -190,12 +213,25 @@ class CpuLoader(BaseLoader):
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         return epoch, [None] * len(batches), batches
 
+    def uniforms(self, epoch: int, step: int | None, n: int) -> np.ndarray | None:
+        """The augmentation draws of this rank's n samples of global step `step` (train), for
+        workers that crop; None where they do not (val, or the crop runs on the device)."""
+        if step is None or not self.cropped:
+            return None
+        generator = self.step_generator(epoch, step)
+        offset = self.rank * self.batch_size
+        return self.augment.uniforms(n, generator, offset, self.global_batch).numpy()
+
     def __iter__(self):
         epoch, steps, batches = self.plan_pass()
+
+        def draws(number: int) -> np.ndarray | None:
+            return self.uniforms(epoch, steps[number], len(batches[number]))
+
         if self.decode == "threads":
-            decoded = self._decoded_in_threads(batches)
+            decoded = self._decoded_in_threads(batches, draws)
         else:
-            self._tasks.batches = batches
+            self._tasks.batches, self._tasks.draws = batches, draws
             with semaphores_named(self.run):  # the workers' queues, on the first pass
                 decoded = iter(self._loader)
         try:
@@ -208,10 +244,14 @@ class CpuLoader(BaseLoader):
         for step, ids in zip(steps, batches):
             try:
                 slot, sizes = next(decoded)
-                images = self.canvases[slot, : len(ids)]  # (N, H, W, 3) uint8, read in place
                 labels = self.table.labels[ids]
-                generator = None if step is None else self.step_generator(epoch, step)
-                with one_thread_on_cpu(self.device):
+                if self.cropped:  # (N, S, S, 3) finished: copied out, since the slot is reused
+                    with one_thread_on_cpu(self.device):  # no idle OpenMP threads spinning after
+                        images = self.outputs[slot, : len(ids)].clone()
+                    batch = Batch(images.permute(0, 3, 1, 2), labels)  # channels_last
+                else:
+                    images = self.canvases[slot, : len(ids)]  # (N, H, W, 3) uint8, in place
+                    generator = None if step is None else self.step_generator(epoch, step)
                     batch = self._augment(images, torch.from_numpy(sizes), labels, generator)
                 if self.decode == "threads" and self.device.type == "cuda":
                     self._copied[slot] = torch.cuda.Event()
@@ -226,8 +266,9 @@ class CpuLoader(BaseLoader):
                 ) from error
             yield batch
 
-    def _decoded_in_threads(self, batches: list[np.ndarray]):
-        """(slot, (N, 2) sizes) of each batch in turn, the threads `prefetch` batches ahead.
+    def _decoded_in_threads(self, batches: list[np.ndarray], draws):
+        """(slot, (N, 2) sizes, or None once cropped) of each batch in turn, the threads
+        `prefetch` batches ahead (`draws`: batch number -> its uniforms, as the workers get).
         Batch i goes to slot i % slots; it is started once batch i - 1 was handed over (and, on
         CUDA, its copy out of that slot has run), so no slot is written while it is read."""
         slots = len(self.canvases)
@@ -239,7 +280,10 @@ class CpuLoader(BaseLoader):
             if self._copied[slot] is not None:
                 self._copied[slot].synchronize()  # CUDA sync point: only if the copy still runs
                 self._copied[slot] = None
-            futures = self.threads.submit(self.canvases[slot].numpy(), batches[number])
+            out = None if self.outputs is None else self.outputs[slot].numpy()
+            futures = self.threads.submit(
+                self.canvases[slot].numpy(), batches[number], out, draws(number)
+            )
             pending.append((slot, futures))
 
         try:
@@ -264,18 +308,18 @@ class CpuLoader(BaseLoader):
         labels: torch.Tensor,
         generator: torch.Generator | None,
     ) -> Batch:
+        """The device's crop (CUDA): the canvases copied over and augmented there."""
         boxes, flips = self.augment.draw(  # on the CPU: this rank's slice of the global batch
             sizes[:, 0], sizes[:, 1], generator, self.rank * self.batch_size, self.global_batch
         )
         sizes = ragged_sizes(sizes, images.shape[1:3])
-        if self.device.type == "cuda":
-            # A process ring's slot is copied into pinned memory (then free); a thread ring is
-            # pinned already (pin_memory returns it) and guarded by _copied.
-            images = images.pin_memory().to(self.device, non_blocking=True)
-            boxes = boxes.pin_memory().to(self.device, non_blocking=True)
-            flips = None if flips is None else flips.pin_memory().to(self.device, non_blocking=True)
-            sizes = None if sizes is None else sizes.pin_memory().to(self.device, non_blocking=True)
-            labels = labels.pin_memory().to(self.device, non_blocking=True)
+        # A process ring's slot is copied into pinned memory (then free); a thread ring is pinned
+        # already (pin_memory returns it) and guarded by _copied.
+        images = images.pin_memory().to(self.device, non_blocking=True)
+        boxes = boxes.pin_memory().to(self.device, non_blocking=True)
+        flips = None if flips is None else flips.pin_memory().to(self.device, non_blocking=True)
+        sizes = None if sizes is None else sizes.pin_memory().to(self.device, non_blocking=True)
+        labels = labels.pin_memory().to(self.device, non_blocking=True)
         out = self.augment.apply(images, boxes, flips, sizes)  # (N, 3, S, S) u8 channels_last
         return Batch(out, labels)
 

@@ -1,7 +1,8 @@
 """Where a split's samples lie in its shards, and decoding them onto a bounded canvas.
 
-Imports numpy, torch, simplejpeg (Pillow as a fallback) and the shard format; never a backend.
-Used by the `cpu` loader (in its decode worker processes, or its threads: `ThreadDecoder`) and the
+Imports numpy, torch, simplejpeg (Pillow as a fallback), the shard format, augment.py (the crop
+boxes) and cvcrop.py (the crop on the CPU); never a backend. Used by the `cpu` loader (in its
+decode worker processes, or its threads: `ThreadDecoder`; on the CPU device they crop too) and the
 `resident` loader (its one-off decode).
 Contract: images are uint8 (N, H, W, 3), each top-left on an H x W canvas (``loaders.canvas_px``),
 with its (height, width); an image larger than the canvas is scaled down to fit as it is decoded.
@@ -21,7 +22,9 @@ import torch
 from PIL import Image
 
 from fastalex.errors import UserError
+from fastalex.loaders.augment import Augment
 from fastalex.loaders.contract import canvas_px
+from fastalex.loaders.cvcrop import crop_into
 from fastalex.loaders.shm import map_segment
 from fastalex.shards import ASCII_ZERO, LABEL_DIGITS, Manifest, read_index
 
@@ -77,17 +80,26 @@ class SampleTable:
 class ShardDecoder(torch.utils.data.Dataset):
     """Decodes one batch of samples per task, in a worker process.
 
-    With `ring` ((path, shape) of a shared-memory segment of (slots, batch, H, W, 3) uint8: the
-    `cpu` loader's ring): a task is (batch number, sample ids), decoded into slot
-    ``number % slots``, which the main process then reads in place; the task returns (slot,
-    sizes). Without: a task is the sample ids and returns (images, sizes) as fresh tensors (for
-    one-off decoding, e.g. the `resident` loader's).
+    With `ring` ((path, shape) of a shared-memory segment: the `cpu` loader's ring): a task is
+    (batch number, sample ids, uniforms), written into slot ``number % slots``, which the main
+    process then reads in place; the task returns (slot, sizes). Without `augment` the slots are
+    (batch, H, W, 3) canvases and the images are decoded onto them; with it (the CPU device) the
+    slots are (batch, S, S, 3) and each image is decoded onto this process's own canvas, then
+    cropped, resized and flipped into the slot by `crop_into` (its uniforms: Augment.uniforms'
+    rows of the batch, None for val; sizes then None). Without a ring: a task is the sample ids
+    and returns (images, sizes) as fresh tensors (for one-off decoding, e.g. the `resident`
+    loader's).
 
     images: (N, H, W, 3) uint8, each image top-left on the H x W canvas; sizes: (N, 2) int32
     (height, width) of each image (a numpy array in ring mode).
     """
 
-    def __init__(self, table: SampleTable, ring: tuple[str, tuple[int, ...]] | None = None):
+    def __init__(
+        self,
+        table: SampleTable,
+        ring: tuple[str, tuple[int, ...]] | None = None,
+        augment: Augment | None = None,
+    ):
         self.paths = table.paths
         self.shard_ids = table.shard_ids
         self.offsets = table.offsets
@@ -95,11 +107,13 @@ class ShardDecoder(torch.utils.data.Dataset):
         self.canvas_px = table.canvas_px
         self.may_exceed = table.may_exceed
         self.ring = ring
+        self.augment = augment
         self._maps: list[memoryview] | None = None  # opened in the worker, never pickled
         self._canvases: np.ndarray | None = None  # the ring, mapped in the worker
+        self._scratch: np.ndarray | None = None  # this worker's canvas, when it crops
 
     def __getstate__(self):
-        return {**self.__dict__, "_maps": None, "_canvases": None}
+        return {**self.__dict__, "_maps": None, "_canvases": None, "_scratch": None}
 
     def __getitem__(self, task):
         if self.ring is None:
@@ -107,9 +121,27 @@ class ShardDecoder(torch.utils.data.Dataset):
             return images, torch.from_numpy(self.decode_into(images.numpy(), task))
         if self._canvases is None:
             self._canvases = map_segment(*self.ring)
-        number, ids = task
+        number, ids, uniforms = task
         slot = number % len(self._canvases)
-        return slot, self.decode_into(self._canvases[slot], ids)
+        if self.augment is None:
+            return slot, self.decode_into(self._canvases[slot], ids)
+        if self._scratch is None:
+            self._scratch = np.empty((len(self._canvases[slot]), *self.canvas_px, 3), np.uint8)
+        self.decode_crop_into(self._canvases[slot], self._scratch, ids, uniforms)
+        return slot, None
+
+    def decode_crop_into(
+        self, out: np.ndarray, canvas: np.ndarray, ids: np.ndarray, uniforms: np.ndarray | None
+    ) -> None:
+        """Decode samples `ids` onto canvas[:len(ids)], then write each one's crop (its box and
+        flip from its `uniforms` row, by self.augment) resized into out[:len(ids)]."""
+        hw = self.decode_into(canvas, ids)
+        sizes = torch.from_numpy(hw)
+        rows = None if uniforms is None else torch.from_numpy(uniforms)
+        boxes, flips = self.augment.boxes(sizes[:, 0], sizes[:, 1], rows)
+        n = len(ids)
+        flips = None if flips is None else flips.numpy()
+        crop_into(out[:n], canvas[:n], hw, boxes.numpy(), flips)
 
     def open_shards(self) -> None:
         """Map every shard read-only (once per process: a worker's first task, or before threads
@@ -180,25 +212,39 @@ class ThreadDecoder:
     of `decode_into` (simplejpeg releases the GIL while it decodes). No process, no shared
     memory, no copy."""
 
-    def __init__(self, table: SampleTable, threads: int):
-        self.decoder = ShardDecoder(table)
+    def __init__(self, table: SampleTable, threads: int, augment: Augment | None = None):
+        self.decoder = ShardDecoder(table, augment=augment)
         self.decoder.open_shards()  # before the threads share it
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="fastalex-decode")
 
-    def submit(self, pixels: np.ndarray, ids: np.ndarray) -> list[Future]:
-        """Start decoding samples `ids` into pixels[:len(ids)]; the chunks' futures, for
-        `result`."""
+    def submit(
+        self,
+        pixels: np.ndarray,
+        ids: np.ndarray,
+        out: np.ndarray | None = None,
+        uniforms: np.ndarray | None = None,
+    ) -> list[Future]:
+        """Start decoding samples `ids` into pixels[:len(ids)] (with `out`: then cropping them
+        into it, as ShardDecoder.decode_crop_into); the chunks' futures, for `result`."""
         bounds = np.linspace(0, len(ids), min(self.threads, len(ids)) + 1).astype(int)
-        return [
-            self.pool.submit(self.decoder.decode_into, pixels[start:stop], ids[start:stop])
-            for start, stop in zip(bounds[:-1], bounds[1:])
-        ]
+        futures = []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            part = slice(start, stop)
+            if out is None:
+                work = (self.decoder.decode_into, pixels[part], ids[part])
+            else:
+                draws = None if uniforms is None else uniforms[part]
+                work = (self.decoder.decode_crop_into, out[part], pixels[part], ids[part], draws)
+            futures.append(self.pool.submit(*work))
+        return futures
 
     @staticmethod
-    def result(futures: list[Future]) -> np.ndarray:
-        """(N, 2) int32 (h, w) once every chunk is decoded; a chunk's error raised here."""
-        return np.concatenate([future.result() for future in futures])
+    def result(futures: list[Future]) -> np.ndarray | None:
+        """(N, 2) int32 (h, w) once every chunk is decoded (None once cropped); a chunk's error
+        raised here."""
+        parts = [future.result() for future in futures]
+        return None if parts[0] is None else np.concatenate(parts)
 
     @staticmethod
     def cancel(futures: list[Future]) -> None:
