@@ -101,16 +101,18 @@ def test_downscaling_crops_are_within_one_grey_level_but_at_the_outermost_pixels
     assert (difference > 1).float().mean() < 0.02
 
 
-def test_chunks_in_threads_equal_one_call():
-    """crop_batch's threads write the same pixels as one crop_into over the whole batch."""
-    images = photo_like(33, 64, 7)
+def test_chunks_in_threads_reading_rows_in_place_equal_one_call_on_a_gathered_batch():
+    """crop_batch's threads, reading rows of a held split in place (resident's CPU path), write
+    the same pixels as one crop_into over those rows gathered first."""
+    held = photo_like(40, 64, 7)
+    rows = torch.randperm(40, generator=torch.Generator().manual_seed(8))[:33]
     sizes = ragged(33, 64, 64, 8)
-    boxes, flips = crops(images, sizes, 64, 9)
-    args = (images.numpy(), sizes.numpy(), boxes.numpy(), flips.numpy())
+    boxes, flips = crops(held[rows], sizes, 64, 9)
+    args = (sizes.numpy(), boxes.numpy(), flips.numpy())
     one = np.empty((33, 64, 64, 3), np.uint8)
-    cvcrop.crop_into(one, *args)
+    cvcrop.crop_into(one, held[rows].numpy(), *args)
     chunked = np.empty_like(one)
-    cvcrop.crop_batch(chunked, *args, threads=3)
+    cvcrop.crop_batch(chunked, held.numpy(), *args, rows.numpy(), threads=3)
     np.testing.assert_array_equal(chunked, one)
 
 

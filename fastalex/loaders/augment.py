@@ -164,20 +164,25 @@ def crop_resize(
     flips: torch.Tensor | None,
     out_px: int,
     sizes: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Crop each box, resize it to out_px x out_px, mirror where `flips`, round to uint8.
 
-    images: (N, H, W, 3) uint8, images placed top-left on an H x W canvas; boxes: (N, 4) float
-    (x0, y0, w, h) in pixels; flips: (N,) bool or None; sizes: (N, 2) (height, width) of each image
-    on the canvas (None = the whole canvas), where the border is replicated. Returns
-    (N, 3, out_px, out_px) uint8, channels_last, on images.device. On the CPU through OpenCV
-    (cvcrop.py: one crop thread per torch intra-op thread), elsewhere `resample` on the device.
+    images: (M, H, W, 3) uint8, images placed top-left on an H x W canvas, of which `rows` ((N,)
+    int64) are the batch's (None: all of them, M = N); boxes: (N, 4) float (x0, y0, w, h) in
+    pixels; flips: (N,) bool or None; sizes: (N, 2) (height, width) of each image on the canvas
+    (None = the whole canvas), where the border is replicated. Returns (N, 3, out_px, out_px)
+    uint8, channels_last, on images.device. On the CPU through OpenCV and Pillow (cvcrop.py) in
+    `threads` threads (default: torch's intra-op thread count), elsewhere `resample` there.
     """
     if images.device.type != "cpu":
+        if rows is not None:
+            images = images.index_select(0, rows)  # whole rows copied: 10x images[rows]
         return resample(images, boxes, flips, out_px, sizes)
-    n, canvas_h, canvas_w, _ = images.shape
+    n = len(boxes)
     if sizes is None:
-        sizes = torch.tensor([canvas_h, canvas_w], dtype=torch.int32).expand(n, 2)
+        sizes = torch.tensor(images.shape[1:3], dtype=torch.int32).expand(n, 2)
     out = torch.empty((n, out_px, out_px, 3), dtype=torch.uint8)
     crop_batch(
         out.numpy(),
@@ -185,7 +190,8 @@ def crop_resize(
         sizes.numpy(),
         boxes.numpy(),
         None if flips is None else flips.numpy(),
-        torch.get_num_threads(),
+        None if rows is None else rows.numpy(),
+        threads or torch.get_num_threads(),
     )
     return out.permute(0, 3, 1, 2)  # (N, 3, S, S) channels_last
 
@@ -307,9 +313,12 @@ class Augment:
         boxes: torch.Tensor,
         flips: torch.Tensor | None,
         sizes: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        threads: int | None = None,
     ) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> (N, 3, S, S) uint8 channels_last; sizes as crop_resize takes."""
-        return crop_resize(images, boxes, flips, self.image_size, sizes)
+        """(M, H, W, 3) uint8 -> (N, 3, S, S) uint8 channels_last; sizes, rows and threads as
+        crop_resize takes them."""
+        return crop_resize(images, boxes, flips, self.image_size, sizes, rows, threads)
 
 
 def ragged_sizes(sizes: torch.Tensor, canvas_px: tuple[int, int]) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ from fastalex.loaders.augment import ragged_sizes
 from fastalex.loaders.base import BaseLoader, epoch_order
 from fastalex.loaders.contract import Batch, Placement, loader_workers
 from fastalex.loaders.decode import SampleTable, ShardDecoder
+from fastalex.loaders.host import one_thread_on_cpu
 from fastalex.loaders.shm import run_label, semaphores_named, sweep_stale_segments
 from fastalex.loaders.workers import end_with_this_process, worker_start_method
 from fastalex.shards import Manifest
@@ -133,6 +134,7 @@ class ResidentLoader(BaseLoader):
         check_fits(need, self.device, cfg.resident_max_gb, split, holders)
         ids = np.arange(start, stop)
         held = placement.alone() if self.train else placement
+        self.crop_threads = loader_workers(cfg, placement)  # the CPU device: this rank's cores
         self.images, sizes = self._decode(cfg, table, ids, manifest, split, held)
         self.heights, self.widths = sizes[:, 0], sizes[:, 1]
         self.labels = table.labels[ids].to(self.device)
@@ -168,23 +170,25 @@ class ResidentLoader(BaseLoader):
             ]
         for step, ids in plan:
             generator = None if step is None else self.step_generator(epoch, step, self.device)
-            # On the CPU every core is this op's: no decode workers compete once the split is
-            # resident (unlike cpu and dali: host.one_thread_on_cpu).
-            boxes, flips = self.augment.draw(
-                self.heights[ids],
-                self.widths[ids],
-                generator,
-                self.rank * self.batch_size,
-                self.global_batch,
-            )
-            images = self.augment.apply(
-                # (B, H, W, 3) uint8 gathered on the device; index_select copies whole rows
-                # (10x the speed of images[ids] for 64 px uint8 on a CPU, docs/loaders.md)
-                self.images.index_select(0, ids),
-                boxes,
-                flips,
-                None if self.sizes is None else self.sizes[ids],
-            )
+            # On the CPU torch's small ops run on one thread (host.one_thread_on_cpu: its idle
+            # OpenMP threads would spin on the cores) and the crop on crop_threads of its own,
+            # reading the held rows in place; on CUDA the rows are gathered there.
+            with one_thread_on_cpu(self.device):
+                boxes, flips = self.augment.draw(
+                    self.heights[ids],
+                    self.widths[ids],
+                    generator,
+                    self.rank * self.batch_size,
+                    self.global_batch,
+                )
+                images = self.augment.apply(
+                    self.images,
+                    boxes,
+                    flips,
+                    None if self.sizes is None else self.sizes[ids],
+                    ids,
+                    self.crop_threads,
+                )
             yield Batch(images, self.labels[ids])
 
     def close(self) -> None:
