@@ -7,6 +7,7 @@ Imports torch and the config only; reads /proc/cpuinfo and asks git, nothing els
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -18,7 +19,10 @@ from fastalex.config import default_workers
 
 SPEED_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f")  # tell apart CPUs /proc names alike
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # bf16 arithmetic in hardware, not emulated
-VERSIONED = ("pillow", "simplejpeg", "numpy", "ffcv")  # beside torch, DALI, Python
+# Versions recorded beside torch, DALI and Python.
+VERSIONED = ("pillow", "simplejpeg", "numpy", "opencv-python-headless", "ffcv")
+# What limits the instruction sets the CPU kernels use: torch's (and inductor's) and OpenCV's.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "OPENCV_CPU_DISABLE")
 
 
 def cpu_flags() -> set[str]:
@@ -112,7 +116,8 @@ def versions(device: torch.device) -> dict:
 
 def machine_record(device: torch.device) -> dict:
     """Everything a benchmark figure depends on: describe_machine, the GPU count and driver,
-    every library version, the commit and whether the tree was dirty."""
+    every library version, the instruction set torch's CPU kernels use and the environment that
+    limits torch's and OpenCV's (ISA_LIMITS), the commit and whether the tree was dirty."""
     cuda = device.type == "cuda"
     driver = None
     if cuda:
@@ -134,6 +139,8 @@ def machine_record(device: torch.device) -> dict:
         "driver": driver,
         **versions(device),
         **{k: v for k, v in library_versions().items() if k != "dali"},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **{name.lower(): os.environ.get(name) for name in ISA_LIMITS},
         "git_sha": None if sha == "unknown" else sha.removesuffix("+dirty"),
         "git_dirty": sha == "unknown" or sha.endswith("+dirty"),
     }
