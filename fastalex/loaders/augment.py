@@ -1,14 +1,14 @@
 """Batched augmentation on the device: DALI-equivalent random-resized-crop boxes, and one
 crop + resize + flip op over a uint8 NHWC batch.
 
-Imports torch, and cvcrop.py (numpy; OpenCV on first use) for the CPU; no DALI, no shard code, so
-every backend uses it. Every function takes tensors on any device and works there, with no host
-sync except where marked. Contract: (N, H, W, 3) uint8
-images top-left on a canvas, with (N, 2) sizes -> (N, 3, S, S) uint8 channels_last, each resized
-value rounded to the nearest integer (ties to even); the model normalises (model.py).
-Crop boxes follow DALI 2.4's RandomCropGenerator; the resize is DALI's antialiased linear ROI
-resize (pixel centres, border replicated at the image's edge). Reasons and measurements:
-docs/loaders.md.
+Imports torch, and cvcrop.py (numpy, Pillow; OpenCV on first use) for the CPU; no DALI, no shard
+code, so every backend uses it. Every function takes tensors on any device and works there, with
+no host sync except where marked. Contract: (N, H, W, 3) uint8 images top-left on a canvas, with
+(N, 2) sizes -> (N, 3, S, S) uint8 channels_last, each resized value rounded to the nearest
+integer; the model normalises (model.py). Crop boxes follow DALI 2.4's RandomCropGenerator; the
+resize is DALI's antialiased linear ROI resize (pixel centres, border replicated at the image's
+edge): `resample` in torch on CUDA, cvcrop.py's library calls on the CPU (within a grey level of
+it). Reasons and measurements: docs/loaders.md.
 """
 
 from __future__ import annotations
