@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
+import torch
 from helpers import CPU, make, run_epoch
 
 from fastalex.config import TrainConfig
@@ -142,3 +144,38 @@ def test_a_killed_decode_worker_ends_the_pass_naming_it_and_memory(coded_pack):
         for _ in batches:
             pass
     loader.close()
+
+
+@pytest.mark.parametrize(
+    ("pack", "image_size"), [("synth_pack", 64), ("synth_pack", 150), ("mixed_pack", 64)]
+)
+def test_the_workers_crop_the_drawn_boxes_within_a_grey_level_of_the_torch_resize(
+    request, pack, image_size
+):
+    """On the CPU device the decode workers crop (OpenCV, Pillow where a box downscales): a train
+    batch is the global step's boxes and flips applied to the decoded images by `resample` (the
+    torch path CUDA runs), within one grey level; only the outermost pixels of a downscaled box
+    at its image's edge may differ more (mixed_pack's large photo; docs/loaders.md)."""
+    from pathlib import Path
+
+    from fastalex.loaders.augment import resample
+    from fastalex.loaders.base import epoch_order, step_generator
+    from fastalex.loaders.decode import SampleTable, ShardDecoder
+    from fastalex.shards import read_manifest
+
+    path = Path(request.getfixturevalue(pack))
+    loader = make(path, "cpu", "train", batch_size=16, image_size=image_size, seed=5)
+    images, labels = next(iter(loader))
+    loader.close()
+    table = SampleTable(path, read_manifest(path), "train", image_size)
+    ids = epoch_order(5, 0, len(table.labels))[:16].numpy()
+    canvas = np.zeros((16, *table.canvas_px, 3), np.uint8)
+    sizes = torch.from_numpy(ShardDecoder(table).decode_into(canvas, ids))
+    boxes, flips = loader.augment.draw(sizes[:, 0], sizes[:, 1], step_generator(5, 0, 0))
+    expected = resample(torch.from_numpy(canvas), boxes, flips, image_size, sizes)
+    assert torch.equal(labels, table.labels[ids])
+    gap = (images.int() - expected.int()).abs()
+    assert gap[:, :, 1:-1, 1:-1].max() <= 1
+    assert (gap > 1).float().mean() < 0.01
+    if pack == "synth_pack":  # every box upsamples: the whole crop within one grey level
+        assert gap.max() <= 1
