@@ -77,7 +77,24 @@ def read_rows(results_dir: Path, pattern: str = "*.jsonl") -> list[dict]:
 
 
 def machine_key(machine: dict) -> tuple:
-    return machine.get("gpu") or "no GPU", machine.get("cpu") or "?", machine.get("cores")
+    """A table per machine, and per limit put on its CPU kernels (the same CPU held to AVX2 is
+    another machine for a figure)."""
+    return (
+        machine.get("gpu") or "no GPU",
+        machine.get("cpu") or "?",
+        machine.get("cores"),
+        kernel_limits(machine),
+    )
+
+
+def kernel_limits(machine: dict) -> str:
+    """The environment that held torch's and OpenCV's CPU kernels to a smaller instruction set
+    when the row was measured ("" where none did)."""
+    limits = (
+        ("ATEN_CPU_CAPABILITY", "aten_cpu_capability"),
+        ("OPENCV_CPU_DISABLE", "opencv_cpu_disable"),
+    )
+    return " ".join(f"{name}={machine[key]}" for name, key in limits if machine.get(key))
 
 
 def data_key(row: dict) -> str:
@@ -214,6 +231,7 @@ def machine_table(rows: list[dict]) -> list[str]:
     title = (
         f"### {machine.get('gpu') or 'CPU only'} · {machine.get('cpu')} × "
         f"{machine.get('cores')} cores · data {data_key(rows[0])}"
+        + (f" · kernels held by {kernel_limits(machine)}" if kernel_limits(machine) else "")
     )
     labels = (
         ("driver", "driver"),
@@ -223,6 +241,7 @@ def machine_table(rows: list[dict]) -> list[str]:
         ("DALI", "dali"),
         ("Pillow", "pillow"),
         ("simplejpeg", "simplejpeg"),
+        ("OpenCV", "opencv-python-headless"),
         ("Python", "python"),
     )
     versions = ", ".join(f"{name} {machine[key]}" for name, key in labels if machine.get(key))
