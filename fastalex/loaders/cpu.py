@@ -159,11 +159,12 @@ class CpuLoader(BaseLoader):
         self.canvases = torch.empty(
             (slots, self.batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pinned
         )
-        side = cfg.image_size
-        # The threads crop each canvas into the same slot here (the CPU device only).
-        self.outputs = torch.empty((slots, self.batch_size, side, side, 3), dtype=torch.uint8)
-        if not self.cropped:
-            self.outputs = None
+        side = cfg.image_size  # the threads crop each canvas into the same slot here (CPU only)
+        self.outputs = (
+            torch.empty((slots, self.batch_size, side, side, 3), dtype=torch.uint8)
+            if self.cropped
+            else None
+        )
         self._copied: list[torch.cuda.Event | None] = [None] * slots  # CUDA: slot's copy done
         self._pending: deque = deque()  # (slot, futures) of the batches started, oldest first
         self.summary = (
