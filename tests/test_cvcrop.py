@@ -126,3 +126,27 @@ def test_the_maps_sample_pixel_centres_and_mirror_the_columns():
         assert x == pytest.approx(3 + (u + 0.5) * 10 / 40 - 0.5)
         assert y == pytest.approx(5 + (v + 0.5) * 20 / 40 - 0.5)
         assert (mirrored @ [u, v, 1])[0] == pytest.approx((plain @ [39 - u, v, 1])[0])
+
+
+def crop_in_threads() -> None:
+    """crop_batch over 2 threads, numpy only (torch's OpenMP is not fork-safe in a child)."""
+    images = np.random.default_rng(10).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    boxes = np.tile(np.array([[0.0, 0.0, 64.0, 64.0]]), (8, 1))
+    out = np.empty_like(images)
+    cvcrop.crop_batch(out, images, np.full((8, 2), 64), boxes, None, None, threads=2)
+    assert np.array_equal(out, images)
+
+
+@pytest.mark.slow  # starts a process
+def test_a_forked_child_crops_in_threads_of_its_own():
+    """The crop threads of a process do not survive a fork: a child (a decode worker forked after
+    `resident` cropped in threads) makes its own instead of waiting on its parent's for good."""
+    import multiprocessing
+
+    crop_in_threads()  # this process's pool of 2
+    child = multiprocessing.get_context("fork").Process(target=crop_in_threads)
+    child.start()
+    child.join(timeout=30)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0

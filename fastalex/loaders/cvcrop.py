@@ -16,14 +16,16 @@ Reasons and measurements: docs/loaders.md, "The crop on the CPU".
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
-_pools: dict[
-    int, ThreadPoolExecutor
-] = {}  # this process's crop threads, by count, made on first use
+# This process's crop threads, by count, made on first use; a forked child (a decode worker)
+# starts without them, since their threads do not survive the fork.
+_pools: dict[int, ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def opencv():
