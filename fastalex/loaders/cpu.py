@@ -129,8 +129,9 @@ class CpuLoader(BaseLoader):
         # On the CPU device the decode workers (or threads) crop too, through OpenCV: the ring
         # then holds finished (S, S) batches and the main process only copies one out.
         self.cropped = self.device.type == "cpu"
-        side = (cfg.image_size, cfg.image_size) if self.cropped else (height, width)
-        batch_bytes = self.batch_size * side[0] * side[1] * 3
+        # (height, width) of what a ring slot holds: finished batches or canvases.
+        self.slot_px = (cfg.image_size, cfg.image_size) if self.cropped else (height, width)
+        batch_bytes = self.batch_size * self.slot_px[0] * self.slot_px[1] * 3
         self.decode, why = cfg.decode, ""
         if self.decode == "auto":
             self.decode, why = AUTO_DECODE, " (auto)"
@@ -159,9 +160,9 @@ class CpuLoader(BaseLoader):
         self.canvases = torch.empty(
             (slots, self.batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pinned
         )
-        side = cfg.image_size  # the threads crop each canvas into the same slot here (CPU only)
+        # The threads crop each canvas into the same slot of this ring (the CPU device only).
         self.outputs = (
-            torch.empty((slots, self.batch_size, side, side, 3), dtype=torch.uint8)
+            torch.empty((slots, self.batch_size, *self.slot_px, 3), dtype=torch.uint8)
             if self.cropped
             else None
         )
@@ -177,8 +178,7 @@ class CpuLoader(BaseLoader):
         """Decode worker processes and their ring in shared memory."""
         slots = ring_slots(workers, cfg.prefetch)
         self.run = run_label(cfg.out)
-        side = (cfg.image_size, cfg.image_size) if self.cropped else (height, width)
-        self.ring = SharedSegment(self.run, (slots, self.batch_size, *side, 3))
+        self.ring = SharedSegment(self.run, (slots, self.batch_size, *self.slot_px, 3))
         self.canvases = torch.from_numpy(map_segment(self.ring.path, self.ring.shape))
         self.outputs = self.canvases if self.cropped else None  # the workers' finished batches
         self.summary = (
