@@ -225,8 +225,9 @@ def iter_shard(
             yield m[jo : jo + js], decode_label(m[co : co + cs])
 
 
-def hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def hash_file(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (`algorithm`: a hashlib name), read in chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)

@@ -6,12 +6,12 @@ The layout: ``wnids.txt`` (the classes, one wnid a line), optionally ``words.txt
 TAB box), ``test/images/*`` (unlabelled: counted, not packed); at the top of SRC, below
 ``tiny-imagenet-200/`` or in its one subdirectory. Labels index the sorted wnids, as torchvision's
 ImageFolder orders them. Its val split is its own: --val-fraction is refused. Imports errors,
-base.py and tree.py; never torch, DALI or pack. The layout as users see it: docs/data.md.
+base.py, tree.py and shards.hash_file; never torch, DALI or pack. The layout as users see it:
+docs/data.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import urllib.error
@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from fastalex.errors import UserError
+from fastalex.shards import hash_file
 from fastalex.sources.base import Layout, SourceKind, SourceRef
 from fastalex.sources.tree import TreeReader, check_source_path, zip_names
 
@@ -130,7 +131,7 @@ def download_zip(url: str, cache_dir: Path, md5: str | None = OFFICIAL_MD5, prog
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / (url.rstrip("/").rsplit("/", 1)[-1] or "download.zip")
-    if final.is_file() and (md5 is None or _md5(final) == md5):
+    if final.is_file() and (md5 is None or hash_file(final, "md5") == md5):
         return final
     part = final.with_name(final.name + ".part")
     done = part.stat().st_size if part.exists() else 0
@@ -162,19 +163,11 @@ def download_zip(url: str, cache_dir: Path, md5: str | None = OFFICIAL_MD5, prog
             f"download of {url} stopped at {done} of {total} bytes (connection closed); "
             f"{part.name} is kept: re-run to resume"
         )
-    if md5 is not None and (got := _md5(part)) != md5:
+    if md5 is not None and (got := hash_file(part, "md5")) != md5:
         part.unlink()
         raise UserError(f"{url}: md5 {got}, expected {md5}: the download is corrupt; re-run")
     os.replace(part, final)
     return final
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(DOWNLOAD_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 SOURCE = SourceKind("tiny-imagenet", find_root, read_layout, TreeReader)
