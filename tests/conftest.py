@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import torch
-from helpers import TINY_RUN, Launched, torchrun_command, without_timing
+from helpers import Launched, torchrun_command, train_cli, without_timing
 
 from fastalex.config import PackConfig
 from fastalex.synth import synth
@@ -450,14 +450,8 @@ def bomb_jpeg():
 def checkpoint(hue_pack, tmp_path_factory):
     """RUN/checkpoints/last.pt of one epoch (8 steps) of alexnet64 on the hue pack, flip TTA on
     (the fast recipe), float32 (--amp off: no probe, the same weights on every machine)."""
-    from click.testing import CliRunner
-
-    from fastalex.cli import main
-
     out = tmp_path_factory.mktemp("trained") / "run"
-    args = ["train", str(hue_pack), "--out", str(out), *TINY_RUN, "--epochs", "1"]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    train_cli(hue_pack, out, "--epochs", 1)
     return out / "checkpoints" / "last.pt"
 
 

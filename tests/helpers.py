@@ -50,11 +50,36 @@ def invoke(*args, **kwargs):
     return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
 
 
+def train_args(pack, out, *args) -> tuple:
+    """The arguments of `fastalex train PACK --out OUT` with TINY_RUN, then `args`."""
+    return ("train", pack, "--out", out, *TINY_RUN, *args)
+
+
 def train_cli(pack, out, *args):
-    """`fastalex train PACK --out OUT` with TINY_RUN, then `args`; asserts exit 0."""
-    result = invoke("train", pack, "--out", out, *TINY_RUN, *args)
+    """`fastalex train` with train_args(PACK, OUT, *args); asserts exit 0."""
+    result = invoke(*train_args(pack, out, *args))
     assert result.exit_code == 0, result.output
     return result
+
+
+class Decided(Exception):
+    """Raised by spy_on_runtime's spy once the runtime is decided: nothing can run on a faked
+    GPU."""
+
+
+def spy_on_runtime(monkeypatch, module, stop: bool) -> list:
+    """Replace `module.resolve_runtime` with a spy: the list it returns gets every Runtime
+    decided; with `stop`, the spy then raises Decided instead of returning it."""
+    decided, real = [], module.resolve_runtime
+
+    def spy(cfg, *args):
+        decided.append(real(cfg, *args))
+        if stop:
+            raise Decided
+        return decided[-1]
+
+    monkeypatch.setattr(module, "resolve_runtime", spy)
+    return decided
 
 
 def load_script(name: str):

@@ -9,8 +9,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from click.testing import CliRunner
-from helpers import TINY_RUN, train_cli, without_timing
+from helpers import invoke, train_args, train_cli, without_timing
 
 from fastalex.checkpoint import (
     config_from_record,
@@ -19,7 +18,6 @@ from fastalex.checkpoint import (
     model_card,
     model_from_card,
 )
-from fastalex.cli import main
 from fastalex.config import IMAGE_MEAN, IMAGE_STD, TrainConfig
 from fastalex.errors import UserError
 from fastalex.metrics import EpochSums
@@ -215,12 +213,11 @@ def test_cuda_training_compiled_resumes_with_each_amp_and_loader(hue_pack, tmp_p
         "--epochs",
         "2",
     )
-    invoke = CliRunner().invoke
-    first = invoke(main, ["train", str(hue_pack), "--out", str(out), *args, "--max-steps", "3"])
+    first = invoke("train", hue_pack, "--out", out, *args, "--max-steps", 3)
     assert first.exit_code == 0, first.output
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["config"]["amp"] == amp and bool(state["scaler"]) == (amp == "fp16")
-    second = invoke(main, ["train", str(hue_pack), "--out", str(out), *args, "--resume"])
+    second = invoke("train", hue_pack, "--out", out, *args, "--resume")
     assert second.exit_code == 0, second.output
     summary = read_metrics(out)
     assert [row["epoch"] for row in summary] == [1, 2]
@@ -263,19 +260,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(hue_pack, tmp_p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_onto_a_full_disk)
-    result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            str(hue_pack),
-            "--out",
-            str(out),
-            *TINY_RUN,
-            "--max-steps",
-            "3",
-            "--resume",
-        ],
-    )
+    result = invoke(*train_args(hue_pack, out, "--max-steps", 3, "--resume"))
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert lines[-1].startswith("error: could not write ") and "step-00000003.pt" in lines[-1]
@@ -291,18 +276,10 @@ def test_a_torchrun_restart_resumes_by_itself_and_a_plain_rerun_asks_for_resume(
     newest checkpoint without --resume; outside torchrun the same command is refused."""
     out = tmp_path / "run"
     train_cli(hue_pack, out, "--max-steps", 2)
-    command = [
-        "train",
-        str(hue_pack),
-        "--out",
-        str(out),
-        *TINY_RUN,
-        "--max-steps",
-        "3",
-    ]
-    plain = CliRunner().invoke(main, command)
+    command = train_args(hue_pack, out, "--max-steps", 3)
+    plain = invoke(*command)
     assert plain.exit_code == 2 and "--resume" in plain.output, plain.output
-    restarted = CliRunner().invoke(main, command, env={"TORCHELASTIC_RESTART_COUNT": "1"})
+    restarted = invoke(*command, env={"TORCHELASTIC_RESTART_COUNT": "1"})
     assert restarted.exit_code == 0, restarted.output
     assert "resuming" in restarted.output
     assert load_checkpoint(out / "checkpoints" / "last.pt")["global_step"] == 3

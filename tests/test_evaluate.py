@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import Decided, spy_on_runtime
 
 from fastalex.cli import main
 
@@ -44,10 +45,6 @@ def test_eval_uses_the_cards_mean_and_std_as_predict_does(
     assert as_trained["loss"] != pytest.approx(loss, rel=1e-3)  # the card's mean/std did count
 
 
-class Decided(Exception):
-    """Raised by a spy once the runtime is decided: nothing can run on a faked GPU."""
-
-
 @pytest.mark.slow
 def test_a_bf16_run_evaluates_by_this_machines_rule(
     edited_checkpoint, hue_pack, fake_gpu, monkeypatch
@@ -58,22 +55,12 @@ def test_a_bf16_run_evaluates_by_this_machines_rule(
     from fastalex.evaluate import evaluate_checkpoint
 
     bf16 = edited_checkpoint(config={"amp": "bf16", "compile": True})
-    decided, real = [], fastalex.evaluate.resolve_runtime
-
-    def spy(cfg, *args):
-        decided.append(real(cfg, *args))
-        return decided[-1]
-
-    monkeypatch.setattr(fastalex.evaluate, "resolve_runtime", spy)
+    decided = spy_on_runtime(monkeypatch, fastalex.evaluate, stop=False)
     result = evaluate_checkpoint(bf16, str(hue_pack), "cpu", "cpu", 1)
     assert (decided[0].amp, decided[0].compile) == ("off", False)
     assert result["samples"] == 128 and 0 <= result["top1"] <= 100
 
-    def spy_then_stop(cfg, *args):
-        spy(cfg, *args)
-        raise Decided
-
-    monkeypatch.setattr(fastalex.evaluate, "resolve_runtime", spy_then_stop)
+    decided = spy_on_runtime(monkeypatch, fastalex.evaluate, stop=True)
     fake_gpu((7, 0), "Tesla V100")
     with pytest.raises(Decided):
         evaluate_checkpoint(bf16, str(hue_pack), "cuda", "cpu", 1)

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import Decided, spy_on_runtime
 from PIL import Image
 
 from fastalex.cli import main
@@ -263,10 +264,6 @@ def test_user_errors_are_one_line_and_exit_2(checkpoint, val_files, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
-class Decided(Exception):
-    """Raised by a spy once the runtime is decided: nothing can run on a faked GPU."""
-
-
 @pytest.mark.slow
 def test_a_bf16_run_predicts_by_this_machines_rule(
     edited_checkpoint, val_files, fake_gpu, monkeypatch
@@ -282,13 +279,7 @@ def test_a_bf16_run_predicts_by_this_machines_rule(
     logits = model.predict([read_image(str(p)) for p in val_files[0][:4]])
     assert logits.dtype == torch.float32 and logits.shape == (4, 4)
 
-    decided, real = [], fastalex.predict.resolve_runtime
-
-    def spy(cfg, *args):
-        decided.append(real(cfg, *args))
-        raise Decided
-
-    monkeypatch.setattr(fastalex.predict, "resolve_runtime", spy)
+    decided = spy_on_runtime(monkeypatch, fastalex.predict, stop=True)
     fake_gpu((7, 0), "Tesla V100")
     with pytest.raises(Decided):
         load_model(bf16, "cuda")

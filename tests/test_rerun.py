@@ -6,27 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import TINY_RUN, invoke
+from helpers import invoke, train_cli
 
 
 @pytest.fixture(scope="module")
 def board_run(hue_pack, tmp_path_factory):
     """One epoch (8 steps) of alexnet64 on the hue pack with --tensorboard."""
     out = tmp_path_factory.mktemp("board") / "run"
-    result = invoke(
-        "train",
-        hue_pack,
-        "--out",
-        out,
-        *TINY_RUN,
-        "--no-compile",
-        "--epochs",
-        1,
-        "--lr",
-        0.05,
-        "--tensorboard",
-    )
-    assert result.exit_code == 0, result.output
+    train_cli(hue_pack, out, "--no-compile", "--epochs", 1, "--lr", 0.05, "--tensorboard")
     return out
 
 

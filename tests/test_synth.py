@@ -36,33 +36,16 @@ def test_synth_writes_the_tiny_imagenet_layout(synth_tree):
 
 
 def test_synth_is_deterministic_for_a_seed_whatever_the_workers(tmp_path):
-    synth(
-        tmp_path / "a",
-        classes=3,
-        train_per_class=5,
-        val_per_class=2,
-        seed=7,
-        workers=1,
-        progress=False,
-    )
-    synth(
-        tmp_path / "b",
-        classes=3,
-        train_per_class=5,
-        val_per_class=2,
-        seed=7,
-        workers=2,
-        progress=False,
-    )
-    synth(
-        tmp_path / "c",
-        classes=3,
-        train_per_class=5,
-        val_per_class=2,
-        seed=8,
-        workers=1,
-        progress=False,
-    )
+    for name, seed, workers in (("a", 7, 1), ("b", 7, 2), ("c", 8, 1)):
+        synth(
+            tmp_path / name,
+            classes=3,
+            train_per_class=5,
+            val_per_class=2,
+            seed=seed,
+            workers=workers,
+            progress=False,
+        )
 
     def digest(root: Path) -> str:
         h = hashlib.sha256()

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY_RUN, invoke, train_cli, without_timing
+from helpers import TINY_RUN, invoke, train_args, train_cli, without_timing
 
 from fastalex.config import TrainConfig
 from fastalex.plot import read_metrics
@@ -218,19 +218,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(hue_pack, tmp
     train_cli(hue_pack, out, *common, "--epochs", 1)
     last = out / "checkpoints" / "last.pt"
     digest = hashlib.sha256(last.read_bytes()).hexdigest()
-    result = invoke(
-        "train",
-        hue_pack,
-        "--out",
-        out,
-        *TINY_RUN,
-        *common,
-        "--epochs",
-        2,
-        "--resume",
-        "--lr",
-        "1e30",
-    )
+    result = invoke(*train_args(hue_pack, out, *common, "--epochs", 2, "--resume", "--lr", "1e30"))
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     message = result.output.strip().splitlines()[-1]

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from click.testing import CliRunner
-from helpers import TINY_RUN
+from helpers import train_cli
 
-from fastalex.cli import main
 from fastalex.errors import UserError
 from fastalex.model import build_model
 from fastalex.weights import load_initial_weights
@@ -80,10 +78,8 @@ def test_cli_fine_tunes_from_torchvision_weights_and_records_the_file(
     torchvision_file, hue_pack, tmp_path
 ):
     out = tmp_path / "run"
-    args = ["train", hue_pack, "--out", out, *TINY_RUN, "--no-compile", "--arch", "alexnet-tv"]
-    args += ["--image-size", 63, "--max-steps", 1, "--lr", 1e-9, "--init-from", torchvision_file]
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
+    args = ["--no-compile", "--arch", "alexnet-tv", "--image-size", 63, "--max-steps", 1]
+    result = train_cli(hue_pack, out, *args, "--lr", 1e-9, "--init-from", torchvision_file)
     assert "re-initialised: 1000 classes there, 4 here" in result.output
     saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert saved["config"]["init_from"] == str(torchvision_file)
