@@ -214,20 +214,23 @@ class CpuLoader(BaseLoader):
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         return epoch, [None] * len(batches), batches
 
-    def uniforms(self, epoch: int, step: int | None, n: int) -> np.ndarray | None:
-        """The augmentation draws of this rank's n samples of global step `step` (train), for
-        workers that crop; None where they do not (val, or the crop runs on the device)."""
-        if step is None or not self.cropped:
+    def uniforms(self, epoch: int, step: int | None, n: int) -> torch.Tensor | None:
+        """The augmentation draws of this rank's n samples of global step `step` of `epoch`, on
+        the CPU: its slice of the global batch's (None for val, which draws nothing)."""
+        if step is None:
             return None
         generator = self.step_generator(epoch, step)
-        offset = self.rank * self.batch_size
-        return self.augment.uniforms(n, generator, offset, self.global_batch).numpy()
+        return self.augment.uniforms(n, generator, self.rank * self.batch_size, self.global_batch)
 
     def __iter__(self):
         epoch, steps, batches = self.plan_pass()
 
         def draws(number: int) -> np.ndarray | None:
-            return self.uniforms(epoch, steps[number], len(batches[number]))
+            """What batch `number`'s task carries: its draws, where the workers crop."""
+            if not self.cropped:
+                return None
+            rows = self.uniforms(epoch, steps[number], len(batches[number]))
+            return None if rows is None else rows.numpy()
 
         if self.decode == "threads":
             decoded = self._decoded_in_threads(batches, draws)
@@ -252,8 +255,8 @@ class CpuLoader(BaseLoader):
                     batch = Batch(images.permute(0, 3, 1, 2), labels)  # channels_last
                 else:
                     images = self.canvases[slot, : len(ids)]  # (N, H, W, 3) uint8, in place
-                    generator = None if step is None else self.step_generator(epoch, step)
-                    batch = self._augment(images, torch.from_numpy(sizes), labels, generator)
+                    uniforms = self.uniforms(epoch, step, len(ids))
+                    batch = self._augment(images, torch.from_numpy(sizes), labels, uniforms)
                 if self.decode == "threads" and self.device.type == "cuda":
                     self._copied[slot] = torch.cuda.Event()
                     self._copied[slot].record()  # after the copy out of the pinned slot
@@ -307,12 +310,11 @@ class CpuLoader(BaseLoader):
         images: torch.Tensor,
         sizes: torch.Tensor,
         labels: torch.Tensor,
-        generator: torch.Generator | None,
+        uniforms: torch.Tensor | None,
     ) -> Batch:
-        """The device's crop (CUDA): the canvases copied over and augmented there."""
-        boxes, flips = self.augment.draw(  # on the CPU: this rank's slice of the global batch
-            sizes[:, 0], sizes[:, 1], generator, self.rank * self.batch_size, self.global_batch
-        )
+        """The device's crop (CUDA): the canvases copied over and augmented there; the boxes and
+        flips from `uniforms` (`self.uniforms`), on the CPU."""
+        boxes, flips = self.augment.boxes(sizes[:, 0], sizes[:, 1], uniforms)
         sizes = ragged_sizes(sizes, images.shape[1:3])
         # A process ring's slot is copied into pinned memory (then free); a thread ring is pinned
         # already (pin_memory returns it) and guarded by _copied.
